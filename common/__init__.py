@@ -1,0 +1,1 @@
+"""What every rlbus service shares: config, typed messages, codec, bus sockets, logging. Never imports torch or vLLM."""

@@ -1,0 +1,133 @@
+"""Base classes of every rlbus config, and the fields all services share.
+
+Each service has one config class deriving from :class:`ServiceConfig`; the
+merged ``rl`` config (services/launcher/config.py) holds one section per
+service and propagates the shared fields into them. Field docstrings are the
+documentation: ``docs/config.md`` and ``--help`` are generated from them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+STRICT_MODEL = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ConfigModel(BaseModel):
+    """A config section: unknown keys are errors, docstrings describe fields."""
+
+    model_config = STRICT_MODEL
+
+
+class BusEndpoints(ConfigModel):
+    """Addresses of the bound sockets. Each is bound by the service named first
+    and connected to by the others, so every process needs the same values."""
+
+    orchestrator_tasks: str = "tcp://127.0.0.1:5550"
+    """Orchestrator ROUTER handing tasks to env-workers and taking their results."""
+    orchestrator_batches: str = "tcp://127.0.0.1:5551"
+    """Orchestrator ROUTER serving training batches to trainer ranks."""
+    orchestrator_policy: str = "tcp://127.0.0.1:5552"
+    """Orchestrator ROUTER where inference replicas report the policy step they serve."""
+    trainer_weights: str = "tcp://127.0.0.1:5553"
+    """Trainer ROUTER serving weight manifests and buckets to inference replicas."""
+    trainer_announce: str = "tcp://127.0.0.1:5554"
+    """Trainer XPUB announcing each newly published policy step."""
+    monitor_telemetry: str = "tcp://127.0.0.1:5555"
+    """Monitor PULL collecting heartbeats, metrics and events from every service."""
+    monitor_view: str = "tcp://127.0.0.1:5556"
+    """Monitor ROUTER answering live-view requests from ``rlbus tail``."""
+
+
+class BusConfig(ConfigModel):
+    """ZeroMQ settings shared by every service."""
+
+    endpoints: BusEndpoints = BusEndpoints()
+    """Where each bound socket lives."""
+    bind_host: str | None = None
+    """Interface that binding services bind to instead of the endpoint's host
+    (e.g. ``0.0.0.0`` for one service per host); None binds the endpoint as written."""
+    handshake_timeout_s: float = Field(60.0, gt=0)
+    """How long a connecting side waits for its peer's first answer before failing loudly."""
+    request_timeout_s: float = Field(30.0, gt=0)
+    """How long a request waits for its reply before it is sent again or reported."""
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    """Seconds between heartbeats sent to the monitor."""
+    send_hwm: int = Field(1000, ge=1)
+    """Messages queued per peer before sends block (or, for telemetry, are dropped)."""
+    linger_ms: int = Field(1000, ge=0)
+    """How long a closing socket keeps trying to deliver queued messages."""
+    max_frames: int = Field(4096, ge=3)
+    """Frames accepted in one message; more are rejected as malformed."""
+    max_frame_bytes: int = Field(2 * 2**30, ge=1024)
+    """Bytes accepted in one frame; larger frames are rejected."""
+
+
+class LogConfig(ConfigModel):
+    """Logging of one service."""
+
+    level: Literal["trace", "debug", "info", "warning", "error"] = "info"
+    """Lowest level written to the console and the log file."""
+    json_lines: bool = False
+    """Write the log file as JSON lines instead of text."""
+
+
+class _InitOnly(PydanticBaseSettingsSource):
+    """Placeholder so pydantic-settings reads nothing behind our back."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {}
+
+
+class ServiceConfig(BaseSettings):
+    """Fields every service has. In the ``rl`` config they are set at the top
+    level and propagate into every section."""
+
+    model_config = SettingsConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+    SERVICE: ClassVar[str] = ""
+    SHARED_FIELDS: ClassVar[tuple[str, ...]] = ("model", "output_dir", "max_steps", "seed", "bus", "log")
+
+    model: str = "models/tiny"
+    """Hugging Face model directory (or hub name where a hub is reachable) of the policy."""
+    output_dir: Path = Path("outputs")
+    """Run folder: configs/, logs/, checkpoints/, weights/, metrics.jsonl."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many training steps; None runs until stopped."""
+    seed: int = 0
+    """Seed of every random choice (task sampling, initialisation, sampling seeds)."""
+    bus: BusConfig = BusConfig()
+    """Message bus endpoints and limits."""
+    log: LogConfig = LogConfig()
+    """Logging settings."""
+
+    def resolved_configs(self) -> dict[str, BaseModel]:
+        """What ``--dry-run`` writes: file stem -> config (one per service)."""
+        return {self.SERVICE: self}
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: Any, **_: Any) -> tuple:
+        # Files, CLI and environment are merged by common.config.loader with one
+        # precedence order and one set of error messages; only init values count.
+        return (init_settings, _InitOnly(settings_cls))
+
+
+def to_toml(config: BaseModel) -> str:
+    """TOML text that loads back into an equal config (None values are omitted)."""
+    return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
+
+
+def write_toml(config: BaseModel, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(to_toml(config))
+    tmp.replace(path)
+    return path

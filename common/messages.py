@@ -1,0 +1,421 @@
+"""Every message that crosses the rlbus bus, for every channel.
+
+Each message is a typed msgspec struct with a schema ``VERSION``. The codec
+(:mod:`common.codec`) sends the type name and version in a small envelope
+frame, the fields as a plain msgpack map, and numpy arrays as raw extra
+frames. Adding, removing or retyping a field means bumping ``VERSION``:
+receivers refuse versions they do not speak instead of misreading them.
+
+Channels, socket patterns and delivery guarantees are described in
+``docs/protocol.md``; each class below says who sends it to whom.
+Times are UNIX seconds (float) unless a name says otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import msgspec
+import numpy as np
+
+Scalar = str | int | float | bool | None
+
+
+class Message(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Base of every bus message; subclasses set ``VERSION``."""
+
+    VERSION: ClassVar[int] = 1
+
+
+class Payload(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A struct nested inside messages; versioned by the message that holds it."""
+
+
+# --------------------------------------------------------------------------
+# Generic replies and handshakes (any request/reply channel)
+# --------------------------------------------------------------------------
+
+
+class Hello(Message, kw_only=True):
+    """Publisher -> subscribers on connect, and worker <-> server greetings.
+
+    A subscriber treats the first ``Hello`` it receives as proof that its
+    subscription is live (the readiness handshake of pub/sub channels).
+    """
+
+    sender: str
+    nonce: int = 0
+
+
+class Ack(Message, kw_only=True):
+    """Reply to any request that only needs a receipt (e.g. ``PolicyLoaded``)."""
+
+    ref: str
+    """What is acknowledged, e.g. a request id or ``"policy:12"``."""
+
+
+class Refused(Message, kw_only=True):
+    """Reply to a request that cannot be served, with the reason.
+
+    Sent instead of the normal reply, e.g. a ``WeightsFetch`` for a step the
+    trainer no longer holds or a ``BatchRequest`` for an already trained step.
+    """
+
+    request: str
+    """The type name of the refused request."""
+    reason: str
+
+
+# --------------------------------------------------------------------------
+# Telemetry: every service -> monitor (PUSH -> PULL, never blocks the sender)
+# --------------------------------------------------------------------------
+
+
+class Heartbeat(Message, kw_only=True):
+    """Any service -> monitor, every ``bus.heartbeat_interval_s``."""
+
+    service: str
+    """Service name: inference, trainer, orchestrator, env-worker, monitor."""
+    replica_id: str
+    """Unique per process, e.g. ``env-worker-1``."""
+    host: str
+    pid: int
+    started_at: float
+    sent_at: float
+    status: Literal["starting", "ready", "busy", "waiting", "stopping"] = "ready"
+    step: int | None = None
+    """The service's current step (trainer step, served policy step, ...)."""
+    waiting_for: str | None = None
+    """What the service is blocked on, if anything (shown by the monitor)."""
+    waiting_since: float | None = None
+
+
+class MetricsReport(Message, kw_only=True):
+    """Any service -> monitor, once per step: ``{name: value}``."""
+
+    service: str
+    replica_id: str
+    step: int
+    sent_at: float
+    metrics: dict[str, float]
+    """Flat names as users know them, e.g. ``loss/mean``, ``reward/all/mean``."""
+
+
+class Event(Message, kw_only=True):
+    """Any service -> monitor: something happened (started, failed, ...)."""
+
+    service: str
+    replica_id: str
+    sent_at: float
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    kind: str
+    """Machine-readable kind, e.g. ``started``, ``decode_error``, ``finished``."""
+    message: str
+    fields: dict[str, Scalar] = {}
+
+
+class Sample(Payload, kw_only=True):
+    """One rollout shown to humans (console, JSONL, W&B tables)."""
+
+    env_id: str
+    prompt: str
+    completion: str
+    reward: float
+    advantage: float = 0.0
+
+
+class RolloutSamples(Message, kw_only=True):
+    """Orchestrator -> monitor every ``samples_interval`` steps."""
+
+    step: int
+    samples: list[Sample]
+
+
+# --------------------------------------------------------------------------
+# Tasks: orchestrator (ROUTER, binds) <-> env-workers (DEALER, connect)
+# --------------------------------------------------------------------------
+
+
+class SamplingParams(Payload, kw_only=True):
+    """How the env-worker asks inference to sample."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 128
+    """Completion tokens per turn."""
+    stop: list[str] = []
+    seed: int | None = None
+
+
+class TaskRequest(Message, kw_only=True):
+    """Env-worker -> orchestrator: I can take ``num_tasks`` more tasks.
+
+    Credit-based flow control: the orchestrator never sends a worker more
+    tasks than it asked for, so a slow worker is never flooded.
+    """
+
+    worker_id: str
+    num_tasks: int
+    env_ids: list[str] = []
+    """Environments this worker can run; empty means all installed."""
+
+
+class RolloutTask(Message, kw_only=True):
+    """Orchestrator -> env-worker: roll out one example ``num_rollouts`` times.
+
+    The task is leased: if no ``RolloutResult`` arrives within ``lease_s``
+    seconds the orchestrator issues it again, and drops a late duplicate by
+    ``task_id``.
+    """
+
+    task_id: str
+    env_id: str
+    env_args: dict[str, Scalar] = {}
+    example_id: int
+    """Index of the example in the environment's dataset."""
+    num_rollouts: int
+    """Group size: rollouts of the same example, scored together."""
+    sampling: SamplingParams
+    is_eval: bool = False
+    lease_s: float
+    issued_at: float
+    min_policy_step: int = 0
+    """Inference replicas serving an older step must not be used."""
+
+
+class Turn(Payload, kw_only=True):
+    """One model turn of a rollout, token-in/token-out.
+
+    The full sequence of a rollout is the concatenation over turns of
+    ``prompt_ids + completion_ids``; a later turn's ``prompt_ids`` holds only
+    the new tokens (environment reply, tool result), never a re-tokenised
+    history.
+    """
+
+    prompt_ids: list[int]
+    """[P] tokens added before this completion (whole prompt on turn 0)."""
+    completion_ids: list[int]
+    """[C] tokens sampled by the policy."""
+    completion_logprobs: list[float]
+    """[C] sampling logprob of each completion token."""
+    completion_mask: list[bool]
+    """[C] True where the token is trained on (policy-produced and kept)."""
+    policy_step: int
+    """Policy step of the weights that sampled this turn."""
+    finish_reason: str = "stop"
+
+
+class Rollout(Payload, kw_only=True):
+    """One scored rollout, sent back inside a ``RolloutResult``."""
+
+    rollout_id: str
+    turns: list[Turn]
+    reward: float
+    reward_breakdown: dict[str, float] = {}
+    """Unweighted value of each reward function."""
+    metrics: dict[str, float] = {}
+    is_truncated: bool = False
+    error: str | None = None
+    """Set when the environment failed; the rollout is then not trained on."""
+    prompt_text: str = ""
+    completion_text: str = ""
+    timing: dict[str, float] = {}
+    """Seconds spent per phase, e.g. ``generate``, ``score``."""
+
+
+class RolloutResult(Message, kw_only=True):
+    """Env-worker -> orchestrator: the scored group of one ``RolloutTask``.
+
+    The worker keeps the result until a ``ResultAck`` arrives and sends it
+    again after reconnecting, so an orchestrator restart loses nothing.
+    """
+
+    task_id: str
+    worker_id: str
+    env_id: str
+    example_id: int
+    is_eval: bool = False
+    rollouts: list[Rollout]
+
+
+class ResultAck(Message, kw_only=True):
+    """Orchestrator -> env-worker: these results are stored (or refused)."""
+
+    task_ids: list[str]
+    accepted: bool = True
+    reason: str = ""
+
+
+# --------------------------------------------------------------------------
+# Training batches: orchestrator (ROUTER, binds) <-> trainer ranks (DEALER)
+# --------------------------------------------------------------------------
+
+
+class MicroBatch(Payload, kw_only=True):
+    """Samples packed into one row of at most ``seq_len`` tokens.
+
+    Sample boundaries are where ``position_ids`` restart at 0. All arrays
+    have the same length L.
+    """
+
+    input_ids: np.ndarray
+    """[L] int32 token ids."""
+    position_ids: np.ndarray
+    """[L] int32 position within each packed sample."""
+    loss_mask: np.ndarray
+    """[L] bool, True on tokens the loss is taken over."""
+    advantages: np.ndarray
+    """[L] float32 advantage of the sample, copied to each of its tokens."""
+    inference_logprobs: np.ndarray
+    """[L] float32 sampling logprob of each token (0 where masked)."""
+    temperatures: np.ndarray
+    """[L] float32 sampling temperature of each token."""
+
+
+class BatchRequest(Message, kw_only=True):
+    """Trainer rank -> orchestrator: send me my share of step ``step``."""
+
+    trainer_id: str
+    rank: int
+    world_size: int
+    step: int
+
+
+class TrainBatch(Message, kw_only=True):
+    """Orchestrator -> trainer rank: one rank's micro-batches of one step.
+
+    Every rank of a step gets the same number of micro-batches (padded with
+    zero-loss ones) so collectives never deadlock.
+    """
+
+    step: int
+    rank: int
+    world_size: int
+    micro_batches: list[MicroBatch]
+    num_loss_tokens: int
+    """Loss tokens over all ranks: the loss normaliser."""
+    metrics: dict[str, float] = {}
+
+
+class BatchAck(Message, kw_only=True):
+    """Trainer -> orchestrator after the optimizer step of ``step`` applied.
+
+    ``ok=False`` is a negative acknowledgement: the batch was rejected for
+    ``reason`` and will not be trained.
+    """
+
+    trainer_id: str
+    step: int
+    ok: bool = True
+    reason: str = ""
+
+
+# --------------------------------------------------------------------------
+# Weights: trainer (XPUB + ROUTER, binds) -> inference replicas (SUB + DEALER)
+# --------------------------------------------------------------------------
+
+
+class TensorMeta(Payload, kw_only=True):
+    """Description of one parameter in a weights manifest."""
+
+    name: str
+    dtype: str
+    """Logical dtype, e.g. ``float32``; ``bfloat16`` travels as uint16 bits."""
+    shape: list[int]
+    nbytes: int
+    bucket: int
+    """Which ``WeightsBucket`` carries the tensor."""
+    checksum: int
+    """CRC32 of the tensor's raw bytes."""
+
+
+class WeightsAnnounced(Message, kw_only=True):
+    """Trainer -> inference (PUB), and reply to ``WeightsQuery``.
+
+    Announces that ``step`` can be fetched bucket by bucket.
+    """
+
+    step: int
+    manifest: list[TensorMeta]
+    num_buckets: int
+    total_bytes: int
+    published_at: float
+
+
+class WeightsQuery(Message, kw_only=True):
+    """Inference -> trainer: which step is latest? (late joiners ask this)."""
+
+    replica_id: str
+
+
+class WeightsFetch(Message, kw_only=True):
+    """Inference worker -> trainer: send bucket ``bucket`` of ``step``."""
+
+    replica_id: str
+    step: int
+    bucket: int
+
+
+class WeightsBucket(Message, kw_only=True):
+    """Trainer -> inference worker: the tensors of one bucket."""
+
+    step: int
+    bucket: int
+    names: list[str]
+    tensors: list[np.ndarray]
+    """Raw tensors in ``names`` order, each travelling as its own frame."""
+
+
+class PolicyLoaded(Message, kw_only=True):
+    """Inference replica -> orchestrator: I now serve ``step``.
+
+    Repeated every heartbeat so a restarted orchestrator learns it again;
+    the orchestrator replies with ``Ack``.
+    """
+
+    replica_id: str
+    base_url: str
+    step: int
+    loaded_at: float
+
+
+# --------------------------------------------------------------------------
+# Live view: ``rlbus tail`` (DEALER) <-> monitor (ROUTER, binds)
+# --------------------------------------------------------------------------
+
+
+class ViewRequest(Message, kw_only=True):
+    """``rlbus tail`` -> monitor: send the current state."""
+
+    log_offset: int = 0
+    """Number of log lines already seen; only newer ones are returned."""
+
+
+class ServiceHealth(Payload, kw_only=True):
+    service: str
+    replica_id: str
+    status: str
+    alive: bool
+    last_seen: float
+    step: int | None = None
+    waiting_for: str | None = None
+
+
+class ViewSnapshot(Message, kw_only=True):
+    """Monitor -> ``rlbus tail``: the latest step's metrics, health, logs."""
+
+    step: int | None
+    metrics: dict[str, float]
+    health: list[ServiceHealth]
+    log_lines: list[str]
+    log_offset: int
+
+
+ALL_MESSAGES: tuple[type[Message], ...] = (
+    Hello, Ack, Refused,
+    Heartbeat, MetricsReport, Event, RolloutSamples,
+    TaskRequest, RolloutTask, RolloutResult, ResultAck,
+    BatchRequest, TrainBatch, BatchAck,
+    WeightsAnnounced, WeightsQuery, WeightsFetch, WeightsBucket, PolicyLoaded,
+    ViewRequest, ViewSnapshot,
+)  # fmt: skip

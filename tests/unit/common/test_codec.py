@@ -1,0 +1,146 @@
+"""The codec: round trips of every message, plain msgpack, and clear decode errors."""
+
+import zlib
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common.codec import DecodeError, decode, encode, peek_type
+from common.messages import ALL_MESSAGES, Heartbeat, MicroBatch, TrainBatch, WeightsBucket
+
+from .message_strategies import any_message, comparable, structs
+
+MESSAGES = any_message(ALL_MESSAGES)
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PER_TYPE = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+EACH_TYPE = pytest.mark.parametrize("cls", ALL_MESSAGES, ids=lambda cls: cls.__name__)
+
+
+@EACH_TYPE
+@PER_TYPE
+@given(data=st.data())
+def test_every_message_round_trips(cls, data):
+    message = data.draw(structs(cls))
+    frames = encode(message)
+    assert comparable(decode(frames, cls)) == comparable(message)
+    assert comparable(decode([bytes(f) for f in frames])) == comparable(message)
+
+
+@EACH_TYPE
+@PER_TYPE
+@given(data=st.data())
+def test_plain_msgpack_reads_envelope_and_body(cls, data):
+    message = data.draw(structs(cls))
+    envelope, body, *buffers = encode(message)
+    name, version, num_buffers = msgpack.unpackb(envelope)
+    assert (name, version, num_buffers) == (type(message).__name__, message.VERSION, len(buffers))
+    fields = msgpack.unpackb(bytes(body), raw=False, strict_map_key=False)
+    assert set(fields) == set(message.__struct_fields__)
+
+
+@EACH_TYPE
+@PER_TYPE
+@given(data=st.data())
+def test_truncated_body_is_a_decode_error(cls, data):
+    message = data.draw(structs(cls))
+    envelope, body, *buffers = encode(message)
+    cut = data.draw(st.integers(0, len(body) - 1))
+    with pytest.raises(DecodeError, match=type(message).__name__):
+        decode([envelope, bytes(body)[:cut], *buffers])
+
+
+@FAST
+@given(st.lists(st.binary(max_size=64), max_size=5))
+def test_random_frames_never_raise_anything_but_decode_error(frames):
+    try:
+        decode(frames)
+    except DecodeError:
+        pass
+
+
+@FAST
+@given(MESSAGES, st.integers(0, 3), st.binary(max_size=16))
+def test_corrupted_frame_bytes_raise_only_decode_error(message, index, garbage):
+    frames = [bytes(f) for f in encode(message)]
+    index = min(index, len(frames) - 1)
+    frames[index] = garbage + frames[index][len(garbage):] if garbage else frames[index][:-1]
+    try:
+        decode(frames)
+    except DecodeError:
+        pass
+
+
+def test_wrong_version_is_refused_by_name():
+    frames = encode(Heartbeat(service="s", replica_id="r", host="h", pid=1, started_at=0.0, sent_at=0.0))
+    frames[0] = msgpack.packb(["Heartbeat", 99, 0])
+    with pytest.raises(DecodeError, match=r"Heartbeat: schema version 99 not supported \(this build reads version 1\)"):
+        decode(frames)
+
+
+def test_unknown_type_and_unexpected_type_are_named():
+    with pytest.raises(DecodeError, match="unknown message type 'Nope'"):
+        decode([msgpack.packb(["Nope", 1, 0]), msgpack.packb({})])
+    frames = encode(Heartbeat(service="s", replica_id="r", host="h", pid=1, started_at=0.0, sent_at=0.0))
+    assert peek_type(frames) == "Heartbeat"
+    with pytest.raises(DecodeError, match="unexpected message Heartbeat here; expected TrainBatch"):
+        decode(frames, TrainBatch)
+
+
+def weights(num: int = 2, size: int = 1000) -> WeightsBucket:
+    tensors = [np.arange(size, dtype=np.float32) + i for i in range(num)]
+    return WeightsBucket(step=3, bucket=0, names=[f"w{i}" for i in range(num)], tensors=tensors)
+
+
+def test_arrays_travel_as_raw_frames_and_decode_without_copy():
+    message = weights()
+    frames = encode(message)
+    assert len(frames) == 4
+    assert bytes(frames[2]) == message.tensors[0].tobytes()
+    received = [bytearray(f) for f in frames]
+    decoded = decode(received)
+    assert np.shares_memory(decoded.tensors[1], np.frombuffer(received[3], dtype=np.uint8))
+    assert zlib.crc32(decoded.tensors[1]) == zlib.crc32(message.tensors[1])
+
+
+def test_buffer_mismatches_are_named():
+    frames = encode(weights())
+    with pytest.raises(DecodeError, match="envelope promises 2 buffers but 1 arrived"):
+        decode(frames[:-1])
+    with pytest.raises(DecodeError, match="buffer 1 holds 3996 bytes, but a float32 array of shape \\[1000\\] needs 4000"):
+        decode([*frames[:3], bytes(frames[3])[:-4]])
+    frames[0] = msgpack.packb(["WeightsBucket", 1, 3])
+    with pytest.raises(DecodeError, match=r"buffers \[2\] are not referenced by the body"):
+        decode([*frames, b"extra"])
+
+
+def test_limits_on_frames_and_sizes():
+    frames = encode(weights(num=3))
+    with pytest.raises(DecodeError, match="5 frames, more than the limit of 4"):
+        decode(frames, max_frames=4)
+    with pytest.raises(DecodeError, match="buffer 0 of 4000 bytes exceeds the limit of 100"):
+        decode(frames, max_buffer_bytes=100)
+    with pytest.raises(DecodeError, match="body of .* bytes exceeds the limit of 10"):
+        decode(frames, max_body_bytes=10)
+
+
+def test_micro_batch_arrays_keep_dtype_and_shape():
+    length = 7
+    micro = MicroBatch(
+        input_ids=np.arange(length, dtype=np.int32), position_ids=np.arange(length, dtype=np.int32),
+        loss_mask=np.array([0, 1, 1, 0, 1, 1, 1], dtype=bool), advantages=np.full(length, 0.5, np.float32),
+        inference_logprobs=np.linspace(-1, 0, length, dtype=np.float32), temperatures=np.ones(length, np.float32),
+    )
+    batch = TrainBatch(step=1, rank=0, world_size=1, micro_batches=[micro, micro], num_loss_tokens=10)
+    decoded = decode(encode(batch), TrainBatch)
+    got = decoded.micro_batches[1]
+    assert got.loss_mask.dtype == np.bool_ and got.loss_mask.tolist() == micro.loss_mask.tolist()
+    assert got.input_ids.dtype == np.int32 and got.input_ids.shape == (length,)
+
+
+def test_unsupported_array_dtype_is_refused_when_sending():
+    bucket = WeightsBucket(step=0, bucket=0, names=["c"], tensors=[np.zeros(2, dtype=np.complex64)])
+    with pytest.raises(TypeError, match="cannot send arrays of dtype complex64"):
+        encode(bucket)
