@@ -1,0 +1,1 @@
+"""rlbus services: one package per process, plus shared model tools."""

@@ -1,0 +1,1 @@
+"""Env-worker: runs environments against the inference API and scores rollouts."""

@@ -1,0 +1,32 @@
+"""Config of an env-worker (``rlbus env-worker``, section ``[env_worker]``)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from common.config import ServiceConfig
+
+
+class EnvWorkerConfig(ServiceConfig):
+    """Runs rollouts of leased tasks against one or several inference replicas."""
+
+    SERVICE: ClassVar[str] = "env-worker"
+
+    worker_id: str | None = None
+    """Name of this worker on the bus; None derives one from host and pid."""
+    inference_urls: list[str] = ["http://127.0.0.1:8000/v1"]
+    """Base URLs of the inference replicas' OpenAI-compatible APIs."""
+    api_key: str | None = None
+    """Key sent to inference as a bearer token."""
+    max_concurrent_tasks: int = Field(8, ge=1)
+    """Tasks this worker runs at once."""
+    max_concurrent_requests: int = Field(64, ge=1)
+    """HTTP requests in flight to inference at once."""
+    request_timeout_s: float = Field(300.0, gt=0)
+    """Timeout of one inference request."""
+    max_retries: int = Field(5, ge=0)
+    """Retries of a request after connection errors and 5xx answers, with backoff."""
+    env_timeout_s: float = Field(600.0, gt=0)
+    """A rollout whose environment takes longer is marked errored."""

@@ -1,0 +1,1 @@
+"""Inference: vLLM behind an OpenAI-compatible API, new weights pulled over the bus."""

@@ -1,0 +1,1 @@
+"""The ``rl`` launcher: one merged config, every service as a local process."""

@@ -1,0 +1,90 @@
+"""The merged ``rl`` config: shared fields at the top, one section per service.
+
+Shared fields (model, output_dir, max_steps, seed, bus, log) are set once at
+the top level and propagate into every section; a section that sets one to
+a different value is an error, so services can never disagree about them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, Field, model_validator
+
+from common.config import ServiceConfig, deep_merge, env_values
+from services.env_worker.config import EnvWorkerConfig
+from services.inference.config import InferenceConfig
+from services.monitor.config import MonitorConfig
+from services.orchestrator.config import OrchestratorConfig
+from services.trainer.config import TrainerConfig
+
+SECTIONS: dict[str, type[ServiceConfig]] = {
+    "inference": InferenceConfig,
+    "trainer": TrainerConfig,
+    "orchestrator": OrchestratorConfig,
+    "env_worker": EnvWorkerConfig,
+    "monitor": MonitorConfig,
+}
+
+
+class RlConfig(ServiceConfig):
+    """Everything ``rlbus rl`` needs to start all five services locally."""
+
+    SERVICE: ClassVar[str] = "rl"
+
+    inference: InferenceConfig = InferenceConfig()
+    """Inference replica settings."""
+    trainer: TrainerConfig = TrainerConfig()
+    """Trainer settings."""
+    orchestrator: OrchestratorConfig = OrchestratorConfig()
+    """Orchestrator settings."""
+    env_worker: EnvWorkerConfig = EnvWorkerConfig()
+    """Env-worker settings (shared by every env-worker process)."""
+    monitor: MonitorConfig = MonitorConfig()
+    """Monitor settings."""
+    num_env_workers: int = Field(1, ge=1)
+    """Env-worker processes to start."""
+    clean_output_dir: bool = False
+    """Delete output_dir before starting (otherwise an existing run folder is reused)."""
+
+    @model_validator(mode="after")
+    def _propagate_shared_fields(self) -> RlConfig:
+        conflicts = []
+        for name in SECTIONS:
+            section = getattr(self, name)
+            for field in self.SHARED_FIELDS:
+                value = getattr(self, field)
+                if field in section.model_fields_set and getattr(section, field) != value:
+                    conflicts.append(f"{name}.{field} = {_show(getattr(section, field))} but {field} = {_show(value)}")
+                # Bypass assignment validation: the value was validated at the top level.
+                section.__dict__[field] = value
+        if conflicts:
+            raise ValueError(
+                "shared fields are set once at the top level; these sections disagree: " + "; ".join(conflicts)
+            )
+        return self
+
+    def resolved_configs(self) -> dict[str, BaseModel]:
+        """The merged config plus each service's own, loadable by ``rlbus <service> @ file``."""
+        sections = {config.SERVICE: config for config in (getattr(self, name) for name in SECTIONS)}
+        return {self.SERVICE: self, **sections}
+
+
+def service_env(section: str | None, environ: Mapping[str, str]) -> dict[str, Any]:
+    """Environment values for one service run alone, read with the ``rl`` schema.
+
+    Checking every ``RLBUS_*`` variable against the merged schema catches typos
+    while letting one environment (a compose ``.env``) serve every service: a
+    service takes the shared fields and its own section and ignores the rest.
+    """
+    values = env_values(RlConfig, environ)
+    if section is None:
+        return values
+    shared = {key: value for key, value in values.items() if key in ServiceConfig.SHARED_FIELDS}
+    return deep_merge(shared, values.get(section, {}))
+
+
+def _show(value: Any) -> str:
+    dump = getattr(value, "model_dump", None)
+    return repr(dump(mode="json") if dump else value)

@@ -1,0 +1,50 @@
+"""Render ``docs/config.md`` from the config classes (``scripts/gen_config_docs.py``)."""
+
+from __future__ import annotations
+
+from common.config import ServiceConfig
+from common.config.docs import markdown_table
+from services.launcher.config import SECTIONS, RlConfig
+from services.models.config import SmolLM2Config, TinyModelConfig
+
+HEADER = """# Configuration reference
+
+Generated from the config classes by `python scripts/gen_config_docs.py`; a test fails when this file is stale.
+
+Every command takes `@ file.toml` (several are deep-merged left to right), then `--key value` flags
+(`--section.key-name value`, `--flag` / `--no-flag`, lists and tables as JSON). Environment variables
+`RLBUS_<KEY>` and `RLBUS_<SECTION>__<KEY>` (nested keys joined by `__`) sit below files and flags.
+Unknown keys, wrong types and out-of-range values stop the command with exit code 2 before anything starts.
+
+`rlbus rl` reads the merged config: the shared fields at the top level, one table per service. A service
+started alone (`rlbus trainer @ trainer.toml`) reads a flat file: the shared fields and its own section's
+keys at the top level; `rlbus rl ... --dry-run` writes exactly those files to `<output_dir>/configs/`.
+"""
+
+
+def render_config_docs() -> str:
+    parts = [HEADER]
+    shared = {name: ServiceConfig.model_fields[name] for name in ServiceConfig.SHARED_FIELDS}
+    parts.append(markdown_table(
+        "Shared fields",
+        "Set at the top level of the `rl` config; they propagate into every section, and a section that sets "
+        "one to a different value is an error.",
+        _only(ServiceConfig, shared),
+    ))
+    launcher_only = {k: v for k, v in RlConfig.model_fields.items() if k not in SECTIONS and k not in shared}
+    parts.append(markdown_table("`rlbus rl` (launcher)", "Top-level keys used by the launcher only.",
+                                _only(RlConfig, launcher_only)))
+    for name, cls in SECTIONS.items():
+        own = {k: v for k, v in cls.model_fields.items() if k not in shared}
+        parts.append(markdown_table(f"`[{name}]` — rlbus {cls.SERVICE}", " ".join((cls.__doc__ or "").split()),
+                                    _only(cls, own)))
+    parts.append(markdown_table("`rlbus model tiny`", " ".join((TinyModelConfig.__doc__ or "").split()),
+                                TinyModelConfig))
+    parts.append(markdown_table("`rlbus model smollm2`", " ".join((SmolLM2Config.__doc__ or "").split()),
+                                SmolLM2Config))
+    return "\n".join(parts)
+
+
+def _only(cls, fields):
+    """A stand-in model class exposing just ``fields`` of ``cls`` to the table renderer."""
+    return type(cls.__name__, (), {"model_fields": fields})

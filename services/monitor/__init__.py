@@ -1,0 +1,1 @@
+"""Monitor: gathers metrics, events and heartbeats; JSONL, console, W&B, live view."""

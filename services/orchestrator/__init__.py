@@ -1,0 +1,1 @@
+"""Orchestrator: schedules tasks, computes advantages, packs batches (CPU only, no torch)."""

@@ -1,0 +1,114 @@
+"""Config of the orchestrator (``rlbus orchestrator``, section ``[orchestrator]``)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field, model_validator
+
+from common.config import ConfigModel, ServiceConfig
+
+Scalar = str | int | float | bool
+
+
+class EnvSpec(ConfigModel):
+    """One training environment (``[[orchestrator.train.env]]``)."""
+
+    id: str
+    """Environment name, as registered in the ``rlbus.environments`` entry point group."""
+    args: dict[str, Scalar] = {}
+    """Keyword arguments passed to the environment's loader."""
+    ratio: float = Field(1.0, gt=0)
+    """Relative share of tasks drawn from this environment."""
+
+
+class EvalEnvSpec(ConfigModel):
+    """One evaluation environment (``[[orchestrator.eval.env]]``)."""
+
+    id: str
+    """Environment name, as registered in the ``rlbus.environments`` entry point group."""
+    args: dict[str, Scalar] = {}
+    """Keyword arguments passed to the environment's loader."""
+    num_examples: int = Field(32, ge=1)
+    """Examples evaluated per evaluation."""
+    rollouts_per_example: int = Field(1, ge=1)
+    """k of avg@k and pass@k."""
+
+
+class TrainEnvsConfig(ConfigModel):
+    """Environments rollouts are trained on."""
+
+    env: list[EnvSpec] = [EnvSpec(id="reverse-text")]
+    """Training environments, sampled by ``ratio``."""
+
+
+class EvalConfig(ConfigModel):
+    """Periodic evaluation at the current policy, outside training."""
+
+    interval: int | None = Field(None, ge=1)
+    """Evaluate every this many steps; None disables evaluation."""
+    env: list[EvalEnvSpec] = []
+    """Evaluation environments."""
+
+
+class SamplingConfig(ConfigModel):
+    """How completions are sampled for training."""
+
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature; the trainer divides its logits by the same value."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold."""
+    max_tokens: int = Field(128, ge=1)
+    """Completion tokens per model turn."""
+
+
+class AdvantageConfig(ConfigModel):
+    """How rewards become advantages within a group."""
+
+    std_normalize: bool = False
+    """Divide by the group's reward standard deviation."""
+    leave_one_out: bool = False
+    """Use the mean of the other rollouts of the group as the baseline (RLOO)."""
+    length_penalty: float = Field(0.0, ge=0)
+    """Subtract this times the completion length fraction from each reward."""
+
+
+class OrchestratorConfig(ServiceConfig):
+    """The orchestrator hands tasks to env-workers, turns scored rollouts into
+    training batches and keeps sampling within the staleness bounds."""
+
+    SERVICE: ClassVar[str] = "orchestrator"
+
+    batch_size: int = Field(128, ge=1)
+    """Rollouts per training step (examples x rollouts_per_example)."""
+    rollouts_per_example: int = Field(16, ge=1)
+    """Group size: rollouts of one example whose rewards are compared."""
+    seq_len: int = Field(2048, ge=16)
+    """Tokens per packed micro-batch row."""
+    max_async_level: int = Field(1, ge=0)
+    """How many steps the orchestrator may run ahead of the policy step inference serves."""
+    max_off_policy_steps: int = Field(8, ge=0)
+    """Rollouts sampled by a policy this many steps older than the batch's step are discarded."""
+    task_lease_s: float = Field(600.0, gt=0)
+    """A task whose result has not arrived after this many seconds is issued again."""
+    trainer_world_size: int = Field(1, ge=1)
+    """Trainer ranks each batch is split across."""
+    samples_interval: int = Field(1, ge=1)
+    """Send rollout samples to the monitor every this many steps."""
+    sampling: SamplingConfig = SamplingConfig()
+    """Sampling settings of training rollouts."""
+    advantage: AdvantageConfig = AdvantageConfig()
+    """Advantage computation."""
+    train: TrainEnvsConfig = TrainEnvsConfig()
+    """Training environments."""
+    eval: EvalConfig = EvalConfig()
+    """Evaluation environments and interval."""
+
+    @model_validator(mode="after")
+    def _batch_holds_whole_groups(self) -> OrchestratorConfig:
+        if self.batch_size % self.rollouts_per_example:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of rollouts_per_example "
+                f"({self.rollouts_per_example}) so every batch holds whole groups"
+            )
+        return self

@@ -1,0 +1,1 @@
+"""Trainer: RL losses and SFT with PyTorch + transformers, publishes weights."""

@@ -1,0 +1,85 @@
+"""Config of the trainer (``rlbus trainer``, section ``[trainer]``)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from common.config import ConfigModel, ServiceConfig
+
+
+class OptimizerConfig(ConfigModel):
+    """AdamW settings."""
+
+    lr: float = Field(1e-6, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.01, ge=0)
+    """Decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam moment coefficients."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradients are clipped to this global norm."""
+
+
+class SchedulerConfig(ConfigModel):
+    """Learning-rate schedule."""
+
+    type: Literal["constant", "linear", "cosine"] = "constant"
+    """Shape after warmup: constant, linear decay or cosine decay."""
+    warmup_steps: int = Field(0, ge=0)
+    """Steps of linear warmup from 0 to the peak learning rate."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Final learning rate as a fraction of the peak (linear and cosine)."""
+
+
+class LossConfig(ConfigModel):
+    """RL objective."""
+
+    type: Literal["masked_is", "ppo", "gspo", "cispo", "pg"] = "masked_is"
+    """masked_is: probability-difference masked importance sampling (default); ppo: clipped
+    ratio; gspo: sequence-level ratio; cispo: clipped IS weight; pg: on-policy policy gradient."""
+    mask_threshold: float = Field(0.2, gt=0)
+    """masked_is: tokens whose probability moved more than this in the advantage's direction are masked."""
+    kl_coef: float = Field(1e-3, ge=0)
+    """Weight of the squared log-ratio penalty."""
+    clip_eps: float = Field(0.2, gt=0)
+    """ppo/gspo/cispo: clipping range of the ratio."""
+
+
+class CheckpointConfig(ConfigModel):
+    """Checkpoints of model, optimizer, scheduler and progress."""
+
+    enabled: bool = False
+    """Write checkpoints at all."""
+    interval: int = Field(50, ge=1)
+    """Checkpoint every this many steps."""
+    keep_last: int | None = Field(None, ge=1)
+    """Keep only the newest N checkpoints; None keeps all."""
+    keep_interval: int | None = Field(None, ge=1)
+    """Also keep every checkpoint whose step is a multiple of this."""
+    resume_step: int | None = Field(None, ge=-1)
+    """Resume from this step; -1 is the latest; None starts fresh."""
+    weights_only: bool = False
+    """Save only the HF-format weights, not optimizer and progress."""
+
+
+class TrainerConfig(ServiceConfig):
+    """The trainer applies the RL loss to packed batches and publishes new weights."""
+
+    SERVICE: ClassVar[str] = "trainer"
+
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter and compute dtype; use float32 on CPUs without bf16 units."""
+    optimizer: OptimizerConfig = OptimizerConfig()
+    """Optimizer settings."""
+    scheduler: SchedulerConfig = SchedulerConfig()
+    """Learning-rate schedule."""
+    loss: LossConfig = LossConfig()
+    """RL objective."""
+    ckpt: CheckpointConfig = CheckpointConfig()
+    """Checkpointing."""
+    weight_bucket_mb: int = Field(64, ge=1)
+    """Weights are streamed to inference in buckets of about this many MiB."""
+    peak_flops: float | None = Field(None, gt=0)
+    """Peak FLOP/s per rank for MFU; None measures matmul throughput at start."""
