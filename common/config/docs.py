@@ -5,6 +5,7 @@ from __future__ import annotations
 import types
 import typing
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -71,6 +72,8 @@ def _default(field: FieldInfo) -> str:
     value = field.get_default(call_default_factory=True)
     if isinstance(value, BaseModel):
         return ""
+    if isinstance(value, Path):
+        value = str(value)
     if isinstance(value, list) and value and isinstance(value[0], BaseModel):
         return f"{len(value)} item(s)"
     return f"`{value!r}`".replace("|", "\\|")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from common.config import ServiceConfig
 from common.config.docs import markdown_table
 from services.launcher.config import SECTIONS, RlConfig
-from services.models.config import SmolLM2Config, TinyModelConfig
+from services.models.smollm2 import SmolLM2Config
+from services.models.tiny import TinyModelConfig
 
 HEADER = """# Configuration reference
 

@@ -1,0 +1,1 @@
+"""Local models that need no hub: a tiny random Qwen3 and SmolLM2 converted from its packaged GGUF."""
