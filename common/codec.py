@@ -9,7 +9,7 @@ A message travels as ZeroMQ frames::
 In the body an array is a map ``{"__ndarray__": i, "dtype": "float32",
 "shape": [2, 3]}`` pointing at buffer ``i``. Any msgpack library can read
 frames 0 and 1; nothing is ever pickled. Arrays are sent without copying
-and received as read-only views of the frame.
+and received as views of the frame (not copied: treat them as read-only).
 
 Every problem with incoming frames raises :class:`DecodeError`, whose
 message names the message type (when known), the frame and what was wrong.

@@ -1,0 +1,396 @@
+"""Sockets of the rlbus bus: created by role, typed send/receive, handshakes.
+
+A :class:`Bus` owns a ZeroMQ context and the :class:`BusConfig` every socket is
+configured from. Frames that do not decode are logged, counted in ``bus.stats``
+and skipped, so one bad peer cannot stall a receiver. Every wait has a deadline
+and ends in :class:`BusTimeout` saying what was awaited, where, for how long.
+Pub/sub starts with a handshake, not sleeps: the publisher's XPUB answers each
+subscription with a ``Hello``; after its first ``Hello`` a subscriber gets every
+message. :mod:`common.abus` mirrors this module for asyncio, reusing its helpers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+from loguru import logger
+
+from common.codec import DEFAULT_MAX_BODY_BYTES, DecodeError, Frame, decode, encode
+from common.config.base import BusConfig
+from common.messages import Event, Heartbeat, Hello, Message, MetricsReport
+
+Expected = type[Message] | tuple[type[Message], ...] | None
+Received = Message | tuple[bytes, Message]
+"""What a receive returns: the message, or ``(identity, message)`` on a ROUTER."""
+
+# A misbehaving peer can send thousands of bad frames a second; log the first
+# few of each kind per socket role, then only every ``_LOG_EVERY``-th.
+_LOG_FIRST = 10
+_LOG_EVERY = 1000
+
+
+class BusError(RuntimeError):
+    """A bus operation failed; the text names the socket and what went wrong."""
+
+
+class BusTimeout(BusError, TimeoutError):
+    """Nothing usable arrived before the deadline."""
+
+
+class PeerUnreachable(BusError):
+    """A ROUTER was asked to send to an identity that is not connected (any more)."""
+
+
+@dataclass
+class BusStats:
+    """Counters of one bus, keyed by socket role."""
+
+    decode_errors: Counter[str] = field(default_factory=Counter)
+    """Messages skipped because they did not decode or had an unexpected type."""
+    dropped: Counter[str] = field(default_factory=Counter)
+    """Messages dropped instead of blocking the sender (telemetry at its HWM)."""
+
+
+class BusSocket(zmq.Socket):
+    """A zmq socket that knows its role and address, for logs and errors."""
+
+    # pyzmq only allows plain attributes that are declared on the class.
+    role: str = ""
+    address: str = ""
+
+
+def bind_address(endpoint: str, bind_host: str | None) -> str:
+    """``endpoint`` with its tcp host replaced by ``bind_host`` (others unchanged): every process
+    shares one endpoint table while a binding service listens on e.g. ``0.0.0.0``."""
+    if bind_host is None or not endpoint.startswith("tcp://"):
+        return endpoint
+    host, sep, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if not sep or not host or not port:
+        raise ValueError(f"tcp endpoint {endpoint!r} is not of the form tcp://host:port")
+    return f"tcp://{bind_host}:{port}"
+
+
+def configure_socket(sock: zmq.Socket, socket_type: int, config: BusConfig) -> None:
+    """Set the options every bus socket needs, from ``config``."""
+    sock.setsockopt(zmq.SNDHWM, config.send_hwm)
+    sock.setsockopt(zmq.RCVHWM, config.send_hwm)
+    # Without a finite linger a process whose peer is gone hangs on exit.
+    sock.setsockopt(zmq.LINGER, config.linger_ms)
+    # libzmq disconnects a peer that sends a larger frame, before it is buffered.
+    sock.setsockopt(zmq.MAXMSGSIZE, config.max_frame_bytes)
+    sock.setsockopt(zmq.IPV6, 0)
+    if socket_type == zmq.ROUTER:
+        # Sending to a vanished peer must raise (PeerUnreachable), not drop silently.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    elif socket_type == zmq.XPUB:
+        # Report every subscription, not only the first per topic, so every
+        # subscriber that joins gets its own Hello.
+        sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+    elif socket_type == zmq.SUB:
+        # One channel per socket: subscribe to everything, no topic frames.
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+
+
+def type_names(expected: Expected) -> str:
+    if expected is None:
+        return "any message"
+    types = expected if isinstance(expected, tuple) else (expected,)
+    return " or ".join(t.__name__ for t in types)
+
+
+def is_subscription(frame: bytes) -> bool:
+    """True for an XPUB subscribe notification (first byte 1), not an unsubscribe."""
+    return frame[:1] == b"\x01"
+
+
+def remaining_ms(deadline: float) -> int:
+    return max(0, math.ceil((deadline - time.monotonic()) * 1000))
+
+
+def _log_sampled(counter: Counter[str], key: str, text: str) -> None:
+    count = counter[key]
+    if count <= _LOG_FIRST or count % _LOG_EVERY == 0:
+        logger.warning("{} (#{} on {})", text, count, key)
+
+
+class BusCore:
+    """What the sync and asyncio buses share: sockets by role, framing, decoding."""
+
+    socket_class: type[zmq.Socket] = BusSocket
+    context_class: type[zmq.Context] = zmq.Context
+
+    def __init__(self, config: BusConfig, context: zmq.Context | None = None) -> None:
+        self.config = config
+        self.stats = BusStats()
+        self._owns_context = context is None
+        self.context = context if context is not None else self.context_class()
+        self._sockets: list[zmq.Socket] = []
+        # Also enforced per frame by MAXMSGSIZE; bodies keep the codec's tighter default.
+        self._limits = {
+            "max_frames": config.max_frames,
+            "max_body_bytes": min(config.max_frame_bytes, DEFAULT_MAX_BODY_BYTES),
+            "max_buffer_bytes": config.max_frame_bytes,
+        }
+
+    def bind(self, socket_type: int, address: str, role: str | None = None) -> Any:
+        """A socket bound at ``address`` (tcp host replaced by ``config.bind_host``; port may be ``*``)."""
+        sock = self._open(socket_type, role)
+        sock.bind(bind_address(address, self.config.bind_host))
+        sock.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        logger.debug("{} {} bound at {}", sock.role, zmq.SocketType(socket_type).name, sock.address)
+        return sock
+
+    def connect(self, socket_type: int, address: str, role: str | None = None) -> Any:
+        """A socket connected to ``address``; zmq reconnects on its own if the peer restarts."""
+        sock = self._open(socket_type, role)
+        sock.connect(address)
+        sock.address = address
+        logger.debug("{} {} connected to {}", sock.role, zmq.SocketType(socket_type).name, address)
+        return sock
+
+    def _open(self, socket_type: int, role: str | None, socket_class: type[zmq.Socket] | None = None) -> Any:
+        sock = self.context.socket(socket_type, socket_class=socket_class or self.socket_class)
+        configure_socket(sock, socket_type, self.config)
+        sock.role = role or zmq.SocketType(socket_type).name.lower()
+        self._sockets.append(sock)
+        return sock
+
+    def close(self) -> None:
+        """Close every socket of this bus (each lingers ``config.linger_ms``)."""
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+        if self._owns_context:
+            self.context.term()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def frames(self, sock: Any, message: Message, identity: bytes | None) -> list[Frame]:
+        """Wire frames of ``message``, led by ``identity`` on a ROUTER."""
+        is_router = sock.type == zmq.ROUTER
+        if is_router != (identity is not None):
+            raise ValueError(f"{sock.role}: an identity is needed on ROUTER sockets and only there")
+        frames = encode(message)
+        return [identity, *frames] if is_router else frames
+
+    def raise_unreachable(self, sock: Any, identity: bytes | None, exc: zmq.ZMQError) -> None:
+        if exc.errno == zmq.EHOSTUNREACH:
+            raise PeerUnreachable(f"{sock.role} {sock.address}: peer {identity!r} is not connected") from None
+        raise exc
+
+    def decode_frames(self, sock: Any, frames: list[Any], expected: Expected) -> Received | None:
+        """The decoded message (with identity on a ROUTER), or None if it was skipped."""
+        identity = None
+        if sock.type == zmq.ROUTER:
+            identity, frames = frames[0].bytes, frames[1:]
+        try:
+            message = decode(frames, expected, **self._limits)
+        except DecodeError as exc:
+            self.count_decode_error(sock, str(exc), identity)
+            return None
+        return (identity, message) if identity is not None else message
+
+    def count_decode_error(self, sock: Any, reason: str, identity: bytes | None = None) -> None:
+        self.stats.decode_errors[sock.role] += 1
+        peer = f" from {identity!r}" if identity is not None else ""
+        _log_sampled(self.stats.decode_errors, sock.role, f"skipped a message{peer} on {sock.address}: {reason}")
+
+    def timeout(self, sock: Any, what: str, timeout_s: float) -> BusTimeout:
+        return BusTimeout(f"no {what} within {timeout_s:g}s on {sock.role} socket {sock.address}")
+
+
+class Bus(BusCore):
+    """Blocking bus for services with a plain loop."""
+
+    def send(self, sock: BusSocket, message: Message, identity: bytes | None = None) -> None:
+        """Send ``message`` (after ``identity`` on a ROUTER); blocks while the peer's queue is full.
+        Array buffers are sent without copying: do not modify them afterwards."""
+        frames = self.frames(sock, message, identity)
+        try:
+            sock.send_multipart(frames, copy=False)
+        except zmq.ZMQError as exc:
+            self.raise_unreachable(sock, identity, exc)
+
+    def recv(self, sock: BusSocket, timeout_s: float, expected: Expected = None, what: str = "message") -> Any:
+        """The next valid message (``(identity, message)`` on a ROUTER) within ``timeout_s``.
+        Malformed or unexpected ones are counted and skipped; arrays view the frames (no copy)."""
+        result = self.recv_before(sock, time.monotonic() + timeout_s, expected)
+        if result is None:
+            raise self.timeout(sock, what, timeout_s)
+        return result
+
+    def recv_before(self, sock: BusSocket, deadline: float, expected: Expected) -> Received | None:
+        """Like :meth:`recv` with a ``time.monotonic()`` deadline; None when it passed."""
+        while sock.poll(remaining_ms(deadline)):
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            result = self.decode_frames(sock, frames, expected)
+            if result is not None:
+                return result
+            if time.monotonic() >= deadline:  # a stream of bad messages must not extend the wait
+                break
+        return None
+
+    def request(self, sock: BusSocket, message: Message, expected: Expected, timeout_s: float | None = None,
+                retries: int = 0, what: str | None = None) -> Message:  # fmt: skip
+        """Send ``message`` on a DEALER and wait for the reply, resending up to ``retries`` times.
+        A resent request may be served twice; requests must be idempotent."""
+        timeout_s = timeout_s or self.config.request_timeout_s
+        what = what or f"{type_names(expected)} reply to {type(message).__name__}"
+        for attempt in range(1, retries + 2):
+            self.send(sock, message)
+            result = self.recv_before(sock, time.monotonic() + timeout_s, expected)
+            if result is not None:
+                return result
+            logger.warning("no {} on {} after attempt {}/{}", what, sock.address, attempt, retries + 1)
+        raise self.timeout(sock, f"{what} after {retries + 1} attempt(s)", timeout_s)
+
+
+class Publisher:
+    """The XPUB side of a pub/sub channel; greets every new subscriber with a ``Hello``.
+
+    The owning loop calls :meth:`pump` whenever the socket is readable (or
+    regularly); :meth:`publish` pumps first, so greetings precede messages.
+    Like any PUB, it drops messages for a subscriber whose queue is full.
+    """
+
+    def __init__(self, bus: Bus, address: str, sender: str, role: str = "announce") -> None:
+        self.bus = bus
+        self.sender = sender
+        self.sock: BusSocket = bus.bind(zmq.XPUB, address, role)
+        self.num_greetings = 0
+
+    @property
+    def address(self) -> str:
+        return self.sock.address
+
+    def pump(self, timeout_s: float = 0.0) -> int:
+        """Greet the subscribers that joined since the last call (waiting up to ``timeout_s``
+        for the first); returns how many joined."""
+        num_joined, deadline = 0, time.monotonic() + timeout_s
+        while self.sock.poll(remaining_ms(deadline) if num_joined == 0 else 0):
+            num_joined += is_subscription(self.sock.recv(zmq.NOBLOCK))
+        if num_joined:
+            # One Hello serves every subscriber that joined; the others ignore it.
+            self.num_greetings += 1
+            self.bus.send(self.sock, Hello(sender=self.sender, nonce=self.num_greetings))
+        return num_joined
+
+    def publish(self, message: Message) -> None:
+        self.pump()
+        self.bus.send(self.sock, message)
+
+
+class SubscriberBase:
+    """State shared by the sync and asyncio subscribers."""
+
+    def __init__(self, bus: BusCore, address: str, role: str = "announce") -> None:
+        self.bus = bus
+        self.sock = bus.connect(zmq.SUB, address, role)
+        self.ready = False
+        # Messages that beat the first Hello: the subscription was already live,
+        # so they are kept and returned before anything newer.
+        self._early: deque[Message] = deque()
+
+    def _take_early(self, expected: Expected) -> Message | None:
+        while self._early:
+            message = self._early.popleft()
+            if expected is None or isinstance(message, expected):
+                return message
+            self.bus.count_decode_error(self.sock, f"unexpected message {type(message).__name__} here")
+        return None
+
+    def _accepted(self, expected: Expected) -> Expected:
+        # Hellos greeting later subscribers reach everyone: accept them so they
+        # are dropped quietly instead of counted as unexpected.
+        if expected is None:
+            return None
+        return (Hello, *(expected if isinstance(expected, tuple) else (expected,)))
+
+    def _keep(self, message: Message, expected: Expected) -> bool:
+        return not isinstance(message, Hello) or (expected is not None and issubclass(Hello, expected))
+
+
+class Subscriber(SubscriberBase):
+    """The SUB side of a pub/sub channel: connect, :meth:`wait_ready`, then :meth:`recv`."""
+
+    bus: Bus
+
+    def wait_ready(self, timeout_s: float | None = None) -> Hello:
+        """Block until the publisher's first ``Hello``; every later message will arrive."""
+        timeout_s = timeout_s or self.bus.config.handshake_timeout_s
+        deadline = time.monotonic() + timeout_s
+        while (message := self.bus.recv_before(self.sock, deadline, None)) is not None:
+            if isinstance(message, Hello):
+                self.ready = True
+                return message
+            self._early.append(message)
+        raise self.bus.timeout(self.sock, "Hello from the publisher", timeout_s)
+
+    def recv(self, timeout_s: float, expected: Expected = None, what: str = "published message") -> Message:
+        """The next published message other than ``Hello``."""
+        if (early := self._take_early(expected)) is not None:
+            return early
+        deadline = time.monotonic() + timeout_s
+        while (message := self.bus.recv_before(self.sock, deadline, self._accepted(expected))) is not None:
+            if self._keep(message, expected):
+                return message
+        raise self.bus.timeout(self.sock, what, timeout_s)
+
+
+class TelemetryClient:
+    """PUSH to the monitor that never blocks: at the HWM, messages are dropped and counted.
+
+    While the monitor is down, messages queue (up to ``send_hwm``) and are
+    delivered once it binds. Works with a sync or an asyncio bus (it always
+    uses a plain socket, since a non-blocking send needs no event loop).
+    """
+
+    def __init__(self, bus: BusCore, service: str, replica_id: str, address: str | None = None) -> None:
+        self.bus = bus
+        self.service, self.replica_id = service, replica_id
+        self.host, self.pid, self.started_at = socket.gethostname(), os.getpid(), time.time()
+        self.sock: BusSocket = bus._open(zmq.PUSH, "telemetry", socket_class=BusSocket)
+        self.sock.address = address or bus.config.endpoints.monitor_telemetry
+        self.sock.connect(self.sock.address)
+        self.num_dropped = 0
+
+    def send(self, message: Message) -> bool:
+        """Queue ``message`` for the monitor; False if it was dropped."""
+        try:
+            self.sock.send_multipart(encode(message), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.num_dropped += 1
+            self.bus.stats.dropped[self.sock.role] += 1
+            _log_sampled(self.bus.stats.dropped, self.sock.role, f"monitor at {self.sock.address} not keeping up")
+            return False
+        return True
+
+    def heartbeat(self, status: str = "ready", step: int | None = None, waiting_for: str | None = None,
+                  waiting_since: float | None = None) -> bool:  # fmt: skip
+        return self.send(Heartbeat(
+            service=self.service, replica_id=self.replica_id, host=self.host, pid=self.pid,
+            started_at=self.started_at, sent_at=time.time(), status=status, step=step,  # type: ignore[arg-type]
+            waiting_for=waiting_for, waiting_since=waiting_since,
+        ))  # fmt: skip
+
+    def metrics(self, step: int, metrics: dict[str, float]) -> bool:
+        return self.send(MetricsReport(
+            service=self.service, replica_id=self.replica_id, step=step, sent_at=time.time(), metrics=metrics,
+        ))  # fmt: skip
+
+    def event(self, kind: str, message: str, level: str = "info", **fields: Any) -> bool:
+        return self.send(Event(
+            service=self.service, replica_id=self.replica_id, sent_at=time.time(), level=level,  # type: ignore[arg-type]
+            kind=kind, message=message, fields=fields,
+        ))  # fmt: skip
