@@ -29,4 +29,13 @@ class EnvWorkerConfig(ServiceConfig):
     max_retries: int = Field(5, ge=0)
     """Retries of a request after connection errors and 5xx answers, with backoff."""
     env_timeout_s: float = Field(600.0, gt=0)
-    """A rollout whose environment takes longer is marked errored."""
+    """Time one rollout may spend in environment code (setup, replies, tools, rewards) before it is
+    marked errored; generation time does not count."""
+    env_ids: list[str] = []
+    """Environments this worker runs (sent to the orchestrator with each TaskRequest); empty means any installed."""
+    result_ack_timeout_s: float = Field(30.0, gt=0)
+    """A result not acknowledged by the orchestrator within this many seconds is sent again."""
+    retry_backoff_s: float = Field(0.5, gt=0)
+    """First wait before retrying a failed inference request; doubles with each retry."""
+    max_backoff_s: float = Field(30.0, gt=0)
+    """Longest wait between retries, and longest time a failing replica is set aside before its /health is probed."""

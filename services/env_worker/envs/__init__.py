@@ -1,0 +1,1 @@
+"""Built-in environments, registered under ``rlbus.environments`` in pyproject.toml."""

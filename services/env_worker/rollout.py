@@ -1,0 +1,301 @@
+"""Run the rollouts of one task: the turn loop, token bookkeeping, scoring, failures.
+
+:class:`RolloutRunner` is the domain logic of the env-worker, without sockets:
+given a ``RolloutTask`` and its environment it returns ``num_rollouts`` scored
+``Rollout`` messages. It talks to inference through two small interfaces (a
+sampler with ``complete`` and a :class:`TurnRenderer`), so tests can drive it
+with the real client or a fake.
+
+A rollout never raises: an environment hook that raises or outlives the
+rollout's ``env_timeout_s`` budget, a reward that is not a finite number, or
+inference failing after its retries gives a rollout with ``error`` set (not
+trained on) and the worker goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Protocol
+
+from loguru import logger
+
+from common.messages import Rollout, RolloutTask, SamplingParams, Turn
+from services.env_worker.environment import Environment, Message, RolloutState, checked_reward
+from services.env_worker.inference import Completion, InferenceError
+from services.env_worker.tokens import TemplateError, TokenizedChat, TurnRenderer
+
+
+class Sampler(Protocol):
+    async def complete(
+        self, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int, seed: int | None = None
+    ) -> Completion: ...
+
+
+class RolloutFailure(Exception):
+    """Why a rollout cannot be trained on; the text becomes ``Rollout.error``."""
+
+
+class EnvCaller:
+    """Calls environment hooks within one rollout's time budget.
+
+    Plain functions run in a daemon thread of their own so a slow or stuck one
+    cannot block the event loop; when the budget runs out a stuck thread is
+    abandoned (a daemon thread does not keep the process alive at exit, where
+    a thread pool's worker would).
+    """
+
+    def __init__(self, budget_s: float) -> None:
+        self.budget_s, self.used_s = budget_s, 0.0
+
+    async def __call__(self, what: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        try:
+            if inspect.iscoroutinefunction(func):
+                pending = func(*args, **kwargs)
+            else:
+                pending = in_daemon_thread(partial(func, *args, **kwargs), what)
+            result = await asyncio.wait_for(pending, self.remaining_s)
+            if inspect.isawaitable(result):  # a plain function that returned a coroutine
+                result = await asyncio.wait_for(result, self.remaining_s - (time.monotonic() - started))
+            return result
+        except TimeoutError:
+            raise RolloutFailure(f"environment timed out in {what} (env_timeout_s={self.budget_s:g})") from None
+        except (RolloutFailure, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise RolloutFailure(f"{what} raised {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.used_s += time.monotonic() - started
+
+    @property
+    def remaining_s(self) -> float:
+        return max(0.0, self.budget_s - self.used_s)
+
+
+def in_daemon_thread(func: Callable[[], Any], name: str) -> asyncio.Future[Any]:
+    """A future of ``func()`` run in a new daemon thread."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # the caller gave up (timeout or cancellation)
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def target() -> None:
+        result, error = None, None
+        try:
+            result = func()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the event loop closed while this thread was stuck
+            pass
+
+    threading.Thread(target=target, name=f"env: {name}", daemon=True).start()
+    return future
+
+
+@dataclass
+class RolloutRecord:
+    """What one rollout has produced so far."""
+
+    turns: list[Turn] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "env": 0.0, "score": 0.0})
+
+
+class RolloutRunner:
+    """Turns a ``RolloutTask`` into its group of scored ``Rollout`` messages."""
+
+    def __init__(self, sampler: Sampler, renderer: TurnRenderer, env_timeout_s: float) -> None:
+        self.sampler, self.renderer, self.env_timeout_s = sampler, renderer, env_timeout_s
+
+    async def run_task(self, task: RolloutTask, env: Environment) -> list[Rollout]:
+        """All ``task.num_rollouts`` rollouts, run concurrently; the prompt is rendered once for the group."""
+        if getattr(env, "runs_own_loop", False):  # e.g. a verifiers environment
+            return await self.run_foreign_task(task, env)
+        try:
+            example = env.example(task.example_id)
+            messages = env.prompt_messages(example)
+            prompt = await self.renderer.prompt(messages, env.tools)
+        except Exception as exc:  # noqa: BLE001 - a bad example or template fails the task, not the worker
+            reason = f"cannot build the prompt of example {task.example_id}: {type(exc).__name__}: {exc}"
+            logger.warning("task {} ({}): {}", task.task_id, task.env_id, reason)
+            return [failed_rollout(task, i, reason) for i in range(task.num_rollouts)]
+        runs = (self.run_rollout(task, env, example, messages, prompt, i) for i in range(task.num_rollouts))
+        return list(await asyncio.gather(*runs))
+
+    async def run_foreign_task(self, task: RolloutTask, env: Any) -> list[Rollout]:
+        """The group of an environment that runs its own loop; any failure errors the whole group."""
+        try:
+            return await env.run_group(task, self.sampler, self.renderer, self.env_timeout_s)
+        except TimeoutError:
+            reason = f"environment timed out (env_timeout_s={self.env_timeout_s:g})"
+        except Exception as exc:  # noqa: BLE001 - a failing environment fails its task, not the worker
+            reason = f"{type(exc).__name__}: {exc}"
+        logger.warning("task {} ({}) errored: {}", task.task_id, task.env_id, reason)
+        return [failed_rollout(task, i, reason) for i in range(task.num_rollouts)]
+
+    async def run_rollout(
+        self, task: RolloutTask, env: Environment, example: dict[str, Any], messages: list[Message],
+        prompt: TokenizedChat, index: int,
+    ) -> Rollout:  # fmt: skip
+        state = RolloutState(example, [dict(m) for m in messages], len(messages), tools=list(env.tools))
+        record, caller = RolloutRecord(), EnvCaller(self.env_timeout_s)
+        started = time.monotonic()
+        try:
+            await self._play(task, env, state, prompt, record, caller, index)
+            score_started, env_used = time.monotonic(), caller.used_s
+            reward, breakdown = await self._score(env, state, caller)
+            record.timing["score"] = time.monotonic() - score_started
+            record.timing["env"] += env_used
+            metrics = rollout_metrics(state, record)
+        except (RolloutFailure, InferenceError, TemplateError) as exc:
+            return self._failed(task, index, str(exc), state, record, started)
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one rollout, not the worker
+            logger.exception("task {} rollout {} failed unexpectedly", task.task_id, index)
+            return self._failed(task, index, f"{type(exc).__name__}: {exc}", state, record, started)
+        record.timing["total"] = time.monotonic() - started
+        return Rollout(
+            rollout_id=f"{task.task_id}/{index}", turns=record.turns, reward=reward, reward_breakdown=breakdown,
+            metrics=metrics, is_truncated=state.is_truncated, prompt_text=messages_text(state.prompt),
+            completion_text=completion_text(state), timing=record.timing,
+        )  # fmt: skip
+
+    async def _play(
+        self, task: RolloutTask, env: Environment, state: RolloutState, prompt: TokenizedChat,
+        record: RolloutRecord, caller: EnvCaller, index: int,
+    ) -> None:  # fmt: skip
+        """The turn loop: sample, let the environment answer, append only the new tokens."""
+        if type(env).setup is not Environment.setup:  # skip the thread hop for the no-op default
+            await caller("setup", env.setup, state)
+        context, new_ids = list(prompt.ids), list(prompt.ids)
+        seed = None if task.sampling.seed is None else task.sampling.seed + index
+        while state.turn < env.max_turns:
+            max_tokens = task.sampling.max_tokens
+            if prompt.max_model_len is not None:
+                max_tokens = min(max_tokens, prompt.max_model_len - len(context))
+            if max_tokens < 1:
+                if not record.turns:
+                    raise RolloutFailure(
+                        f"the prompt of {len(context)} tokens fills max_model_len={prompt.max_model_len}"
+                    )
+                state.is_truncated = True
+                return
+            generate_started = time.monotonic()
+            completion = await self.sampler.complete(context, task.sampling, max_tokens, seed)
+            record.timing["generate"] += time.monotonic() - generate_started
+            check_continuity(completion, context)
+            record.turns.append(turn_of(completion, new_ids))
+            context += completion.token_ids
+            assistant = await caller("parse_assistant", env.parse_assistant, completion.text)
+            state.messages.append(assistant)
+            state.completions.append(completion.text)
+            state.turn += 1
+            # A turn cut off at max_tokens is closed by the next segment; the environment decides whether to go on.
+            state.is_truncated |= completion.finish_reason == "length"
+            if state.turn >= env.max_turns:
+                return
+            reply = check_reply(await caller("env_response", env.env_response, state))
+            if not reply:
+                return
+            state.messages.extend(reply)
+            new_ids = await self.renderer.continuation(assistant, reply, env.tools, completion.token_ids)
+            context += new_ids
+
+    async def _score(self, env: Environment, state: RolloutState, caller: EnvCaller) -> tuple[float, dict[str, float]]:
+        rubric, values = env.rubric, {}
+        for name, func in zip(rubric.names, rubric.funcs, strict=True):
+            value = await caller(f"reward function {name}", func, **rubric.inputs(func, state))
+            try:
+                values[name] = checked_reward(name, value)
+            except ValueError as exc:
+                raise RolloutFailure(str(exc)) from None
+        return rubric.total(values), values
+
+    def _failed(
+        self, task: RolloutTask, index: int, reason: str, state: RolloutState, record: RolloutRecord, started: float
+    ) -> Rollout:
+        logger.warning("task {} ({}) rollout {} errored: {}", task.task_id, task.env_id, index, reason)
+        record.timing["total"] = time.monotonic() - started
+        rollout = failed_rollout(task, index, reason)
+        rollout.turns, rollout.timing, rollout.prompt_text = record.turns, record.timing, messages_text(state.prompt)
+        rollout.completion_text = completion_text(state)
+        return rollout
+
+
+def failed_rollout(task: RolloutTask, index: int, reason: str) -> Rollout:
+    return Rollout(rollout_id=f"{task.task_id}/{index}", turns=[], reward=0.0, error=reason)
+
+
+def turn_of(completion: Completion, prompt_ids: list[int]) -> Turn:
+    return Turn(
+        prompt_ids=list(prompt_ids),
+        completion_ids=completion.token_ids,
+        completion_logprobs=completion.logprobs,
+        completion_mask=[True] * len(completion.token_ids),
+        policy_step=completion.policy_step,
+        finish_reason=completion.finish_reason,
+    )
+
+
+def check_continuity(completion: Completion, context: list[int]) -> None:
+    """The server must have seen exactly our tokens (a proxy that re-tokenizes would break training)."""
+    seen = completion.prompt_token_ids
+    if seen is not None and seen != context:
+        raise InferenceError(f"the server saw a prompt of {len(seen)} tokens, not the {len(context)} sent")
+
+
+def check_reply(reply: Any) -> list[Message] | None:
+    """``env_response``'s answer, or RolloutFailure saying what is wrong with it."""
+    if reply is None or reply == []:
+        return None
+    if not isinstance(reply, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in reply):
+        raise RolloutFailure(f"env_response must return a list of chat messages or None, got {reply!r:.120}")
+    return reply
+
+
+def rollout_metrics(state: RolloutState, record: RolloutRecord) -> dict[str, float]:
+    """The environment's metrics plus turn and token counts; non-finite values are dropped."""
+    metrics = {"num_turns": float(state.turn), "num_completion_tokens": float(num_completion_tokens(record.turns))}
+    for name, value in state.metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise RolloutFailure(f"metric {name} is {type(value).__name__} {value!r:.60}, not a number")
+        if math.isfinite(value):
+            metrics[name] = float(value)
+    return metrics
+
+
+def num_completion_tokens(turns: list[Turn]) -> int:
+    return sum(len(turn.completion_ids) for turn in turns)
+
+
+def messages_text(messages: list[Message]) -> str:
+    """Messages for humans: a lone message as its text, several as ``[role] text`` blocks."""
+    if len(messages) == 1:
+        return messages[0].get("content") or ""
+    return "\n\n".join(f"[{m['role']}] {m.get('content') or ''}" for m in messages)
+
+
+def completion_text(state: RolloutState) -> str:
+    """The sampled text of a single-turn rollout; the model's and environment's turns for multi-turn ones."""
+    if len(state.completion_messages) == 1:
+        return state.completions[0]
+    blocks, turn = [], 0
+    for message in state.completion_messages:
+        text = message.get("content") or ""
+        if message["role"] == "assistant":
+            text, turn = state.completions[turn], turn + 1
+        blocks.append(f"[{message['role']}] {text}")
+    return "\n\n".join(blocks)

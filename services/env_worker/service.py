@@ -1,0 +1,270 @@
+"""The env-worker loop: tasks in, scored groups out, nothing lost.
+
+One asyncio loop owns the DEALER connected to the orchestrator's task ROUTER.
+
+- Credit: ``TaskRequest.num_tasks`` adds to the credit the orchestrator keeps for
+  this connection. On every (re)connection — the ROUTER then knows the worker
+  under a new identity, with no credit — the worker offers all its free slots;
+  after that, one more each time a task finishes. A task that arrives beyond
+  the free slots waits in a local queue.
+- Results: each finished ``RolloutResult`` is kept until a ``ResultAck`` names
+  it and sent again every ``result_ack_timeout_s`` and on reconnection; the
+  orchestrator drops duplicates by ``task_id``.
+- Telemetry: heartbeats every ``bus.heartbeat_interval_s`` with counters of
+  tasks, rollouts, errored and empty rollouts and inference retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+from loguru import logger
+from zmq.utils.monitor import parse_monitor_message
+
+from common.abus import AsyncBus
+from common.bus import TelemetryClient
+from common.messages import ResultAck, Rollout, RolloutResult, RolloutTask, TaskRequest
+from services.env_worker.config import EnvWorkerConfig
+from services.env_worker.environment import Environment
+from services.env_worker.inference import InferenceClient
+from services.env_worker.registry import load_environment
+from services.env_worker.rollout import RolloutRunner, failed_rollout, num_completion_tokens
+from services.env_worker.tokens import TurnRenderer
+
+# How often the loop does its housekeeping (heartbeats, resends) while no message arrives.
+TICK_S = 0.25
+# Reported to the monitor as ``env_worker/<name>``, cumulative since the worker started.
+COUNTERS = ("tasks", "rollouts", "errored_rollouts", "empty_rollouts", "results_resent", "results_refused",
+            "duplicate_tasks")  # fmt: skip
+
+
+class EnvironmentCache:
+    """Loads each (env id, args) once per process; a load that failed keeps failing with its reason."""
+
+    def __init__(self, loader: Callable[[str, dict[str, Any]], Environment] = load_environment) -> None:
+        self.loader = loader
+        self._loaded: dict[str, Environment | Exception] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def get(self, env_id: str, args: dict[str, Any]) -> Environment:
+        key = json.dumps([env_id, args], sort_keys=True)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            if key not in self._loaded:
+                try:
+                    self._loaded[key] = await asyncio.to_thread(self.loader, env_id, args)
+                    logger.info("loaded environment {} {}", env_id, args)
+                except Exception as exc:  # noqa: BLE001 - reported in every rollout of its tasks
+                    logger.error("cannot load environment {} {}: {}", env_id, args, exc)
+                    self._loaded[key] = exc
+        loaded = self._loaded[key]
+        if isinstance(loaded, Exception):
+            raise loaded
+        return loaded
+
+
+class EnvWorker:
+    """Takes tasks over the bus, runs them with a :class:`RolloutRunner`, returns acknowledged results."""
+
+    def __init__(self, config: EnvWorkerConfig, runner: RolloutRunner, bus: AsyncBus,
+                 environments: EnvironmentCache | None = None, inference_stats: Any = None) -> None:  # fmt: skip
+        self.config, self.runner, self.bus = config, runner, bus
+        self.worker_id = config.worker_id or default_worker_id()
+        self.environments = environments or EnvironmentCache()
+        self.inference_stats = inference_stats
+        # Connection events say when the orchestrator (re)appears, so credit and results go out at once;
+        # the monitor is attached before connecting so that the first handshake is not missed.
+        self.tasks_out = bus._open(zmq.DEALER, "tasks")
+        self.connections = self.tasks_out.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        bus._sockets.append(self.connections)  # closed with the bus, like its other sockets
+        self.tasks_out.address = config.bus.endpoints.orchestrator_tasks
+        self.tasks_out.connect(self.tasks_out.address)
+        self.connected = False
+        self.telemetry = TelemetryClient(bus, "env-worker", self.worker_id)
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self.queued: deque[RolloutTask] = deque()
+        self.unacked: dict[str, tuple[RolloutResult, float]] = {}
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.policy_step = 0
+        self.stopping = asyncio.Event()
+        self._last_heartbeat = 0.0
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.config.max_concurrent_tasks - len(self.running) - len(self.queued))
+
+    async def run(self) -> None:
+        """Serve until :meth:`stop`; then cancel what still runs (its leases will expire)."""
+        logger.info("env-worker {} taking tasks from {}", self.worker_id, self.tasks_out.address)
+        self.telemetry.event("started", f"env-worker {self.worker_id} started")
+        try:
+            while not self.stopping.is_set():
+                message = await self.bus.recv_before(
+                    self.tasks_out, time.monotonic() + TICK_S, (RolloutTask, ResultAck)
+                )
+                if message is not None:
+                    await self.handle(message)
+                await self.housekeeping()
+        finally:
+            for task in self.running.values():
+                task.cancel()
+            await asyncio.gather(*self.running.values(), return_exceptions=True)
+            self.telemetry.heartbeat(status="stopping", step=self.policy_step)
+            self.tasks_out.disable_monitor()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def handle(self, message: RolloutTask | ResultAck) -> None:
+        if isinstance(message, ResultAck):
+            for task_id in message.task_ids:
+                if self.unacked.pop(task_id, None) is not None and not message.accepted:
+                    self.counters["results_refused"] += 1
+                    # A resent result the orchestrator already has is refused as a duplicate: expected.
+                    log = logger.debug if message.reason.startswith("duplicate") else logger.warning
+                    log("orchestrator refused the result of task {}: {}", task_id, message.reason)
+            return
+        if message.task_id in self.running or any(t.task_id == message.task_id for t in self.queued):
+            self.counters["duplicate_tasks"] += 1
+            return
+        if message.task_id in self.unacked:
+            self.counters["duplicate_tasks"] += 1
+            await self.send_result(self.unacked[message.task_id][0])
+            return
+        self.queued.append(message)
+        self.start_queued()
+
+    def start_queued(self) -> None:
+        while self.queued and len(self.running) < self.config.max_concurrent_tasks:
+            task = self.queued.popleft()
+            self.running[task.task_id] = asyncio.create_task(self.run_task(task), name=f"task {task.task_id}")
+
+    async def run_task(self, task: RolloutTask) -> None:
+        try:
+            rollouts = await self.rollouts_of(task)
+            result = RolloutResult(
+                task_id=task.task_id, worker_id=self.worker_id, env_id=task.env_id, example_id=task.example_id,
+                is_eval=task.is_eval, rollouts=rollouts,
+            )  # fmt: skip
+            self.count(result)
+            await self.send_result(result)
+        finally:
+            self.running.pop(task.task_id, None)
+            self.start_queued()
+        if self.connected and self.free_slots and not self.stopping.is_set():
+            await self.request_tasks(1)
+
+    async def rollouts_of(self, task: RolloutTask) -> list[Rollout]:
+        try:
+            env = await self.environments.get(task.env_id, dict(task.env_args))
+        except Exception as exc:  # noqa: BLE001 - an environment that cannot load fails its tasks only
+            reason = f"cannot load environment {task.env_id!r}: {type(exc).__name__}: {exc}"
+            return [failed_rollout(task, i, reason) for i in range(task.num_rollouts)]
+        return await self.runner.run_task(task, env)
+
+    def count(self, result: RolloutResult) -> None:
+        self.counters["tasks"] += 1
+        errored = [r for r in result.rollouts if r.error is not None]
+        self.counters["rollouts"] += len(result.rollouts)
+        self.counters["errored_rollouts"] += len(errored)
+        self.counters["empty_rollouts"] += sum(
+            1 for r in result.rollouts if r.error is None and num_completion_tokens(r.turns) == 0
+        )
+        steps = [turn.policy_step for r in result.rollouts for turn in r.turns]
+        self.policy_step = max([self.policy_step, *steps])
+        if errored:
+            self.telemetry.event(
+                "rollouts_errored", f"task {result.task_id}: {errored[0].error}", level="warning",
+                env_id=result.env_id, num_errored=len(errored),
+            )  # fmt: skip
+
+    async def send_result(self, result: RolloutResult) -> None:
+        """Send ``result`` and keep it until acknowledged (a failed send is retried like a lost one)."""
+        self.unacked[result.task_id] = (result, time.monotonic())
+        try:
+            await self.bus.send(self.tasks_out, result)
+        except zmq.ZMQError as exc:
+            logger.warning("could not send the result of task {} (will resend): {}", result.task_id, exc)
+
+    async def request_tasks(self, num_tasks: int) -> None:
+        await self.bus.send(self.tasks_out, TaskRequest(
+            worker_id=self.worker_id, num_tasks=num_tasks, env_ids=list(self.config.env_ids),
+        ))  # fmt: skip
+
+    async def housekeeping(self) -> None:
+        """Resend what may have been lost, renew credit, report health."""
+        now = time.monotonic()
+        if await self.reconnected():
+            logger.info("connected to the orchestrator at {}; sending credit and {} unacknowledged result(s)",
+                        self.tasks_out.address, len(self.unacked))  # fmt: skip
+            await self.resend_results(older_than_s=0.0)
+            await self.request_tasks(self.free_slots)
+        elif self.connected:  # while disconnected, resends would only pile up in the socket's queue
+            await self.resend_results(older_than_s=self.config.result_ack_timeout_s)
+        if now - self._last_heartbeat >= self.config.bus.heartbeat_interval_s:
+            self._last_heartbeat = now
+            self.report()
+
+    async def reconnected(self) -> bool:
+        """True when a (re)connection to the orchestrator completed since the last call."""
+        connected = False
+        while await self.connections.poll(0):
+            event = parse_monitor_message(await self.connections.recv_multipart())
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                connected = self.connected = True
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                logger.warning("lost the connection to the orchestrator at {}", self.tasks_out.address)
+                self.connected = False
+        return connected
+
+    async def resend_results(self, older_than_s: float) -> None:
+        now = time.monotonic()
+        for result, sent_at in list(self.unacked.values()):
+            if now - sent_at >= older_than_s and result.task_id in self.unacked:
+                self.counters["results_resent"] += 1
+                await self.send_result(result)
+
+    def report(self) -> None:
+        busy = bool(self.running)
+        self.telemetry.heartbeat(
+            status="busy" if busy else "waiting", step=self.policy_step,
+            waiting_for=None if busy else f"tasks from the orchestrator at {self.tasks_out.address}",
+        )  # fmt: skip
+        metrics = {f"env_worker/{name}": float(value) for name, value in self.counters.items()}
+        metrics["env_worker/tasks_running"] = float(len(self.running))
+        metrics["env_worker/results_unacked"] = float(len(self.unacked))
+        if self.inference_stats is not None:
+            metrics["env_worker/inference_retries"] = float(self.inference_stats.retries)
+            metrics["env_worker/inference_failures"] = float(self.inference_stats.failures)
+        self.telemetry.metrics(self.policy_step, metrics)
+
+
+def default_worker_id() -> str:
+    return f"env-worker-{socket.gethostname()}-{os.getpid()}"
+
+
+async def serve(config: EnvWorkerConfig) -> None:
+    """Run an env-worker until SIGINT or SIGTERM."""
+    client = InferenceClient(
+        config.inference_urls, api_key=config.api_key, max_concurrent_requests=config.max_concurrent_requests,
+        request_timeout_s=config.request_timeout_s, max_retries=config.max_retries,
+        backoff_s=config.retry_backoff_s, max_backoff_s=config.max_backoff_s,
+    )  # fmt: skip
+    runner = RolloutRunner(client, TurnRenderer(client), config.env_timeout_s)
+    try:
+        with AsyncBus(config.bus) as bus:
+            worker = EnvWorker(config, runner, bus, inference_stats=client.stats)
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, worker.stop)
+            await worker.run()
+    finally:
+        await client.close()

@@ -1,0 +1,216 @@
+"""The rollout loop: token continuity over turns, scoring, and every way a rollout can fail."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from common.messages import RolloutTask, SamplingParams
+from services.env_worker.environment import Environment, RolloutState, Rubric
+from services.env_worker.inference import InferenceUnavailable
+from services.env_worker.registry import load_environment
+from services.env_worker.rollout import RolloutRunner
+from services.env_worker.tokens import TurnRenderer
+
+
+def task(env_id: str = "test", example_id: int = 0, num_rollouts: int = 2, **sampling: Any) -> RolloutTask:
+    return RolloutTask(
+        task_id="task-1", env_id=env_id, example_id=example_id, num_rollouts=num_rollouts,
+        sampling=SamplingParams(**sampling), lease_s=60, issued_at=time.time(),
+    )  # fmt: skip
+
+
+def exact(completion: str, answer: str) -> float:
+    return float(completion == answer)
+
+
+@pytest.fixture
+def release() -> Iterator[threading.Event]:
+    """Set at teardown so threads a test leaves stuck in environment code finish."""
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+def test_single_turn_rollouts_carry_tokens_logprobs_reward(scripted, renderer: TurnRenderer, tokenizer: Any) -> None:
+    env = Environment([{"prompt": "say hi", "answer": "hi"}], Rubric([exact]), system_prompt="Be brief.")
+    sampler = scripted(lambda prompt, seed: "hi" if seed == 10 else "hello")
+    rollouts = asyncio.run(RolloutRunner(sampler, renderer, 5).run_task(task(seed=10), env))
+    assert [r.rollout_id for r in rollouts] == ["task-1/0", "task-1/1"]
+    assert [r.reward for r in rollouts] == [1.0, 0.0]
+    assert rollouts[0].reward_breakdown == {"exact": 1.0}
+    (turn,) = rollouts[0].turns
+    expected_prompt = tokenizer.apply_chat_template(env.prompt_messages(env.example(0)), add_generation_prompt=True,
+                                                    return_dict=False)  # fmt: skip
+    assert turn.prompt_ids == expected_prompt
+    assert tokenizer.decode(turn.completion_ids, skip_special_tokens=True) == rollouts[0].completion_text == "hi"
+    assert len(turn.completion_logprobs) == len(turn.completion_ids) == len(turn.completion_mask)
+    assert all(turn.completion_mask) and turn.policy_step == 3
+    assert rollouts[0].prompt_text == "[system] Be brief.\n\n[user] say hi"
+    assert rollouts[0].metrics == {"num_turns": 1.0, "num_completion_tokens": 3.0}
+    assert rollouts[0].error is None and set(rollouts[0].timing) >= {"generate", "env", "score", "total"}
+
+
+def guess_sequence(guesses: list[int]):
+    def reply(prompt: list[int], seed: int | None) -> str:
+        turn = reply.calls = getattr(reply, "calls", 0) + 1
+        return f"<guess>{guesses[min(turn, len(guesses)) - 1]}</guess>"
+
+    return reply
+
+
+def test_multi_turn_appends_only_new_tokens(scripted, renderer: TurnRenderer, tokenizer: Any) -> None:
+    env = load_environment("guess-number", {"num_examples": 2, "max_turns": 5})
+    secret = env.example(0)["answer"]
+    sampler = scripted(guess_sequence([secret - 3, secret + 2, secret]))
+    (rollout,) = asyncio.run(RolloutRunner(sampler, renderer, 5).run_task(task("guess-number", num_rollouts=1), env))
+    assert rollout.error is None and len(rollout.turns) == 3
+    assert rollout.reward_breakdown == {"solved": 1.0, "turns_left": pytest.approx(3 / 5)}
+    # Each request's prompt is exactly everything before it: earlier tokens are never re-tokenized.
+    sequence: list[int] = []
+    for turn, prompt in zip(rollout.turns, sampler.prompts, strict=True):
+        sequence += turn.prompt_ids
+        assert prompt == sequence
+        sequence += turn.completion_ids
+    # ... and the whole sequence is what the chat template makes of the conversation.
+    messages = env.prompt_messages(env.example(0))
+    for guess, reply in ((secret - 3, "Higher."), (secret + 2, "Lower."), (secret, None)):
+        messages.append({"role": "assistant", "content": f"<guess>{guess}</guess>"})
+        if reply:
+            messages.append({"role": "user", "content": reply})
+    rendered = tokenizer.apply_chat_template(messages, return_dict=False)
+    assert sequence + tokenizer.encode("\n", add_special_tokens=False) == rendered
+    assert (
+        tokenizer.decode(rollout.turns[1].prompt_ids)
+        == "\n<|im_start|>user\nHigher.<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_tool_calls_run_and_the_final_answer_is_scored(scripted, renderer: TurnRenderer, tokenizer: Any) -> None:
+    env = load_environment("calculator", {"num_examples": 2})
+    example = env.example(0)
+    expression = example["prompt"].removeprefix("What is ").removesuffix("?")
+    call = f'<tool_call>\n{{"name": "calculate", "arguments": {{"expression": "{expression}"}}}}\n</tool_call>'
+
+    def reply(prompt: list[int], seed: int | None) -> str:
+        seen = tokenizer.decode(prompt)
+        if "<|im_start|>tool" not in seen:
+            return call
+        return f"<answer>{seen.split('<|im_start|>tool')[-1].split('<|im_end|>')[0].strip()}</answer>"
+
+    (rollout,) = asyncio.run(
+        RolloutRunner(scripted(reply), renderer, 5).run_task(task("calculator", num_rollouts=1), env)
+    )
+    assert rollout.error is None
+    assert rollout.reward == 1.0 and rollout.metrics["num_tool_calls"] == 1.0
+    assert tokenizer.decode(rollout.turns[1].prompt_ids) == (
+        f"\n<|im_start|>tool\n{example['answer']}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert "[tool] " + example["answer"] in rollout.completion_text
+
+
+def test_a_turn_cut_at_max_tokens_is_closed_and_marked_truncated(
+    scripted, renderer: TurnRenderer, tokenizer: Any
+) -> None:
+    env = load_environment("guess-number", {"num_examples": 1, "max_turns": 2})
+    sampler = scripted(lambda prompt, seed: "<guess>1", end_turn=False)
+    (rollout,) = asyncio.run(RolloutRunner(sampler, renderer, 5).run_task(task("guess-number", num_rollouts=1), env))
+    assert rollout.is_truncated and len(rollout.turns) == 2
+    assert tokenizer.decode(rollout.turns[1].prompt_ids).startswith("<|im_end|>\n<|im_start|>user\n")
+
+
+class Misbehaving(Environment):
+    """Fails in the way its example says."""
+
+    def __init__(self, release: threading.Event) -> None:
+        kinds = ["raise", "sync-hang", "async-hang", "nan", "string", "bad-reply", "reward-raises", "ok"]
+        super().__init__([{"prompt": kind, "answer": kind} for kind in kinds], Rubric([self.reward]), max_turns=2)
+        self.release = release
+
+    def env_response(self, state: RolloutState) -> Any:
+        kind = state.answer
+        if kind == "raise":
+            raise ValueError("boom")
+        if kind == "sync-hang":
+            self.release.wait()
+        if kind == "async-hang":
+            return asyncio.Event().wait()  # a coroutine that never finishes
+        return "not messages" if kind == "bad-reply" else None
+
+    def reward(self, answer: str) -> Any:
+        if answer == "reward-raises":
+            raise KeyError("missing")
+        return {"nan": float("nan"), "string": "1.0"}.get(answer, 1.0)
+
+
+@pytest.mark.parametrize(("kind", "error"), [
+    ("raise", "env_response raised ValueError: boom"),
+    ("sync-hang", "environment timed out in env_response (env_timeout_s=0.5)"),
+    ("async-hang", "environment timed out in env_response (env_timeout_s=0.5)"),
+    ("nan", "reward function reward returned nan"),
+    ("string", "reward function reward returned str '1.0', not a number"),
+    ("bad-reply", "env_response must return a list of chat messages or None, got 'not messages'"),
+    ("reward-raises", "reward function reward raised KeyError: 'missing'"),
+])  # fmt: skip
+def test_environment_failures_give_errored_rollouts_and_the_runner_goes_on(
+    scripted, renderer: TurnRenderer, release: threading.Event, kind: str, error: str
+) -> None:
+    env = Misbehaving(release)
+    runner = RolloutRunner(scripted(lambda prompt, seed: "x"), renderer, env_timeout_s=0.5)
+
+    async def both() -> tuple[list, list]:
+        failed = await runner.run_task(task(example_id=env.examples.index({"prompt": kind, "answer": kind})), env)
+        fine = await runner.run_task(task(example_id=len(env.examples) - 1), env)
+        return failed, fine
+
+    failed, fine = asyncio.run(both())
+    assert [r.error for r in failed] == [error, error]
+    assert all(r.reward == 0.0 for r in failed)
+    assert [(r.error, r.reward) for r in fine] == [(None, 1.0), (None, 1.0)]
+
+
+def test_inference_failure_and_overlong_prompts_error_the_rollout(renderer: TurnRenderer) -> None:
+    class Down:
+        async def complete(self, *args: Any, **kwargs: Any) -> Any:
+            raise InferenceUnavailable("/completions failed 6 time(s): connection refused")
+
+    env = Environment([{"prompt": "x" * 50}], Rubric([]))
+    (rollout,) = asyncio.run(RolloutRunner(Down(), renderer, 5).run_task(task(num_rollouts=1), env))
+    assert rollout.error == "/completions failed 6 time(s): connection refused"
+
+    class Short(TurnRenderer):
+        async def prompt(self, messages: list, tools: list) -> Any:
+            tokenized = await super().prompt(messages, tools)
+            tokenized.max_model_len = 40
+            return tokenized
+
+    (rollout,) = asyncio.run(RolloutRunner(Down(), Short(renderer.tokenizer), 5).run_task(task(num_rollouts=1), env))
+    assert rollout.error is not None and "fills max_model_len=40" in rollout.error
+
+
+def test_a_bad_example_errors_the_whole_group(scripted, renderer: TurnRenderer) -> None:
+    env = Environment([{"prompt": None}], Rubric([]))
+    rollouts = asyncio.run(RolloutRunner(scripted(lambda p, s: "x"), renderer, 5).run_task(task(num_rollouts=3), env))
+    assert len(rollouts) == 3
+    assert all("cannot build the prompt of example 0: ValueError" in r.error for r in rollouts)
+    rollouts = asyncio.run(RolloutRunner(scripted(lambda p, s: "x"), renderer, 5).run_task(task(example_id=5), env))
+    assert all("example 5 does not exist" in r.error for r in rollouts)
+
+
+def test_non_numeric_metrics_error_and_non_finite_ones_are_dropped(scripted, renderer: TurnRenderer) -> None:
+    class Metrics(Environment):
+        def setup(self, state: RolloutState) -> None:
+            state.metrics.update(self.examples[0]["info"])
+
+    runner = RolloutRunner(scripted(lambda p, s: "x"), renderer, 5)
+    env = Metrics([{"prompt": "p", "info": {"ok": 2, "nan": float("nan")}}], Rubric([]))
+    (rollout,) = asyncio.run(runner.run_task(task(num_rollouts=1), env))
+    assert rollout.metrics == {"num_turns": 1.0, "num_completion_tokens": 2.0, "ok": 2.0}
+    env = Metrics([{"prompt": "p", "info": {"bad": "high"}}], Rubric([]))
+    (rollout,) = asyncio.run(runner.run_task(task(num_rollouts=1), env))
+    assert rollout.error == "metric bad is str 'high', not a number"

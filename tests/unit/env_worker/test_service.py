@@ -1,0 +1,243 @@
+"""Env-workers on real ZeroMQ sockets against a small fake orchestrator (a real ROUTER).
+
+Inference is scripted (see conftest): these tests are about the task channel —
+credit, exactly-once processing, acknowledgement, resending, reconnection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import zmq
+
+from common.abus import AsyncBus
+from common.config.base import BusConfig, BusEndpoints
+from common.messages import (
+    Event,
+    Heartbeat,
+    MetricsReport,
+    ResultAck,
+    RolloutResult,
+    RolloutTask,
+    SamplingParams,
+    TaskRequest,
+)  # fmt: skip
+from services.env_worker.config import EnvWorkerConfig
+from services.env_worker.environment import Environment, RolloutState, Rubric
+from services.env_worker.rollout import RolloutRunner
+from services.env_worker.service import EnvironmentCache, EnvWorker
+from services.env_worker.tokens import TurnRenderer
+from tests.conftest import free_tcp_port
+
+DEADLINE_S = 120.0  # generous: a loaded 2-core machine
+
+
+class CountingEnvironment(Environment):
+    """Counts how often each example is scored, and can hold rollouts until released."""
+
+    def __init__(self, num_examples: int) -> None:
+        super().__init__([{"prompt": f"task {i}", "answer": i} for i in range(num_examples)], Rubric([self.seen]))
+        self.scored: Counter[int] = Counter()
+        self.gate: asyncio.Event | None = None
+
+    async def setup(self, state: RolloutState) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+
+    def seen(self, answer: int) -> float:
+        self.scored[answer] += 1
+        return 1.0
+
+
+def worker_config(endpoint: str, name: str, monitor: str | None = None, **fields: Any) -> EnvWorkerConfig:
+    monitor = monitor or f"tcp://127.0.0.1:{free_tcp_port()}"
+    bus = BusConfig(endpoints=BusEndpoints(orchestrator_tasks=endpoint, monitor_telemetry=monitor),
+                    linger_ms=0, heartbeat_interval_s=0.5)  # fmt: skip
+    return EnvWorkerConfig(worker_id=name, bus=bus, max_concurrent_tasks=2, **fields)
+
+
+def make_worker(config: EnvWorkerConfig, env: Environment, sampler: Any, renderer: TurnRenderer) -> EnvWorker:
+    runner = RolloutRunner(sampler, renderer, env_timeout_s=60)
+    return EnvWorker(config, runner, AsyncBus(config.bus), EnvironmentCache(lambda env_id, args: env))
+
+
+def rollout_task(number: int, num_rollouts: int = 2) -> RolloutTask:
+    return RolloutTask(
+        task_id=f"t{number}", env_id="counting", example_id=number, num_rollouts=num_rollouts,
+        sampling=SamplingParams(max_tokens=8), lease_s=600, issued_at=time.time(),
+    )  # fmt: skip
+
+
+class FakeOrchestrator:
+    """Hands tasks out by credit and acknowledges results, recording everything."""
+
+    def __init__(self, endpoint: str, tasks: list[RolloutTask], ack: Callable[[RolloutResult], bool] = lambda r: True):
+        self.bus = AsyncBus(BusConfig(linger_ms=0))
+        self.router = self.bus.bind(zmq.ROUTER, endpoint, role="tasks")
+        self.queue, self.ack = list(tasks), ack
+        self.credits: Counter[bytes] = Counter()
+        self.outstanding: Counter[bytes] = Counter()
+        self.max_outstanding = 0
+        self.results: list[RolloutResult] = []
+        self.requests: list[TaskRequest] = []
+
+    async def serve_until(self, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + DEADLINE_S
+        while not done():
+            assert time.monotonic() < deadline, f"only {len(self.results)} results within {DEADLINE_S}s"
+            received = await self.bus.recv_before(self.router, time.monotonic() + 0.5, (TaskRequest, RolloutResult))
+            if received is None:
+                continue
+            identity, message = received
+            if isinstance(message, TaskRequest):
+                self.requests.append(message)
+                self.credits[identity] += message.num_tasks
+            else:
+                self.results.append(message)
+                self.outstanding[identity] -= 1
+                if self.ack(message):
+                    await self.bus.send(self.router, ResultAck(task_ids=[message.task_id]), identity)
+            await self.hand_out()
+
+    async def hand_out(self) -> None:
+        for identity in list(self.credits):
+            while self.queue and self.credits[identity] > 0:
+                self.credits[identity] -= 1
+                self.outstanding[identity] += 1
+                self.max_outstanding = max(self.max_outstanding, self.outstanding[identity])
+                await self.bus.send(self.router, self.queue.pop(0), identity)
+
+    def close(self) -> None:
+        self.bus.close()
+
+
+async def run_workers(workers: list[EnvWorker], until: Any) -> None:
+    runs = [asyncio.create_task(worker.run()) for worker in workers]
+    try:
+        await until
+    finally:
+        for worker in workers:
+            worker.stop()
+        await asyncio.gather(*runs)
+        for worker in workers:
+            worker.bus.close()
+
+
+def test_four_workers_process_every_task_exactly_once(scripted, renderer: TurnRenderer) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
+    env, num_tasks = CountingEnvironment(40), 40
+    orchestrator = FakeOrchestrator(endpoint, [rollout_task(i) for i in range(num_tasks)])
+    workers = [make_worker(worker_config(endpoint, f"w{i}"), env, scripted(lambda p, s: "ok"), renderer)
+               for i in range(4)]  # fmt: skip
+    try:
+        asyncio.run(run_workers(workers, orchestrator.serve_until(lambda: len(orchestrator.results) == num_tasks)))
+    finally:
+        orchestrator.close()
+    assert sorted(r.task_id for r in orchestrator.results) == sorted(f"t{i}" for i in range(num_tasks))
+    assert env.scored == Counter({i: 2 for i in range(num_tasks)})  # each task run once, both rollouts scored
+    assert all(len(r.rollouts) == 2 and r.rollouts[0].error is None for r in orchestrator.results)
+    assert {r.worker_id for r in orchestrator.results} <= {"w0", "w1", "w2", "w3"}
+    assert orchestrator.max_outstanding <= 2  # credit never exceeded the worker's slots
+    assert sum(w.counters["tasks"] for w in workers) == num_tasks
+    assert all(not w.unacked for w in workers)
+
+
+def test_an_unacknowledged_result_is_sent_again_but_not_recomputed(scripted, renderer: TurnRenderer) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
+    env = CountingEnvironment(1)
+    acks = iter([False, True])
+    orchestrator = FakeOrchestrator(endpoint, [rollout_task(0)], ack=lambda result: next(acks))
+    worker = make_worker(worker_config(endpoint, "w0", result_ack_timeout_s=0.5), env,
+                         scripted(lambda p, s: "ok"), renderer)  # fmt: skip
+    try:
+        asyncio.run(run_workers([worker], orchestrator.serve_until(lambda: len(orchestrator.results) == 2)))
+    finally:
+        orchestrator.close()
+    assert [r.task_id for r in orchestrator.results] == ["t0", "t0"]
+    assert env.scored == Counter({0: 2}) and worker.counters["results_resent"] >= 1
+    assert not worker.unacked
+
+
+def test_a_restarted_orchestrator_gets_fresh_credit_and_the_pending_result(scripted, renderer: TurnRenderer) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
+    env = CountingEnvironment(1)
+    worker = make_worker(worker_config(endpoint, "w0"), env, scripted(lambda p, s: "ok"), renderer)
+
+    async def scenario() -> FakeOrchestrator:
+        env.gate = asyncio.Event()
+        first = FakeOrchestrator(endpoint, [rollout_task(0)])
+        await first.serve_until(lambda: worker.running)  # the task is running, held at setup
+        first.close()  # the orchestrator dies before the result exists
+        env.gate.set()
+        second = FakeOrchestrator(endpoint, [])
+        try:
+            await second.serve_until(lambda: bool(second.results) and not worker.unacked)
+        finally:
+            second.close()
+        return second
+
+    async def main() -> FakeOrchestrator:
+        run = asyncio.create_task(worker.run())
+        try:
+            return await scenario()
+        finally:
+            worker.stop()
+            await run
+            worker.bus.close()
+
+    second = asyncio.run(main())
+    assert {r.task_id for r in second.results} == {"t0"} and env.scored == Counter({0: 2})
+    assert second.requests[0].num_tasks == 2  # a new connection starts with all free slots
+
+
+def test_bad_frames_and_a_broken_environment_do_not_stop_the_worker(scripted, renderer: TurnRenderer) -> None:
+    endpoint, monitor = f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
+    orchestrator = FakeOrchestrator(endpoint, [])
+    telemetry = orchestrator.bus.bind(zmq.PULL, monitor, role="telemetry")
+    config = worker_config(endpoint, "w0", monitor=monitor)
+
+    def loader(env_id: str, args: dict) -> Environment:
+        if env_id == "broken":
+            raise ImportError("no module named broken_env")
+        return CountingEnvironment(1)
+
+    runner = RolloutRunner(scripted(lambda p, s: "ok"), renderer, env_timeout_s=60)
+    worker = EnvWorker(config, runner, AsyncBus(config.bus), EnvironmentCache(loader))
+    broken = msgspec.structs.replace(rollout_task(0), task_id="broken", env_id="broken")
+
+    async def scenario() -> MetricsReport:
+        await orchestrator.serve_until(lambda: bool(orchestrator.credits))
+        identity = next(iter(orchestrator.credits))
+        await orchestrator.router.send_multipart([identity, b"garbage", b"more garbage"])
+        orchestrator.queue = [broken, rollout_task(0)]
+        await orchestrator.hand_out()
+        await orchestrator.serve_until(lambda: len(orchestrator.results) == 2)
+        while True:  # the next report counts both tasks
+            report = await orchestrator.bus.recv(telemetry, DEADLINE_S, (MetricsReport, Heartbeat, Event))
+            if isinstance(report, MetricsReport) and report.metrics["env_worker/tasks"] == 2:
+                return report
+
+    async def main() -> MetricsReport:
+        run = asyncio.create_task(worker.run())
+        try:
+            return await scenario()
+        finally:
+            worker.stop()
+            await run
+            worker.bus.close()
+
+    try:
+        report = asyncio.run(main())
+    finally:
+        orchestrator.close()
+    by_id = {r.task_id: r for r in orchestrator.results}
+    assert all("cannot load environment 'broken': ImportError: no module named broken_env" in r.error
+               for r in by_id["broken"].rollouts)  # fmt: skip
+    assert [r.error for r in by_id["t0"].rollouts] == [None, None]
+    assert report.metrics["env_worker/errored_rollouts"] == 2 and report.metrics["env_worker/empty_rollouts"] == 0
+    assert worker.bus.stats.decode_errors["tasks"] == 1
