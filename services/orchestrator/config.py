@@ -46,9 +46,12 @@ class EvalConfig(ConfigModel):
     """Periodic evaluation at the current policy, outside training."""
 
     interval: int | None = Field(None, ge=1)
-    """Evaluate every this many steps; None disables evaluation."""
+    """Evaluate every policy step that is a multiple of this (0 included: the base model);
+    None disables evaluation."""
     env: list[EvalEnvSpec] = []
     """Evaluation environments."""
+    pass_threshold: float = 1.0
+    """A rollout counts as solved for pass@k when its reward is at least this."""
 
 
 class SamplingConfig(ConfigModel):
@@ -70,7 +73,20 @@ class AdvantageConfig(ConfigModel):
     leave_one_out: bool = False
     """Use the mean of the other rollouts of the group as the baseline (RLOO)."""
     length_penalty: float = Field(0.0, ge=0)
-    """Subtract this times the completion length fraction from each reward."""
+    """Subtract this times the length fraction from each reward before the baseline: completion
+    tokens / (``sampling.max_tokens`` x turns), so 1.0 costs a rollout that used every token."""
+
+
+class ProgressCheckpointConfig(ConfigModel):
+    """The orchestrator's progress checkpoint (step, counters, sampler position)."""
+
+    interval: int = Field(50, ge=1)
+    """Write progress when the trainer acknowledges a step whose count of trained steps is a
+    multiple of this; set it to ``trainer.ckpt.interval`` so both resume from the same step."""
+    resume_step: int | None = Field(None, ge=-1)
+    """Resume from the progress written at this step; -1 is the latest; None starts fresh."""
+    keep_last: int = Field(3, ge=1)
+    """Progress files kept; older ones are deleted."""
 
 
 class OrchestratorConfig(ServiceConfig):
@@ -95,6 +111,8 @@ class OrchestratorConfig(ServiceConfig):
     """Trainer ranks each batch is split across."""
     samples_interval: int = Field(1, ge=1)
     """Send rollout samples to the monitor every this many steps."""
+    samples_per_report: int = Field(8, ge=1)
+    """Rollouts (prompt, completion, reward, advantage) in each samples report."""
     sampling: SamplingConfig = SamplingConfig()
     """Sampling settings of training rollouts."""
     advantage: AdvantageConfig = AdvantageConfig()
@@ -103,6 +121,8 @@ class OrchestratorConfig(ServiceConfig):
     """Training environments."""
     eval: EvalConfig = EvalConfig()
     """Evaluation environments and interval."""
+    ckpt: ProgressCheckpointConfig = ProgressCheckpointConfig()
+    """Progress checkpoints, written on the trainer's checkpoint steps."""
 
     @model_validator(mode="after")
     def _batch_holds_whole_groups(self) -> OrchestratorConfig:

@@ -1,0 +1,141 @@
+"""One training step's batch from scored groups: advantages, samples, packing, metrics.
+
+Within each group: errored rollouts are left out (and counted), the others
+get advantages from their rewards (:mod:`services.orchestrator.advantages`).
+A group whose advantages are all zero is dropped and counted; so is a
+rollout without a trained token (e.g. an empty completion). What is left
+is packed into one ``TrainBatch`` per trainer rank.
+
+Reward, length and staleness metrics cover every non-errored rollout of the
+step's groups, dropped ones included: they describe what the policy did.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.messages import RolloutSamples, Sample, TrainBatch
+from services.orchestrator.advantages import group_advantages, has_signal, penalised_rewards
+from services.orchestrator.buffer import Group
+from services.orchestrator.config import OrchestratorConfig
+from services.orchestrator.packing import pack_batch
+from services.orchestrator.rollouts import PackSample, length_fraction, num_completion_tokens, num_tokens, to_sample
+
+
+@dataclass
+class BuiltStep:
+    step: int
+    batches: list[TrainBatch]
+    """One per trainer rank."""
+    metrics: dict[str, float]
+    samples: list[Sample]
+    num_samples: int = 0
+    num_tokens: int = 0
+    num_problems: int = 0
+
+
+@dataclass
+class _Tally:
+    """Per-rollout numbers of one step, for its metrics."""
+
+    rewards: dict[str, list[float]] = field(default_factory=dict)
+    seq_lens: list[int] = field(default_factory=list)
+    truncated: list[bool] = field(default_factory=list)
+    turns: list[int] = field(default_factory=list)
+    off_policy: list[int] = field(default_factory=list)
+    num_empty: int = 0
+    num_errored: int = 0
+    num_zero_advantage_groups: int = 0
+    num_no_loss_rollouts: int = 0
+
+
+def build_step(step: int, groups: Sequence[Group], config: OrchestratorConfig) -> BuiltStep:
+    """Turn ``groups`` into the per-rank batches of ``step`` and the step's metrics."""
+    tally, samples, shown = _Tally(), [], []
+    for group in groups:
+        samples += _group_samples(step, group, config, tally, shown)
+    started = time.perf_counter()
+    batches, stats = pack_batch(samples, step, config.seq_len, config.trainer_world_size,
+                                config.sampling.temperature)  # fmt: skip
+    metrics = _metrics(tally)
+    metrics |= {
+        "time/pack": time.perf_counter() - started,
+        "batch/num_samples": float(len(samples)),
+        "batch/num_problems": float(len(groups)),
+        "batch/num_tokens": float(stats.num_tokens),
+        "batch/num_loss_tokens": float(stats.num_loss_tokens),
+        "batch/num_micro_batches": float(stats.num_rows),
+        "batch/num_padding_micro_batches": float(stats.num_padding_rows),
+        "batch/num_truncated_samples": float(stats.num_truncated_samples),
+    }
+    for batch in batches:
+        batch.metrics = {k: v for k, v in metrics.items() if k.startswith(("batch/", "off_policy/"))}
+    return BuiltStep(step, batches, metrics, shown[: config.samples_per_report], len(samples), stats.num_tokens,
+                     len(groups))
+
+
+def _group_samples(step: int, group: Group, config: OrchestratorConfig, tally: _Tally,
+                   shown: list[Sample]) -> list[PackSample]:  # fmt: skip
+    ok = [r for r in group.rollouts if r.error is None]
+    tally.num_errored += len(group.rollouts) - len(ok)
+    for rollout in ok:
+        tally.rewards.setdefault(group.env_id, []).append(rollout.reward)
+        tally.seq_lens.append(num_tokens(rollout))
+        tally.truncated.append(rollout.is_truncated)
+        tally.turns.append(len(rollout.turns))
+        tally.off_policy.append(group.off_policy(step))
+        tally.num_empty += num_completion_tokens(rollout) == 0
+    if not ok:
+        return []
+    fractions = [length_fraction(r, config.sampling.max_tokens) for r in ok]
+    rewards = penalised_rewards([r.reward for r in ok], fractions, config.advantage.length_penalty)
+    advantages = group_advantages(rewards, config.advantage)
+    shown.append(Sample(env_id=group.env_id, prompt=ok[0].prompt_text, completion=ok[0].completion_text,
+                        reward=ok[0].reward, advantage=float(advantages[0])))  # fmt: skip
+    if not has_signal(advantages):
+        tally.num_zero_advantage_groups += 1
+        return []
+    samples = []
+    for rollout, advantage in zip(ok, advantages.tolist()):
+        sample = to_sample(rollout, advantage, config.sampling.temperature)
+        if sample.num_loss_tokens == 0:
+            tally.num_no_loss_rollouts += 1
+            continue
+        samples.append(sample)
+    return samples
+
+
+def _stats(prefix: str, values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    array = np.asarray(values, dtype=np.float64)
+    return {f"{prefix}/mean": float(array.mean()), f"{prefix}/std": float(array.std()),
+            f"{prefix}/min": float(array.min()), f"{prefix}/max": float(array.max())}  # fmt: skip
+
+
+def _metrics(tally: _Tally) -> dict[str, float]:
+    metrics = _stats("reward/all", [r for rewards in tally.rewards.values() for r in rewards])
+    for env_id, rewards in sorted(tally.rewards.items()):
+        metrics |= _stats(f"reward/{env_id}", rewards)
+    metrics |= _stats("seq_len", tally.seq_lens)
+    metrics |= _stats("num_turns", tally.turns)
+    if tally.truncated:
+        metrics["is_truncated/mean"] = float(np.mean(tally.truncated))
+    if tally.off_policy:
+        metrics["off_policy/mean"] = float(np.mean(tally.off_policy))
+        metrics["off_policy/max"] = float(np.max(tally.off_policy))
+    metrics |= {
+        "empty_rollouts": float(tally.num_empty),
+        "errored_rollouts": float(tally.num_errored),
+        "dropped/zero_advantage_groups": float(tally.num_zero_advantage_groups),
+        "dropped/no_loss_rollouts": float(tally.num_no_loss_rollouts),
+    }
+    return metrics
+
+
+def samples_report(built: BuiltStep) -> RolloutSamples:
+    return RolloutSamples(step=built.step, samples=built.samples)

@@ -1,0 +1,399 @@
+"""The orchestrator's decisions, without sockets.
+
+:class:`Orchestrator` takes the messages of its three channels (tasks,
+batches, policy) as method calls and puts what must be sent into an
+:class:`Outbox`; :mod:`services.orchestrator.service` owns the sockets and
+calls :meth:`Orchestrator.tick` after every burst of messages. Tests drive
+this class directly.
+
+Steps count from 1, as the trainer's do: batch ``s`` is trained as step
+``s`` and yields policy ``s``; the base model is policy 0. Batch ``s`` is
+on-policy when sampled by policy ``s - 1``; a rollout sampled by policy ``p``
+is ``s - 1 - p`` steps off-policy in it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from loguru import logger
+
+from common.messages import (
+    Ack, BatchAck, BatchRequest, PolicyLoaded, Refused, ResultAck, RolloutResult, RolloutSamples, RolloutTask,
+    SamplingParams, TaskRequest, TrainBatch,
+)  # fmt: skip
+from services.orchestrator.batches import BatchStore
+from services.orchestrator.buffer import Group, GroupBuffer, PolicyGate
+from services.orchestrator.builder import BuiltStep, build_step
+from services.orchestrator.checkpoint import ProgressState, ProgressStore
+from services.orchestrator.config import OrchestratorConfig
+from services.orchestrator.evaluation import EvalScheduler
+from services.orchestrator.leases import Completion, TaskLedger, WorkerPool, dispatch
+from services.orchestrator.rollouts import result_problem
+from services.orchestrator.sampler import Draw, TaskSampler, existing_draws
+
+
+@dataclass
+class Outbox:
+    """What the service loop must send after a call into the core."""
+
+    tasks: list[tuple[bytes, RolloutTask]] = field(default_factory=list)
+    batches: list[tuple[bytes, TrainBatch]] = field(default_factory=list)
+    metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    samples: list[RolloutSamples] = field(default_factory=list)
+    events: list[tuple[str, str, str, dict[str, Any]]] = field(default_factory=list)
+    """(kind, message, level, fields) for the monitor."""
+
+
+class Orchestrator:
+    """Sampling, leases, staleness, batch building and delivery for one run."""
+
+    def __init__(self, config: OrchestratorConfig, train_sizes: list[int], eval_sizes: list[int],
+                 progress: ProgressStore | None = None, resume: ProgressState | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        if config.sampling.temperature <= 0:
+            raise ValueError(f"sampling.temperature = {config.sampling.temperature}: training needs a temperature "
+                             "above 0 (the trainer divides its logits by it); greedy decoding is for evaluation")
+        self.config = config
+        self.clock = clock
+        self.groups_per_batch = config.batch_size // config.rollouts_per_example
+        self.max_steps = config.max_steps
+        state = resume or ProgressState()
+        self.step = state.step + 1
+        """Next batch step to build."""
+        self.totals = Counter(samples=state.total_samples, tokens=state.total_tokens, problems=state.total_problems)
+        ratios = [env.ratio for env in config.train.env]
+        self.sampler = TaskSampler(train_sizes, ratios, config.seed, state.sampler if resume else None)
+        self.train_sizes = train_sizes
+        self.pending_draws: deque[Draw] = deque(existing_draws(state.pending, train_sizes))
+        self.ledger = TaskLedger(config.task_lease_s)
+        self.workers = WorkerPool()
+        self.buffer = GroupBuffer(config.max_off_policy_steps)
+        self.gate = PolicyGate(config.max_async_level)
+        # Only acknowledgements seen by this process count: after a restart the trainer may
+        # legitimately resume from an older checkpoint than ours (see _rewind).
+        self.store = BatchStore(acked_below=1)
+        self.evals = EvalScheduler(config.eval, eval_sizes)
+        self.progress = progress
+        self.snapshots: dict[int, ProgressState] = {}
+        self.draw_of: dict[str, Draw] = {}
+        self.dropped: Counter[str] = Counter()
+        """Counts since the last built step, reported as ``dropped/<reason>``."""
+        self.num_errored_dropped = 0
+        """Rollouts of dropped all-errored groups since the last built step (in ``errored_rollouts``)."""
+        self.outbox = Outbox()
+        self.sampling = SamplingParams(temperature=config.sampling.temperature, top_p=config.sampling.top_p,
+                                       max_tokens=config.sampling.max_tokens)  # fmt: skip
+        # Task ids must never repeat across restarts: workers may still hold old ones.
+        self.run_id = os.urandom(4).hex()
+        self._num_tasks = 0
+        self._last_build = clock()
+        self._gate_closed_at: float | None = None
+        self._wait_for_policy_s = 0.0
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def done(self) -> bool:
+        """Every step up to ``max_steps`` is acknowledged by the trainer and no evaluation is running."""
+        return self._all_trained and not self.evals.rounds
+
+    @property
+    def _all_trained(self) -> bool:
+        return self.max_steps is not None and self.store.acked_below > self.max_steps
+
+    def waiting_for(self) -> str | None:
+        """What progress is blocked on, for heartbeats; None when nothing is."""
+        if self.done:
+            return None
+        if self._all_trained:
+            return f"results of {sum(len(r.pending) for r in self.evals.rounds)} eval tasks"
+        if self._building and not self.gate.allows(self.step):
+            need = self.step - 1 - self.config.max_async_level
+            return f"inference to load policy step {need} (serving {self.gate.policy_step})"
+        if not self._building or self.store.built:
+            return f"trainer to train step {self.store.acked_below}"
+        return f"results of {len(self.ledger.open)} tasks from env-workers ({self.workers.num_credits} credits)"
+
+    def next_deadline(self) -> float | None:
+        """Monotonic time at which :meth:`tick` must run even without messages (a lease expiry)."""
+        return self.ledger.next_deadline()
+
+    @property
+    def _building(self) -> bool:
+        return self.max_steps is None or self.step <= self.max_steps
+
+    # --------------------------------------------------------------- inputs
+
+    def on_task_request(self, identity: bytes, request: TaskRequest) -> None:
+        if request.num_tasks < 0:
+            raise ValueError(f"TaskRequest from {request.worker_id!r} asks for {request.num_tasks} tasks")
+        self.workers.grant(identity, request)
+
+    def on_worker_gone(self, identity: bytes) -> None:
+        """A send to ``identity`` failed: forget its credits and re-issue its tasks."""
+        name = self.workers.workers[identity].name if identity in self.workers.workers else repr(identity)
+        lost = self.ledger.release_worker(identity)
+        self.workers.forget(identity)
+        logger.warning("env-worker {} is gone; re-issuing its {} task(s)", name, len(lost))
+
+    def on_policy_loaded(self, report: PolicyLoaded) -> Ack:
+        if self.gate.update(report):
+            logger.info("inference serves policy step {} ({})", report.step, report.replica_id)
+        return Ack(ref=f"policy:{report.step}")
+
+    def on_result(self, result: RolloutResult) -> ResultAck:
+        """Store a result (or refuse it, saying why); the ack tells the worker to forget it."""
+        status, task = self.ledger.complete(result.task_id)
+        if status is Completion.DUPLICATE:
+            self.dropped["duplicate_results"] += 1
+            return self._refuse(result, "duplicate: this task already has a result")
+        if result.is_eval:
+            return self._on_eval_result(result, status)
+        draw = self.draw_of.pop(result.task_id, None) if task is not None else self._adopt(result)
+        problem = result_problem(result) if draw is not None else "not a task of this run"
+        if task is not None and (task.env_id, task.example_id) != (result.env_id, result.example_id):
+            problem = f"result is for {result.env_id}#{result.example_id}, the task for {task.env_id}#{task.example_id}"
+        if problem is not None:
+            self.dropped["invalid_results"] += 1
+            logger.warning("refused result {} from {}: {}", result.task_id, result.worker_id, problem)
+            return self._refuse(result, problem)
+        if all(r.error is not None for r in result.rollouts):
+            # Infrastructure failures (inference down, environment crash) must not use up a training
+            # step: the group is dropped and a fresh example takes its place.
+            self.dropped["errored_groups"] += 1
+            self.num_errored_dropped += len(result.rollouts)
+            return self._refuse(result, f"every rollout errored: {result.rollouts[0].error}")
+        group = Group(result.task_id, result.env_id, draw, result.rollouts)  # type: ignore[arg-type]
+        if not self.buffer.add(group, self.step):
+            return self._refuse(result, f"stale: sampled by policy {group.oldest_policy_step}, "
+                                        f"{group.off_policy(self.step)} steps behind step {self.step} "
+                                        f"(max_off_policy_steps={self.config.max_off_policy_steps})")  # fmt: skip
+        return ResultAck(task_ids=[result.task_id])
+
+    def on_batch_request(self, identity: bytes, request: BatchRequest) -> TrainBatch | Refused | None:
+        """The rank's batch, a refusal, or None when the step is not built yet (answered later)."""
+        problem = self._request_problem(request)
+        if problem is not None:
+            return Refused(request="BatchRequest", reason=problem)
+        self._acknowledge_below(request.step)
+        if self.store.is_acked(request.step):
+            return Refused(request="BatchRequest", reason=(
+                f"step {request.step} is already trained (acknowledged); the next step is {self.store.acked_below}"))
+        if request.step < self.step and request.step not in self.store.built:
+            self._rewind(request.step)
+        batch = self.store.get(request.step, request.rank)
+        if batch is not None:
+            return batch
+        self._fast_forward(request.step)
+        self.store.wait(identity, request.rank, request.step)
+        return None
+
+    def on_batch_ack(self, ack: BatchAck) -> None:
+        """Forget the step's batches. Not answered: a lost ack is made up for by the next
+        ``BatchRequest``, which acknowledges every earlier step."""
+        if ack.step < 1 or (self.max_steps is not None and ack.step > self.max_steps):
+            raise ValueError(f"BatchAck from {ack.trainer_id!r} for step {ack.step}, outside 1..{self.max_steps}")
+        if not ack.ok:
+            self.dropped["rejected_batches"] += 1
+            self._event("batch_rejected", f"trainer rejected step {ack.step}: {ack.reason}", "warning", step=ack.step)
+        self._fast_forward(ack.step + 1)
+        if self.store.ack(ack.step):
+            self._on_acknowledged(ack.step)
+
+    # ----------------------------------------------------------------- tick
+
+    def tick(self) -> Outbox:
+        """Expire leases, start evals, build ready steps, issue and dispatch tasks."""
+        now = self.clock()
+        expired = self.ledger.expire(now)
+        if expired:
+            logger.warning("{} task lease(s) expired after {}s; issued again", len(expired), self.config.task_lease_s)
+        self._start_due_eval()
+        self._track_gate(now)
+        self._build_ready_steps(now)
+        self._issue_training_tasks()
+        self.outbox.tasks += dispatch(self.ledger, self.workers, now, time.time())
+        outbox, self.outbox = self.outbox, Outbox()
+        return outbox
+
+    def _build_ready_steps(self, now: float) -> None:
+        while self._building and self.gate.allows(self.step):
+            groups = self.buffer.take(self.step, self.groups_per_batch)
+            if groups is None:
+                return
+            self._publish(build_step(self.step, groups, self.config), now)
+
+    def _publish(self, built: BuiltStep, now: float) -> None:
+        step = built.step
+        self.totals.update(samples=built.num_samples, tokens=built.num_tokens, problems=built.num_problems)
+        self.step = step + 1
+        self.snapshots[step] = self._snapshot(built_steps=step)
+        self.outbox.batches += self.store.add(step, built.batches)
+        metrics = built.metrics | self._step_metrics(step, now)
+        metrics["errored_rollouts"] = built.metrics["errored_rollouts"] + metrics.pop("errored_rollouts_dropped")
+        self.outbox.metrics.append((step, metrics))
+        if step % self.config.samples_interval == 0 and built.samples:
+            self.outbox.samples.append(RolloutSamples(step=step, samples=built.samples))
+        reward = metrics.get("reward/all/mean")
+        logger.info("built step {}: {} samples, {} tokens, reward {}", step, built.num_samples, built.num_tokens,
+                    "n/a" if reward is None else f"{reward:.3f}")  # fmt: skip
+
+    def _step_metrics(self, step: int, now: float) -> dict[str, float]:
+        metrics = {f"dropped/{reason}": float(count) for reason, count in self.dropped.items()}
+        metrics |= {
+            "dropped/stale_rollouts": float(self.buffer.num_stale_rollouts),
+            "dropped/stale_groups": float(self.buffer.num_stale_groups),
+            "tasks/reissued": float(self.ledger.num_reissued),
+            "errored_rollouts_dropped": float(self.num_errored_dropped),
+            "time/step": now - self._last_build,
+            "time/wait_for_ckpt": self._wait_for_policy_s,
+            "progress/step": float(step),
+            "progress/total_samples": float(self.totals["samples"]),
+            "progress/total_tokens": float(self.totals["tokens"]),
+            "progress/total_problems": float(self.totals["problems"]),
+            "policy/loaded_step": float(self.gate.policy_step),
+        }
+        self.dropped.clear()
+        self.num_errored_dropped = 0
+        self.buffer.num_stale_rollouts = self.buffer.num_stale_groups = self.ledger.num_reissued = 0
+        self._last_build, self._wait_for_policy_s = now, 0.0
+        return metrics
+
+    def _track_gate(self, now: float) -> None:
+        """Accumulate the time spent waiting for inference to load a newer policy."""
+        closed = self._building and not self.gate.allows(self.step)
+        if closed and self._gate_closed_at is None:
+            self._gate_closed_at = now
+        elif not closed and self._gate_closed_at is not None:
+            self._wait_for_policy_s += now - self._gate_closed_at
+            self._gate_closed_at = None
+
+    def _issue_training_tasks(self) -> None:
+        if not self._building or not self.gate.allows(self.step):
+            return
+        missing = self.groups_per_batch - len(self.buffer) - self.ledger.num_open(is_eval=False)
+        for _ in range(missing):
+            draw = self.pending_draws.popleft() if self.pending_draws else self.sampler.draw()
+            spec = self.config.train.env[draw.env_index]
+            task = self._task(spec.id, spec.args, draw.example_id, self.config.rollouts_per_example,
+                              is_eval=False, min_policy_step=max(0, self.step - 1 - self.config.max_async_level))
+            self.draw_of[task.task_id] = draw
+            self.ledger.add(task)
+
+    def _start_due_eval(self) -> None:
+        policy_step = self.gate.policy_step
+        if not self.gate.has_reports or not self.evals.due(policy_step):
+            return
+        planned = self.evals.start(policy_step, self._new_task_id)
+        for task_id, spec, example_id in planned:
+            self.ledger.add(self._task(spec.id, spec.args, example_id, spec.rollouts_per_example, is_eval=True,
+                                       min_policy_step=policy_step, task_id=task_id))  # fmt: skip
+        logger.info("evaluating policy step {}: {} tasks", policy_step, len(planned))
+
+    def _task(self, env_id: str, env_args: dict, example_id: int, num_rollouts: int, is_eval: bool,
+              min_policy_step: int, task_id: str | None = None) -> RolloutTask:  # fmt: skip
+        return RolloutTask(
+            task_id=task_id or self._new_task_id(), env_id=env_id, env_args=dict(env_args), example_id=example_id,
+            num_rollouts=num_rollouts, sampling=self.sampling, is_eval=is_eval, lease_s=self.config.task_lease_s,
+            issued_at=0.0, min_policy_step=min_policy_step,
+        )  # fmt: skip
+
+    def _new_task_id(self) -> str:
+        self._num_tasks += 1
+        return f"{self.run_id}-{self._num_tasks}"
+
+    def _adopt(self, result: RolloutResult) -> Draw | None:
+        """The draw of a training result this run did not issue (a worker resending after our
+        restart): kept if it names a training environment and a valid example."""
+        for index, spec in enumerate(self.config.train.env):
+            if spec.id == result.env_id and 0 <= result.example_id < self.train_sizes[index]:
+                return Draw(index, result.example_id)
+        return None
+
+    def _on_eval_result(self, result: RolloutResult, status: Completion) -> ResultAck:
+        finished = self.evals.record(result) if status is Completion.NEW else None
+        if status is Completion.UNKNOWN:
+            return self._refuse(result, "unknown eval task (issued before a restart?)")
+        if finished is not None:
+            metrics = finished.metrics()
+            self.outbox.metrics.append((finished.policy_step, metrics))
+            logger.info("eval of policy step {}: {}", finished.policy_step,
+                        ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "@" in k))  # fmt: skip
+        return ResultAck(task_ids=[result.task_id])
+
+    def _refuse(self, result: RolloutResult, reason: str) -> ResultAck:
+        return ResultAck(task_ids=[result.task_id], accepted=False, reason=reason)
+
+    def _request_problem(self, request: BatchRequest) -> str | None:
+        world_size = self.config.trainer_world_size
+        if request.world_size != world_size:
+            return f"world_size {request.world_size}, but batches are packed for trainer_world_size={world_size}"
+        if not 0 <= request.rank < world_size:
+            return f"rank {request.rank} is outside 0..{world_size - 1}"
+        if request.step < 1:
+            return f"step {request.step}: steps count from 1"
+        if self.max_steps is not None and request.step > self.max_steps:
+            return f"step {request.step} is past the end of the run (max_steps={self.max_steps})"
+        return None
+
+    def _acknowledge_below(self, step: int) -> None:
+        for released in self.store.ack_below(step):
+            self._on_acknowledged(released)
+
+    def _rewind(self, step: int) -> None:
+        """The trainer asks for ``step``, below what this orchestrator built since it resumed: the
+        trainer resumed from an older checkpoint, so those steps are not in its weights. Continue at
+        its step; batches held for later steps are renumbered from it, none of their rollouts is lost."""
+        held = sorted(self.store.built)
+        logger.warning("trainer is at step {}, this orchestrator at {}: continuing at the trainer's step",
+                       step, self.step)  # fmt: skip
+        self._event("rewind", f"went back from step {self.step} to the trainer's step {step}", "warning")
+        self.store.waiting = {key: s for key, s in self.store.waiting.items() if s < step}
+        renumbered, snapshots = {}, {}
+        for new_step, old_step in enumerate(held, start=step):
+            for batch in self.store.built[old_step]:
+                batch.step = new_step
+            renumbered[new_step] = self.store.built[old_step]
+            if old_step in self.snapshots:
+                snapshots[new_step] = msgspec.structs.replace(self.snapshots[old_step], step=new_step)
+        self.store.built, self.snapshots = renumbered, snapshots
+        self.step = step + len(held)
+
+    def _fast_forward(self, step: int) -> None:
+        """The trainer is at ``step``, beyond what this orchestrator built (it restarted from an
+        older checkpoint, or fresh): skip ahead, since those steps are trained already."""
+        if step > self.step:
+            logger.warning("trainer is at step {}, this orchestrator at {}: skipping ahead", step, self.step)
+            self._event("fast_forward", f"skipped from step {self.step} to the trainer's step {step}", "warning")
+            self.step = step
+
+    def _on_acknowledged(self, step: int) -> None:
+        snapshot = self.snapshots.pop(step, None)
+        for old in [s for s in self.snapshots if s < step]:
+            del self.snapshots[old]
+        if snapshot is None or self.progress is None:
+            return
+        if step % self.config.ckpt.interval == 0 or step == self.max_steps:
+            path = self.progress.save(snapshot)
+            self._event("checkpoint", f"progress of step {step} saved to {path}", step=step)
+
+    def _snapshot(self, built_steps: int) -> ProgressState:
+        return ProgressState(
+            step=built_steps, total_samples=self.totals["samples"], total_tokens=self.totals["tokens"],
+            total_problems=self.totals["problems"], sampler=self.sampler.snapshot(), pending=self._undone_draws(),
+        )  # fmt: skip
+
+    def _undone_draws(self) -> list[Draw]:
+        """Examples drawn but not in a built batch: in flight, buffered, or not issued yet."""
+        in_flight = [self.draw_of[t] for t in self.ledger.open if t in self.draw_of]
+        return in_flight + [g.draw for g in self.buffer] + list(self.pending_draws)
+
+    def _event(self, kind: str, message: str, level: str = "info", **fields: Any) -> None:
+        self.outbox.events.append((kind, message, level, fields))

@@ -1,0 +1,126 @@
+"""``rlbus eval``: evaluate once against any OpenAI-compatible endpoint, in-process.
+
+It reads the orchestrator's config (e.g. ``<output_dir>/configs/orchestrator.toml``)
+plus a ``[client]`` table, builds the same eval tasks the orchestrator would
+(``[[eval.env]]``: first ``num_examples`` examples, ``rollouts_per_example``
+rollouts each), runs them with the env-worker's rollout code against
+``client.base_url`` and reports ``eval/<env>/avg@k`` and ``pass@k``
+(:mod:`services.orchestrator.evaluation`). No bus, trainer or orchestrator
+state is involved. The endpoint must return token ids and logprobs and offer
+``/tokenize`` (vLLM does), since rollouts stay token-in/token-out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
+
+from loguru import logger
+from pydantic import Field
+
+from common.config import ConfigModel
+from common.messages import Rollout, RolloutResult, RolloutTask, SamplingParams
+from services.orchestrator.config import OrchestratorConfig
+from services.orchestrator.evaluation import EvalScheduler
+
+RunTask = Callable[[RolloutTask], Awaitable[list[Rollout]]]
+
+
+class ClientConfig(ConfigModel):
+    """The OpenAI-compatible endpoint ``rlbus eval`` samples from."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    """Base URL of the API (ending in ``/v1``); ``/tokenize`` is expected at its root."""
+    api_key: str | None = None
+    """Key sent as a bearer token."""
+    model: str | None = None
+    """Model name sent with each request; None lets a single-model server choose."""
+    max_concurrent_requests: int = Field(32, ge=1)
+    """HTTP requests in flight at once."""
+    max_concurrent_tasks: int = Field(16, ge=1)
+    """Examples rolled out at once."""
+    request_timeout_s: float = Field(300.0, gt=0)
+    """Timeout of one request."""
+    max_retries: int = Field(3, ge=0)
+    """Retries of a request after connection errors and 5xx answers, with backoff."""
+    rollout_timeout_s: float = Field(600.0, gt=0)
+    """Seconds the environment may spend on one rollout before it counts as failed."""
+
+
+class EvalRunConfig(OrchestratorConfig):
+    """The orchestrator's config plus the endpoint to evaluate; only ``eval`` and ``sampling`` are used."""
+
+    SERVICE: ClassVar[str] = "eval"
+
+    client: ClientConfig = ClientConfig()
+    """Endpoint to evaluate."""
+
+
+async def evaluate(config: OrchestratorConfig, env_sizes: list[int], run_task: RunTask,
+                   max_concurrent_tasks: int = 16) -> dict[str, float]:  # fmt: skip
+    """Roll out every eval task with ``run_task`` and return the round's metrics."""
+    if not config.eval.env:
+        raise ValueError("nothing to evaluate: add at least one [[eval.env]] (id, num_examples, rollouts_per_example)")
+    scheduler = EvalScheduler(config.eval.model_copy(update={"interval": 1}), env_sizes)
+    numbers = iter(range(1, 1 << 62))
+    planned = scheduler.start(0, lambda: f"eval-{next(numbers)}")
+    sampling = SamplingParams(temperature=config.sampling.temperature, top_p=config.sampling.top_p,
+                              max_tokens=config.sampling.max_tokens)  # fmt: skip
+    slots = asyncio.Semaphore(max_concurrent_tasks)
+
+    async def one(task_id: str, env_id: str, env_args: dict[str, Any], example_id: int, k: int) -> RolloutResult:
+        task = RolloutTask(task_id=task_id, env_id=env_id, env_args=env_args, example_id=example_id,
+                           num_rollouts=k, sampling=sampling, is_eval=True, lease_s=0.0, issued_at=0.0)  # fmt: skip
+        async with slots:
+            rollouts = await run_task(task)
+        return RolloutResult(task_id=task_id, worker_id="rlbus-eval", env_id=env_id, example_id=example_id,
+                             is_eval=True, rollouts=rollouts)  # fmt: skip
+
+    logger.info("evaluating {} examples over {} environment(s)", len(planned), len(config.eval.env))
+    results = await asyncio.gather(*(one(t, s.id, dict(s.args), e, s.rollouts_per_example) for t, s, e in planned))
+    finished = None
+    for result in results:
+        finished = scheduler.record(result) or finished
+    assert finished is not None, "every planned task has a result"
+    return finished.metrics()
+
+
+async def _evaluate_endpoint(config: EvalRunConfig) -> dict[str, float]:
+    # The env-worker's rollout code: the same prompts, token handling and scoring as training.
+    from services.env_worker.inference import InferenceClient
+    from services.env_worker.rollout import RolloutRunner
+    from services.env_worker.service import EnvironmentCache
+    from services.env_worker.tokens import TurnRenderer
+
+    client = config.client
+    inference = InferenceClient(
+        [client.base_url], api_key=client.api_key, model=client.model, max_retries=client.max_retries,
+        max_concurrent_requests=client.max_concurrent_requests, request_timeout_s=client.request_timeout_s,
+    )  # fmt: skip
+    runner = RolloutRunner(inference, TurnRenderer(inference), client.rollout_timeout_s)
+    environments = EnvironmentCache()
+    sizes = [(await environments.get(spec.id, dict(spec.args))).num_examples for spec in config.eval.env]
+
+    async def run_task(task: RolloutTask) -> list[Rollout]:
+        return await runner.run_task(task, await environments.get(task.env_id, dict(task.env_args)))
+
+    try:
+        return await evaluate(config, sizes, run_task, client.max_concurrent_tasks)
+    finally:
+        await inference.close()
+
+
+def run_eval(config: EvalRunConfig) -> int:
+    """Evaluate once, log the metrics and write them to ``<output_dir>/eval/metrics.json``."""
+    metrics = asyncio.run(_evaluate_endpoint(config))
+    for name, value in metrics.items():
+        logger.info("{} = {:.4f}", name, value)
+    path = config.output_dir / "eval" / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"base_url": config.client.base_url, "metrics": metrics}, indent=2) + "\n")
+    tmp.replace(path)
+    logger.info("eval metrics written to {}", path)
+    return 0

@@ -1,0 +1,129 @@
+"""Evaluation at the current policy: eval tasks, their results, avg@k and pass@k.
+
+Each evaluation environment rolls out its first ``num_examples`` examples
+``k = rollouts_per_example`` times. Per environment:
+
+- ``avg@k``: the mean reward over all k rollouts of all examples.
+- ``pass@k``: the fraction of examples solved by at least one of k rollouts,
+  where a rollout is solved when its reward is at least ``pass_threshold``.
+  Computed with the unbiased estimator of Chen et al. (2021), which for
+  n = k samples per example is exactly "any of them solved it".
+
+Eval results never enter training; they are reported as
+``eval/<env>/avg@<k>`` and ``eval/<env>/pass@<k>`` at the evaluated policy step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.messages import RolloutResult
+from services.orchestrator.config import EvalConfig, EvalEnvSpec
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """Probability that at least one of k samples drawn from n (c of them correct) is correct."""
+    if not 0 <= num_correct <= num_samples or not 1 <= k <= num_samples:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={num_samples} c={num_correct} k={k}")
+    if num_samples - num_correct < k:
+        return 1.0
+    return 1.0 - math.comb(num_samples - num_correct, k) / math.comb(num_samples, k)
+
+
+def env_metrics(env_id: str, rewards: Sequence[Sequence[float]], k: int, threshold: float) -> dict[str, float]:
+    """avg@k and pass@k of one environment from [examples][rollouts] rewards."""
+    if not rewards:
+        return {}
+    per_example = [np.asarray(r, dtype=np.float64) for r in rewards]
+    passes = [pass_at_k(len(r), int(np.sum(r >= threshold)), min(k, len(r))) for r in per_example]
+    return {
+        f"eval/{env_id}/avg@{k}": float(np.mean(np.concatenate(per_example))),
+        f"eval/{env_id}/pass@{k}": float(np.mean(passes)),
+        f"eval/{env_id}/num_examples": float(len(per_example)),
+    }
+
+
+@dataclass
+class EvalRound:
+    """One evaluation of one policy step, from its tasks to its metrics."""
+
+    policy_step: int
+    specs: list[EvalEnvSpec]
+    threshold: float
+    pending: dict[str, int] = field(default_factory=dict)
+    """Open task id -> index of its environment in ``specs``."""
+    rewards: list[list[list[float]]] = field(default_factory=list)
+    """Per environment, per finished example: rollout rewards."""
+    num_errored: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rewards = [[] for _ in self.specs]
+        self.num_errored = [0] * len(self.specs)
+
+    def record(self, result: RolloutResult) -> bool:
+        """Store ``result`` if it belongs to this round; True if it did."""
+        env_index = self.pending.pop(result.task_id, None)
+        if env_index is None:
+            return False
+        # A failed rollout (error, non-finite reward, none at all) counts as reward 0.
+        rewards = [r.reward if math.isfinite(r.reward) else 0.0 for r in result.rollouts] or [0.0]
+        self.rewards[env_index].append(rewards)
+        self.num_errored[env_index] += sum(r.error is not None for r in result.rollouts) + (not result.rollouts)
+        return True
+
+    @property
+    def done(self) -> bool:
+        return not self.pending
+
+    def metrics(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for index, spec in enumerate(self.specs):
+            metrics |= env_metrics(spec.id, self.rewards[index], spec.rollouts_per_example, self.threshold)
+            metrics[f"eval/{spec.id}/errored_rollouts"] = float(self.num_errored[index])
+        return metrics
+
+
+@dataclass
+class EvalScheduler:
+    """Starts an :class:`EvalRound` for each policy step that is a multiple of ``interval``."""
+
+    config: EvalConfig
+    env_sizes: list[int]
+    """Examples available in each eval environment (``config.env`` order)."""
+    rounds: list[EvalRound] = field(default_factory=list)
+    evaluated: set[int] = field(default_factory=set)
+
+    def due(self, policy_step: int) -> bool:
+        interval = self.config.interval
+        return (interval is not None and bool(self.config.env) and policy_step % interval == 0
+                and policy_step not in self.evaluated)  # fmt: skip
+
+    def start(self, policy_step: int, new_task_id: Callable[[], str]) -> list[tuple[str, EvalEnvSpec, int]]:
+        """Open a round for ``policy_step``; returns (task id, env spec, example id) to issue."""
+        self.evaluated.add(policy_step)
+        round_ = EvalRound(policy_step, list(self.config.env), self.config.pass_threshold)
+        tasks = []
+        for env_index, (spec, size) in enumerate(zip(self.config.env, self.env_sizes)):
+            for example_id in range(min(spec.num_examples, size)):
+                task_id = new_task_id()
+                round_.pending[task_id] = env_index
+                tasks.append((task_id, spec, example_id))
+        self.rounds.append(round_)
+        return tasks
+
+    def record(self, result: RolloutResult) -> EvalRound | None:
+        """Store an eval result; returns its round once that round is complete (and forgets it)."""
+        for round_ in self.rounds:
+            if round_.record(result):
+                if round_.done:
+                    self.rounds.remove(round_)
+                    return round_
+                return None
+        return None
+
+    def owns(self, task_id: str) -> bool:
+        return any(task_id in round_.pending for round_ in self.rounds)

@@ -1,0 +1,121 @@
+"""Pack samples into micro-batches and split them across trainer ranks (numpy only).
+
+1. First-fit-decreasing: samples, longest first, each go into the first
+   micro-batch (row) with room left; a row holds at most ``seq_len`` tokens.
+   Position ids restart at 0 for every sample, which is how the trainer finds
+   sample boundaries (no cross-sample attention).
+2. Rows are dealt to ranks longest first, each to the rank with the fewest
+   tokens that still has room, every rank getting ``ceil(rows / world_size)``
+   rows. Ranks short of that get zero-loss padding rows, so every rank runs
+   the same number of forward/backward passes and collectives never deadlock.
+
+A sample longer than ``seq_len`` is cut to ``seq_len`` tokens (and counted).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.messages import MicroBatch, TrainBatch
+from services.orchestrator.rollouts import PackSample
+
+PAD_TOKEN_ID = 0
+
+
+@dataclass
+class PackStats:
+    num_rows: int = 0
+    num_padding_rows: int = 0
+    num_truncated_samples: int = 0
+    num_tokens: int = 0
+    num_loss_tokens: int = 0
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Sample indices per bin; no bin's lengths sum above ``capacity``."""
+    if any(n > capacity or n < 0 for n in lengths):
+        raise ValueError(f"lengths must be in [0, {capacity}], got {list(lengths)}")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    # Stable sort: equal lengths keep their order, so packing is deterministic.
+    for index in np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist():
+        length = lengths[index]
+        slot = next((b for b, free in enumerate(room) if free >= length), None)
+        if slot is None:
+            bins.append([])
+            room.append(capacity)
+            slot = len(bins) - 1
+        bins[slot].append(index)
+        room[slot] -= length
+    return bins
+
+
+def deal_to_ranks(row_tokens: Sequence[int], world_size: int) -> list[list[int]]:
+    """Row indices per rank: at most ``ceil(rows / world_size)`` each, balanced by tokens."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    per_rank = max(1, math.ceil(len(row_tokens) / world_size))
+    ranks: list[list[int]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    for row in np.argsort(-np.asarray(row_tokens, dtype=np.int64), kind="stable").tolist():
+        rank = min((r for r in range(world_size) if len(ranks[r]) < per_rank), key=lambda r: (load[r], r))
+        ranks[rank].append(row)
+        load[rank] += row_tokens[row]
+    return ranks
+
+
+def micro_batch(samples: Sequence[PackSample]) -> MicroBatch:
+    """One row: the samples concatenated, positions restarting per sample."""
+    lengths = [len(s) for s in samples]
+    return MicroBatch(
+        input_ids=np.concatenate([s.input_ids for s in samples]).astype(np.int32),
+        position_ids=np.concatenate([np.arange(n, dtype=np.int32) for n in lengths]),
+        loss_mask=np.concatenate([s.loss_mask for s in samples]).astype(bool),
+        advantages=np.concatenate([np.full(n, s.advantage, np.float32) for s, n in zip(samples, lengths)]),
+        inference_logprobs=np.concatenate([s.inference_logprobs for s in samples]).astype(np.float32),
+        temperatures=np.concatenate([np.full(n, s.temperature, np.float32) for s, n in zip(samples, lengths)]),
+    )  # fmt: skip
+
+
+def padding_micro_batch(temperature: float = 1.0) -> MicroBatch:
+    """A one-token row that carries no loss: it only keeps the ranks in step."""
+    return MicroBatch(
+        input_ids=np.array([PAD_TOKEN_ID], np.int32), position_ids=np.zeros(1, np.int32),
+        loss_mask=np.zeros(1, bool), advantages=np.zeros(1, np.float32),
+        inference_logprobs=np.zeros(1, np.float32), temperatures=np.full(1, temperature, np.float32),
+    )  # fmt: skip
+
+
+def truncate(sample: PackSample, seq_len: int) -> PackSample:
+    return PackSample(
+        input_ids=sample.input_ids[:seq_len], loss_mask=sample.loss_mask[:seq_len],
+        inference_logprobs=sample.inference_logprobs[:seq_len], advantage=sample.advantage,
+        temperature=sample.temperature,
+    )  # fmt: skip
+
+
+def pack_batch(samples: Sequence[PackSample], step: int, seq_len: int, world_size: int,
+               temperature: float = 1.0) -> tuple[list[TrainBatch], PackStats]:  # fmt: skip
+    """One ``TrainBatch`` per rank for ``step``, each with the same number of micro-batches."""
+    stats = PackStats(num_truncated_samples=sum(len(s) > seq_len for s in samples))
+    samples = [truncate(s, seq_len) if len(s) > seq_len else s for s in samples]
+    rows = first_fit_decreasing([len(s) for s in samples], seq_len)
+    row_tokens = [sum(len(samples[i]) for i in row) for row in rows]
+    stats.num_rows, stats.num_tokens = len(rows), sum(row_tokens)
+    stats.num_loss_tokens = sum(s.num_loss_tokens for s in samples)
+    per_rank = deal_to_ranks(row_tokens, world_size)
+    # An empty batch still gives every rank one (padding) row: the trainer steps in lockstep.
+    num_rows_per_rank = max(1, max(len(r) for r in per_rank))
+    batches = []
+    for rank, row_indices in enumerate(per_rank):
+        micro_batches = [micro_batch([samples[i] for i in rows[r]]) for r in row_indices]
+        num_padding = num_rows_per_rank - len(micro_batches)
+        micro_batches += [padding_micro_batch(temperature) for _ in range(num_padding)]
+        stats.num_padding_rows += num_padding
+        batches.append(TrainBatch(step=step, rank=rank, world_size=world_size, micro_batches=micro_batches,
+                                  num_loss_tokens=stats.num_loss_tokens))  # fmt: skip
+    return batches, stats

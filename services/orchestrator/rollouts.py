@@ -1,0 +1,108 @@
+"""Rollouts as the orchestrator sees them: validation, summary numbers, token arrays.
+
+A rollout's token sequence is the concatenation over its turns of
+``prompt_ids + completion_ids`` (token-in/token-out, never re-tokenised).
+The loss is taken over completion tokens whose ``completion_mask`` is true;
+the sampling logprob sits on those tokens and is 0 everywhere else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.messages import Rollout, RolloutResult
+
+MAX_TOKEN_ID = 2**31 - 1  # token ids travel as int32
+MAX_LOGPROB = 1e-3  # sampling logprobs are <= 0, up to the sampler's float noise (the trainer checks the same)
+
+
+@dataclass
+class PackSample:
+    """One trainable sequence, ready for packing. All arrays have length L."""
+
+    input_ids: np.ndarray
+    """[L] int32 prompt and completion tokens of every turn."""
+    loss_mask: np.ndarray
+    """[L] bool, True on trained completion tokens."""
+    inference_logprobs: np.ndarray
+    """[L] float32 sampling logprob on trained tokens, 0 elsewhere."""
+    advantage: float
+    temperature: float
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+def result_problem(result: RolloutResult) -> str | None:
+    """Why ``result`` cannot be used (naming the rollout and turn), or None if it is sound."""
+    if not result.rollouts:
+        return "the result holds no rollouts"
+    for i, rollout in enumerate(result.rollouts):
+        problem = rollout_problem(rollout)
+        if problem is not None:
+            return f"rollout {i} ({rollout.rollout_id!r}): {problem}"
+    return None
+
+
+def rollout_problem(rollout: Rollout) -> str | None:
+    if not np.isfinite(rollout.reward):
+        return f"reward {rollout.reward} is not finite"
+    if rollout.error is not None:
+        return None  # errored rollouts are counted and skipped, their tokens are never read
+    if not rollout.turns:
+        return "no turns"
+    for t, turn in enumerate(rollout.turns):
+        lengths = (len(turn.completion_ids), len(turn.completion_logprobs), len(turn.completion_mask))
+        if len(set(lengths)) != 1:
+            return f"turn {t}: completion_ids, completion_logprobs, completion_mask have lengths {lengths}"
+        ids = turn.prompt_ids + turn.completion_ids
+        if ids and not 0 <= min(ids) <= max(ids) <= MAX_TOKEN_ID:
+            return f"turn {t}: token ids must be in [0, {MAX_TOKEN_ID}], got {min(ids)}..{max(ids)}"
+        if turn.policy_step < 0:
+            return f"turn {t}: negative policy_step {turn.policy_step}"
+        bad = [lp for lp, m in zip(turn.completion_logprobs, turn.completion_mask) if m and not (math.isfinite(lp) and lp <= MAX_LOGPROB)]
+        if bad:
+            return f"turn {t}: completion_logprobs of trained tokens must be finite and <= 0, got {bad[:3]}"
+    return None
+
+
+def oldest_policy_step(rollout: Rollout) -> int:
+    """The oldest policy that sampled any turn of ``rollout`` (decides its staleness)."""
+    return min((turn.policy_step for turn in rollout.turns), default=0)
+
+
+def num_completion_tokens(rollout: Rollout) -> int:
+    return sum(len(turn.completion_ids) for turn in rollout.turns)
+
+
+def num_tokens(rollout: Rollout) -> int:
+    return sum(len(turn.prompt_ids) + len(turn.completion_ids) for turn in rollout.turns)
+
+
+def length_fraction(rollout: Rollout, max_tokens: int) -> float:
+    """Completion tokens over what the rollout's turns could have sampled."""
+    return num_completion_tokens(rollout) / (max_tokens * max(1, len(rollout.turns)))
+
+
+def to_sample(rollout: Rollout, advantage: float, temperature: float) -> PackSample:
+    """The token arrays of a validated rollout."""
+    ids, mask, logprobs = [], [], []
+    for turn in rollout.turns:
+        ids += turn.prompt_ids + turn.completion_ids
+        mask += [False] * len(turn.prompt_ids) + list(turn.completion_mask)
+        logprobs += [0.0] * len(turn.prompt_ids) + list(turn.completion_logprobs)
+    loss_mask = np.asarray(mask, dtype=bool)
+    # The first token has no context to be predicted from (a rollout without prompt tokens).
+    loss_mask[:1] = False
+    inference_logprobs = np.where(loss_mask, np.asarray(logprobs, dtype=np.float32), np.float32(0))
+    return PackSample(
+        input_ids=np.asarray(ids, dtype=np.int32), loss_mask=loss_mask,
+        inference_logprobs=inference_logprobs.astype(np.float32), advantage=advantage, temperature=temperature,
+    )  # fmt: skip

@@ -1,0 +1,187 @@
+"""The orchestrator process: three bound ROUTERs around :class:`Orchestrator`.
+
+- ``tasks`` (``bus.endpoints.orchestrator_tasks``): env-workers send
+  ``TaskRequest`` and ``RolloutResult``, get ``RolloutTask`` and ``ResultAck``.
+- ``batches`` (``orchestrator_batches``): trainer ranks send ``BatchRequest``
+  and ``BatchAck``, get ``TrainBatch`` and ``Refused``.
+- ``policy`` (``orchestrator_policy``): inference replicas send
+  ``PolicyLoaded`` and get ``Ack``.
+
+One thread polls all three, hands each message to the core, then sends what
+the core decided. It sleeps in ``poll`` until a message, a lease expiry or
+the next heartbeat, so an idle orchestrator uses no CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+from loguru import logger
+
+from common.bus import Bus, BusSocket, PeerUnreachable, TelemetryClient
+from common.messages import BatchAck, BatchRequest, Message, PolicyLoaded, RolloutResult, TaskRequest
+from services.orchestrator.checkpoint import ProgressStore
+from services.orchestrator.config import OrchestratorConfig
+from services.orchestrator.core import Orchestrator, Outbox
+from services.orchestrator.sampler import Environment
+
+EnvLoader = Callable[[str, dict[str, Any]], Environment]
+MAX_MESSAGES_PER_SOCKET = 256  # per poll round, so one busy channel cannot starve the others
+MAX_POLL_S = 0.5  # also how quickly a stop request is noticed
+
+
+def load_environment(env_id: str, args: dict[str, Any]) -> Environment:
+    """The env-worker's registry (``services.env_worker.registry.load_environment``)."""
+    try:
+        from services.env_worker.registry import load_environment as load
+    except ImportError as exc:
+        raise RuntimeError(f"cannot load environment {env_id!r}: the environment registry is missing ({exc})") from exc
+    return load(env_id, args)
+
+
+def environment_sizes(config: OrchestratorConfig, loader: EnvLoader) -> tuple[list[int], list[int]]:
+    """Examples in each training and each eval environment (what sampling needs of them)."""
+    train = [int(loader(spec.id, dict(spec.args)).num_examples) for spec in config.train.env]
+    evals = [int(loader(spec.id, dict(spec.args)).num_examples) for spec in config.eval.env]
+    for spec, size in zip([*config.train.env, *config.eval.env], [*train, *evals]):
+        if size < 1:
+            raise ValueError(f"environment {spec.id!r} with args {spec.args} has no examples")
+    return train, evals
+
+
+class OrchestratorService:
+    """Owns the sockets; build and run it in the same thread (zmq sockets are not thread-safe)."""
+
+    def __init__(self, config: OrchestratorConfig, env_loader: EnvLoader = load_environment) -> None:
+        self.config = config
+        train_sizes, eval_sizes = environment_sizes(config, env_loader)
+        progress = ProgressStore(config.output_dir / "checkpoints" / "orchestrator", config.ckpt.keep_last)
+        resume = progress.load(config.ckpt.resume_step)
+        if resume is not None:
+            logger.info("resuming at step {} ({} examples pending)", resume.step, len(resume.pending))
+        self.core = Orchestrator(config, train_sizes, eval_sizes, progress, resume)
+        self.bus = Bus(config.bus)
+        endpoints = config.bus.endpoints
+        self.tasks: BusSocket = self.bus.bind(zmq.ROUTER, endpoints.orchestrator_tasks, "tasks")
+        self.batches: BusSocket = self.bus.bind(zmq.ROUTER, endpoints.orchestrator_batches, "batches")
+        self.policy: BusSocket = self.bus.bind(zmq.ROUTER, endpoints.orchestrator_policy, "policy")
+        replica_id = f"orchestrator-{socket.gethostname()}-{os.getpid()}"
+        self.telemetry = TelemetryClient(self.bus, "orchestrator", replica_id)
+        self.poller = zmq.Poller()
+        for sock in (self.tasks, self.batches, self.policy):
+            self.poller.register(sock, zmq.POLLIN)
+        self.handlers: dict[BusSocket, tuple[tuple[type[Message], ...], Callable[[bytes, Any], None]]] = {
+            self.tasks: ((TaskRequest, RolloutResult), self._on_tasks),
+            self.batches: ((BatchRequest, BatchAck), self._on_batches),
+            self.policy: ((PolicyLoaded,), self._on_policy),
+        }
+        self.num_bad_requests: Counter[str] = Counter()
+
+    def run(self, stop: threading.Event | None = None) -> int:
+        """Serve until every step is trained (or ``stop`` is set); returns the exit code."""
+        stop = stop or threading.Event()
+        logger.info("orchestrator at step {}: tasks {}, batches {}, policy {}", self.core.step,
+                    self.tasks.address, self.batches.address, self.policy.address)  # fmt: skip
+        self.telemetry.event("started", f"orchestrator started at step {self.core.step}", step=self.core.step)
+        next_heartbeat = time.monotonic()
+        try:
+            while not self.core.done and not stop.is_set():
+                ready = dict(self.poller.poll(self._poll_ms(next_heartbeat)))
+                for sock, (expected, handle) in self.handlers.items():
+                    if sock in ready:
+                        self._drain(sock, expected, handle)
+                self._flush(self.core.tick())
+                if time.monotonic() >= next_heartbeat:
+                    self._heartbeat()
+                    next_heartbeat = time.monotonic() + self.config.bus.heartbeat_interval_s
+            if self.core.done:
+                logger.info("all {} steps trained; orchestrator done", self.config.max_steps)
+                self.telemetry.event("finished", f"all {self.config.max_steps} steps trained")
+            else:
+                logger.info("stopping at step {} as requested", self.core.step)
+            self.telemetry.heartbeat("stopping", step=self.core.step)
+        finally:
+            self.bus.close()
+        return 0
+
+    def _poll_ms(self, next_heartbeat: float) -> int:
+        now = time.monotonic()
+        wake = min(next_heartbeat, now + MAX_POLL_S, self.core.next_deadline() or float("inf"))
+        return max(0, int((wake - now) * 1000) + 1)
+
+    def _drain(self, sock: BusSocket, expected: tuple[type[Message], ...], handle: Callable) -> None:
+        for _ in range(MAX_MESSAGES_PER_SOCKET):
+            received = self.bus.recv_before(sock, time.monotonic(), expected)
+            if received is None:
+                return
+            identity, message = received
+            try:
+                handle(identity, message)
+            except ValueError as exc:
+                # Bad input from one peer is logged and counted; the service keeps going.
+                self.num_bad_requests[sock.role] += 1
+                logger.warning("bad {} from {!r} on {}: {}", type(message).__name__, identity, sock.role, exc)
+
+    def _on_tasks(self, identity: bytes, message: TaskRequest | RolloutResult) -> None:
+        if isinstance(message, TaskRequest):
+            self.core.on_task_request(identity, message)
+        else:
+            self._reply(self.tasks, identity, self.core.on_result(message))
+
+    def _on_batches(self, identity: bytes, message: BatchRequest | BatchAck) -> None:
+        if isinstance(message, BatchRequest):
+            reply = self.core.on_batch_request(identity, message)
+            if reply is not None:
+                self._reply(self.batches, identity, reply)
+        else:
+            self.core.on_batch_ack(message)
+
+    def _on_policy(self, identity: bytes, message: PolicyLoaded) -> None:
+        self._reply(self.policy, identity, self.core.on_policy_loaded(message))
+
+    def _reply(self, sock: BusSocket, identity: bytes, message: Message) -> bool:
+        try:
+            self.bus.send(sock, message, identity)
+        except PeerUnreachable:
+            logger.warning("{} peer {!r} left before its {} was sent", sock.role, identity, type(message).__name__)
+            return False
+        return True
+
+    def _flush(self, outbox: Outbox) -> None:
+        gone: set[bytes] = set()
+        for identity, task in outbox.tasks:
+            if identity not in gone and not self._reply(self.tasks, identity, task):
+                gone.add(identity)
+                self.core.on_worker_gone(identity)  # its leased tasks go back to the queue
+        for identity, batch in outbox.batches:
+            self._reply(self.batches, identity, batch)  # a trainer that left asks again
+        for step, metrics in outbox.metrics:
+            self.telemetry.metrics(step, metrics)
+        for samples in outbox.samples:
+            self.telemetry.send(samples)
+        for kind, text, level, fields in outbox.events:
+            self.telemetry.event(kind, text, level, **fields)
+
+    def _heartbeat(self) -> None:
+        waiting_for = self.core.waiting_for()
+        self.telemetry.heartbeat("waiting" if waiting_for else "busy", step=self.core.step, waiting_for=waiting_for)
+
+
+def run_orchestrator(config: OrchestratorConfig) -> int:
+    """``rlbus orchestrator``: serve until ``max_steps`` are trained, or SIGTERM / SIGINT."""
+    stop = threading.Event()
+
+    def request_stop(_signum: int, _frame: object) -> None:
+        stop.set()  # only set a flag: logging from a signal handler can deadlock
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, request_stop)
+    return OrchestratorService(config).run(stop)
