@@ -8,6 +8,7 @@ a different value is an error, so services can never disagree about them.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, model_validator
@@ -46,7 +47,10 @@ class RlConfig(ServiceConfig):
     num_env_workers: int = Field(1, ge=1)
     """Env-worker processes to start."""
     clean_output_dir: bool = False
-    """Delete output_dir before starting (otherwise an existing run folder is reused)."""
+    """Delete output_dir before starting (otherwise an existing run folder is reused and
+    services resume from its checkpoints)."""
+    stop_timeout_s: float = Field(30.0, gt=0)
+    """When stopping, how long each service gets after SIGTERM before it is killed."""
 
     @model_validator(mode="after")
     def _propagate_shared_fields(self) -> RlConfig:
@@ -63,6 +67,12 @@ class RlConfig(ServiceConfig):
             raise ValueError(
                 "shared fields are set once at the top level; these sections disagree: " + "; ".join(conflicts)
             )
+        return self
+
+    @model_validator(mode="after")
+    def _clean_only_a_run_folder(self) -> RlConfig:
+        if self.clean_output_dir:
+            check_cleanable(self.output_dir)
         return self
 
     def resolved_configs(self) -> dict[str, BaseModel]:
@@ -83,6 +93,17 @@ def service_env(section: str | None, environ: Mapping[str, str]) -> dict[str, An
         return values
     shared = {key: value for key, value in values.items() if key in ServiceConfig.SHARED_FIELDS}
     return deep_merge(shared, values.get(section, {}))
+
+
+def check_cleanable(output_dir: Path) -> None:
+    """Refuse to delete a folder that is obviously not a run folder (``--clean-output-dir``)."""
+    target, root = output_dir.resolve(), Path("/").resolve()
+    protected = {root, Path.home().resolve(), Path.cwd().resolve()}
+    if target in protected or any(target in p.parents for p in protected if p != root):
+        raise ValueError(
+            f"refusing to clean output_dir {str(output_dir)!r} (resolves to {target}): it is the filesystem root, "
+            "the home or working directory, or one of their parents; pick a dedicated run folder"
+        )
 
 
 def _show(value: Any) -> str:

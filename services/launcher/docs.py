@@ -7,6 +7,8 @@ from common.config.docs import markdown_table
 from services.launcher.config import SECTIONS, RlConfig
 from services.models.smollm2 import SmolLM2Config
 from services.models.tiny import TinyModelConfig
+from services.monitor.config import TailConfig
+from services.orchestrator.eval_run import ClientConfig
 
 HEADER = """# Configuration reference
 
@@ -39,6 +41,13 @@ def render_config_docs() -> str:
         own = {k: v for k, v in cls.model_fields.items() if k not in shared}
         parts.append(markdown_table(f"`[{name}]` — rlbus {cls.SERVICE}", " ".join((cls.__doc__ or "").split()),
                                     _only(cls, own)))
+    parts.append(markdown_table(
+        "`rlbus eval` — `[client]`",
+        "`rlbus eval` reads the orchestrator's keys (it uses the `eval` and `sampling` tables) plus `[client]`, "
+        "the OpenAI-compatible endpoint it samples from.",
+        ClientConfig,
+    ))
+    parts.append(markdown_table("`rlbus tail`", " ".join((TailConfig.__doc__ or "").split()), TailConfig))
     parts.append(markdown_table("`rlbus model tiny`", " ".join((TinyModelConfig.__doc__ or "").split()),
                                 TinyModelConfig))
     parts.append(markdown_table("`rlbus model smollm2`", " ".join((SmolLM2Config.__doc__ or "").split()),

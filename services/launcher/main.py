@@ -9,4 +9,7 @@ from services.launcher.config import RlConfig
 
 
 def main(argv: Sequence[str]) -> int:
-    return run_config_command("rl", RlConfig, argv, "Start every service locally from one merged config.", run=None)
+    from services.launcher.run import run_rl
+
+    return run_config_command("rl", RlConfig, argv, "Start every service locally from one merged config.",
+                              run=run_rl)  # fmt: skip

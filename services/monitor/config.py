@@ -1,4 +1,4 @@
-"""Config of the monitor (``rlbus monitor``, section ``[monitor]``)."""
+"""Configs of the monitor (``rlbus monitor``, section ``[monitor]``) and of ``rlbus tail``."""
 
 from __future__ import annotations
 
@@ -6,34 +6,77 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from common.config import ConfigModel, ServiceConfig
+from common.config import BusConfig, ConfigModel, ServiceConfig
+
+DEFAULT_SUMMARY_METRICS = [
+    "reward/all/mean", "loss/mean", "entropy/mean", "mismatch_kl/mean", "off_policy/mean",
+    "perf/throughput", "time/step",
+]  # fmt: skip
 
 
 class WandbConfig(ConfigModel):
-    """Weights & Biases logging: one run for the whole job."""
+    """Weights & Biases logging: one run for the whole job, written by the monitor alone."""
 
     enabled: bool = False
-    """Log to W&B at all."""
+    """Log to W&B at all (needs the ``monitor`` extra: ``pip install 'rlbus[monitor]'``)."""
     project: str = "rlbus"
     """W&B project."""
     name: str | None = None
     """Run name; None lets W&B choose."""
-    mode: Literal["online", "offline", "disabled"] = "offline"
-    """online needs a network and an API key; offline writes under output_dir/wandb."""
+    mode: Literal["online", "offline", "disabled"] | None = None
+    """online needs a network and an API key; offline writes under ``<output_dir>/wandb``;
+    None follows the ``WANDB_MODE`` environment variable, offline when it is unset."""
     samples_interval: int = Field(10, ge=1)
-    """Log a table of rollout samples every this many steps."""
+    """Log a table of rollout samples at most once per this many steps."""
 
 
 class MonitorConfig(ServiceConfig):
-    """Collects telemetry from every service and shows it."""
+    """Collects telemetry from every service: metrics.jsonl, samples.jsonl, events.jsonl,
+    a console summary per step, service health, W&B, and the live view of ``rlbus tail``."""
 
     SERVICE: ClassVar[str] = "monitor"
 
     console: bool = True
     """Print a compact summary per step."""
+    summary_metrics: list[str] = DEFAULT_SUMMARY_METRICS
+    """Metrics shown in the console summary and first in ``rlbus tail``, when reported."""
+    step_reporters: list[str] = ["orchestrator", "trainer"]
+    """Services whose reports complete a step: its summary (and W&B row) is written once
+    each of them reported it, or once any service is ``max_summary_lag_steps`` further."""
+    max_summary_lag_steps: int = Field(4, ge=1)
+    """A step is summarised without its missing reports once a service reports this many steps
+    later; keep it above ``orchestrator.max_async_level`` + 1, or the trainer's reports come late."""
     dead_after_s: float = Field(30.0, gt=0)
     """A service without heartbeat for this long is reported dead."""
+    stalled_after_s: float = Field(60.0, gt=0)
+    """A service that reports waiting on the same thing for this long is warned about."""
+    view_log_lines: int = Field(1000, ge=1)
+    """Log lines (events, notices, summaries) kept for ``rlbus tail``."""
     view_api_key: str | None = None
     """Key ``rlbus tail`` must present; None leaves the live view open."""
     wandb: WandbConfig = WandbConfig()
     """W&B settings."""
+
+
+class TailConfig(ConfigModel):
+    """``rlbus tail``: live view of a running job from any host that reaches the monitor.
+
+    Reads ``bus`` and ``view_api_key`` (top level or ``[monitor]``) from any rlbus
+    config file given with ``@`` and ignores the rest, so
+    ``rlbus tail @ outputs/run/configs/rl.toml`` works as it is.
+    """
+
+    bus: BusConfig = BusConfig()
+    """Bus settings; ``bus.endpoints.monitor_view`` is where the monitor answers."""
+    api_key: str | None = None
+    """The monitor's ``view_api_key`` (also read from ``RLBUS_MONITOR__VIEW_API_KEY``)."""
+    json_lines: bool = False
+    """Print one JSON object per refresh, one per line, for scripts (``--json`` for short)."""
+    once: bool = False
+    """Show one snapshot and exit."""
+    interval_s: float = Field(2.0, gt=0)
+    """Seconds between refreshes."""
+    timeout_s: float = Field(10.0, gt=0)
+    """How long to wait for the monitor's answer before saying it is unreachable."""
+    num_log_lines: int = Field(15, ge=0)
+    """Most recent log lines shown under the view on a terminal."""

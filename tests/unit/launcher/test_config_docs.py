@@ -7,12 +7,14 @@ from services.launcher.config import RlConfig
 from services.launcher.docs import render_config_docs
 from services.models.smollm2 import SmolLM2Config
 from services.models.tiny import TinyModelConfig
+from services.monitor.config import TailConfig
+from services.orchestrator.eval_run import EvalRunConfig
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "config.md"
 
 
 def test_every_config_field_is_documented():
-    for cls in (RlConfig, TinyModelConfig, SmolLM2Config):
+    for cls in (RlConfig, TinyModelConfig, SmolLM2Config, TailConfig, EvalRunConfig):
         assert undocumented_fields(cls) == [], cls.__name__
 
 

@@ -1,0 +1,147 @@
+"""The launcher's process table: which services run, with which command, and how a child is kept.
+
+Every child runs exactly the command a user would type on another host
+(``python -m services.cli <service> @ <output_dir>/configs/<service>.toml``).
+Each gets its own process group, so the launcher can stop a service together
+with anything it spawned (vLLM's engine, torchrun's ranks), and on Linux a
+parent-death signal, so a launcher killed with -9 leaves no service behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Literal
+
+from services.launcher.config import RlConfig
+
+CleanExit = Literal["done", "finished", "failure"]
+"""What exit code 0 of a service means: the run is done (orchestrator), this service's part is
+done and the run goes on (trainer after its last step), or a failure (a server that should not stop)."""
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """One process the launcher starts."""
+
+    name: str
+    """Unique name, also of its output file: ``monitor``, ``env-worker-0``."""
+    service: str
+    """The ``rlbus`` command it runs."""
+    config_path: Path
+    args: tuple[str, ...] = ()
+    """Flags after the config file, e.g. ``--worker-id env-worker-0``."""
+    clean_exit: CleanExit = "failure"
+    to_console: bool = False
+    """Write its output to the launcher's console instead of ``logs/<name>.out`` (the monitor: its
+    console is the run's progress)."""
+
+
+CommandFor = Callable[[ProcessSpec], list[str]]
+"""ProcessSpec -> argv; tests replace it with trivial commands."""
+
+
+def service_command(spec: ProcessSpec) -> list[str]:
+    """The command a user would run by hand for ``spec``."""
+    return [sys.executable, "-m", "services.cli", spec.service, "@", str(spec.config_path), *spec.args]
+
+
+def process_table(config: RlConfig, config_dir: Path) -> list[ProcessSpec]:
+    """Every process of a local run, in start order: the monitor first, so no early telemetry waits long."""
+    specs = [
+        ProcessSpec("monitor", "monitor", config_dir / "monitor.toml", to_console=True),
+        ProcessSpec("inference", "inference", config_dir / "inference.toml"),
+        ProcessSpec("trainer", "trainer", config_dir / "trainer.toml", clean_exit="finished"),
+        ProcessSpec("orchestrator", "orchestrator", config_dir / "orchestrator.toml", clean_exit="done"),
+    ]
+    for index in range(config.num_env_workers):
+        name = f"env-worker-{index}"
+        specs.append(ProcessSpec(name, "env-worker", config_dir / "env-worker.toml", ("--worker-id", name)))
+    return specs
+
+
+class Child:
+    """A started service process, the leader of its own process group."""
+
+    def __init__(self, spec: ProcessSpec, popen: subprocess.Popen, logs_dir: Path) -> None:
+        self.spec, self.popen = spec, popen
+        self.output_path = None if spec.to_console else logs_dir / f"{spec.name}.out"
+        self.service_log = logs_dir / f"{spec.service}.log"
+        """The service's own log file (``common.logging``)."""
+        self.exit_code: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @classmethod
+    def start(cls, spec: ProcessSpec, argv: list[str], logs_dir: Path, env: dict[str, str] | None = None) -> Child:
+        output_path = None if spec.to_console else logs_dir / f"{spec.name}.out"
+        output: IO[bytes] | None = output_path.open("ab") if output_path else None
+        try:
+            popen = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT if output else None,
+                env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
+                start_new_session=True, preexec_fn=_parent_death_signal(),
+            )  # fmt: skip
+        finally:
+            if output is not None:
+                output.close()  # the child holds its own copy
+        return cls(spec, popen, logs_dir)
+
+    def poll(self) -> int | None:
+        """The exit code once the process ended (negative: killed by that signal), else None."""
+        if self.exit_code is None:
+            self.exit_code = self.popen.poll()
+        return self.exit_code
+
+    def signal_group(self, signum: int) -> None:
+        """Send ``signum`` to the service and everything in its process group."""
+        try:
+            os.killpg(self.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass  # the whole group is gone already
+
+    def tail(self, num_lines: int) -> list[str]:
+        """The last lines of its output file, or of its service log when its output went to the console."""
+        path = self.output_path or self.service_log
+        try:
+            with path.open("rb") as handle:
+                handle.seek(max(0, path.stat().st_size - 64 * 1024))
+                text = handle.read().decode(errors="replace")
+        except FileNotFoundError:
+            return []
+        return text.splitlines()[-num_lines:]
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A pre-exec hook asking Linux to SIGTERM the child when the launcher dies (None elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    parent = os.getpid()
+
+    def set_pdeathsig() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_pdeathsig

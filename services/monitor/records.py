@@ -1,0 +1,93 @@
+"""The monitor's files: metrics.jsonl, samples.jsonl and events.jsonl under ``output_dir``.
+
+One JSON object per line, appended and flushed as each message arrives, so a
+crash loses nothing already received and ``tail -f`` works. Non-finite
+numbers (a NaN loss) are written as ``null``: strict JSON readers (jq, JS)
+reject ``NaN``.
+
+- ``metrics.jsonl``: ``{"step", "service", "replica_id", "time", <metric>: value, ...}``,
+  one line per report (one per service replica and step; a restarted service
+  may repeat a step: readers keep the last line of each (step, service, replica_id)).
+- ``samples.jsonl``: ``{"step", "time", "env_id", "prompt", "completion", "reward", "advantage"}``.
+- ``events.jsonl``: ``{"time", "service", "replica_id", "level", "kind", "message", <field>: value, ...}``;
+  the monitor's own findings (a dead service, ...) carry ``"reported_by": "monitor"``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import msgspec
+
+from common.messages import Event, MetricsReport, RolloutSamples
+
+METRICS_FILE, SAMPLES_FILE, EVENTS_FILE = "metrics.jsonl", "samples.jsonl", "events.jsonl"
+_RESERVED_METRIC_KEYS = frozenset({"step", "service", "replica_id", "time"})
+
+_encoder = msgspec.json.Encoder()
+
+
+class JsonlWriter:
+    """Appends JSON lines to one file, flushing each so readers see whole lines at once."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file: BinaryIO = path.open("ab")
+        self.num_lines = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(_encoder.encode(_finite_or_null(record)) + b"\n")
+        self._file.flush()
+        self.num_lines += 1
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def metrics_line(report: MetricsReport) -> dict[str, Any]:
+    # Fixed keys last: a metric cannot overwrite them (names like "step" are refused upstream anyway).
+    metrics = {name: value for name, value in report.metrics.items() if name not in _RESERVED_METRIC_KEYS}
+    return {"step": report.step, "service": report.service, "replica_id": report.replica_id,
+            "time": report.sent_at, **metrics}  # fmt: skip
+
+
+def reserved_names(report: MetricsReport) -> list[str]:
+    """Metric names that clash with the fixed keys of a metrics line (and are dropped)."""
+    return sorted(_RESERVED_METRIC_KEYS & set(report.metrics))
+
+
+def non_finite_names(report: MetricsReport) -> list[str]:
+    return sorted(name for name, value in report.metrics.items() if not math.isfinite(value))
+
+
+def sample_lines(message: RolloutSamples, now: float) -> list[dict[str, Any]]:
+    return [
+        {"step": message.step, "time": now, "env_id": s.env_id, "prompt": s.prompt, "completion": s.completion,
+         "reward": s.reward, "advantage": s.advantage}
+        for s in message.samples
+    ]  # fmt: skip
+
+
+def event_line(event: Event) -> dict[str, Any]:
+    return {**event.fields, "time": event.sent_at, "service": event.service, "replica_id": event.replica_id,
+            "level": event.level, "kind": event.kind, "message": event.message}  # fmt: skip
+
+
+class RunFiles:
+    """The three JSONL files of one run folder."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.metrics = JsonlWriter(output_dir / METRICS_FILE)
+        self.samples = JsonlWriter(output_dir / SAMPLES_FILE)
+        self.events = JsonlWriter(output_dir / EVENTS_FILE)
+
+    def close(self) -> None:
+        for writer in (self.metrics, self.samples, self.events):
+            writer.close()
+
+
+def _finite_or_null(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}

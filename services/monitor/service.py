@@ -1,0 +1,111 @@
+"""The monitor's loop: owns the telemetry PULL and the live-view ROUTER, feeds :class:`Monitor`.
+
+Services PUSH telemetry without ever blocking (``common.bus.TelemetryClient``);
+while the monitor is down their messages queue up to the high-water mark and
+arrive once it binds again. SIGTERM (what the launcher sends) ends the loop
+after draining what already arrived, so the last steps still reach the files
+and W&B.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import zmq
+from loguru import logger
+
+from common.bus import Bus, BusSocket, PeerUnreachable
+from common.messages import Event, Heartbeat, MetricsReport, RolloutSamples, ViewRequest
+from services.monitor.config import MonitorConfig
+from services.monitor.monitor import Monitor
+
+TELEMETRY = (Heartbeat, MetricsReport, Event, RolloutSamples)
+TICK_S = 0.5
+"""How often health is checked; also the longest a SIGTERM waits to be noticed."""
+MAX_BATCH = 1000
+"""Telemetry messages handled per wakeup before live-view requests get their turn."""
+
+
+class MonitorService:
+    """Binds the monitor's sockets and runs until :meth:`stop`."""
+
+    def __init__(self, config: MonitorConfig, monitor: Monitor, bus: Bus) -> None:
+        self.monitor = monitor
+        self.bus = bus
+        endpoints = config.bus.endpoints
+        self.telemetry_in: BusSocket = bus.bind(zmq.PULL, endpoints.monitor_telemetry, "telemetry")
+        self.view_requests: BusSocket = bus.bind(zmq.ROUTER, endpoints.monitor_view, "view")
+        self.poller = zmq.Poller()
+        self.poller.register(self.telemetry_in, zmq.POLLIN)
+        self.poller.register(self.view_requests, zmq.POLLIN)
+        self.stopping = False
+        logger.info("monitor: telemetry at {}, live view at {}", self.telemetry_in.address, self.view_requests.address)
+
+    def run(self) -> None:
+        next_tick = time.monotonic()
+        while not self.stopping:
+            timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
+            ready = dict(self.poller.poll(timeout_ms))
+            if self.telemetry_in in ready:
+                self.drain_telemetry(MAX_BATCH)
+            if self.view_requests in ready:
+                self.answer_views()
+            if time.monotonic() >= next_tick:
+                self.monitor.tick()
+                next_tick = time.monotonic() + TICK_S
+
+    def stop(self, *_: object) -> None:
+        """Ask the loop to end. Used as the SIGTERM handler, so it only sets a flag:
+        logging from a handler could deadlock on the logger's lock."""
+        self.stopping = True
+
+    def drain_telemetry(self, limit: int | None = None) -> int:
+        """Handle the telemetry already queued (at most ``limit`` messages); returns how many."""
+        count = 0
+        while limit is None or count < limit:
+            message = self.bus.recv_before(self.telemetry_in, time.monotonic(), TELEMETRY)
+            if message is None:
+                break
+            count += 1
+            try:
+                self.monitor.handle(message)  # type: ignore[arg-type]
+            except ValueError as exc:  # a message that decoded but makes no sense: skip it, keep going
+                self.monitor.counts["rejected"] += 1
+                logger.warning("monitor: skipped a {}: {}", type(message).__name__, exc)
+        return count
+
+    def answer_views(self) -> None:
+        while (received := self.bus.recv_before(self.view_requests, time.monotonic(), ViewRequest)) is not None:
+            identity, request = received  # type: ignore[misc]
+            try:
+                self.bus.send(self.view_requests, self.monitor.view(request), identity)
+            except PeerUnreachable:
+                logger.debug("live-view client {!r} left before its answer", identity)
+
+
+def run_monitor(config: MonitorConfig) -> int:
+    """``rlbus monitor``: run until SIGTERM or Ctrl-C, then close files and the W&B run."""
+    sink = None
+    if config.wandb.enabled:
+        from services.monitor.wandb_sink import WandbSink
+
+        sink = WandbSink(config)
+    monitor = Monitor(config, sink)
+    exit_code = 1
+    with Bus(config.bus) as bus:
+        service = MonitorService(config, monitor, bus)
+        previous = signal.signal(signal.SIGTERM, service.stop)
+        try:
+            service.run()
+            exit_code = 0
+        except KeyboardInterrupt:
+            exit_code = 130
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            drained = service.drain_telemetry()
+            monitor.close(exit_code)
+            logger.info("monitor stopped (drained {} last messages); handled {}, decode errors {}",
+                        drained, dict(monitor.counts), dict(bus.stats.decode_errors))  # fmt: skip
+    return exit_code
