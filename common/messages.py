@@ -385,30 +385,58 @@ class PolicyLoaded(Message, kw_only=True):
 
 
 class ViewRequest(Message, kw_only=True):
-    """``rlbus tail`` -> monitor: send the current state."""
+    """``rlbus tail`` -> monitor: send the current state.
+
+    Answered with ``ViewSnapshot``, or ``Refused`` when the monitor has a
+    ``view_api_key`` and ``api_key`` does not match it.
+    """
+
+    VERSION: ClassVar[int] = 2
 
     log_offset: int = 0
     """Number of log lines already seen; only newer ones are returned."""
+    api_key: str | None = None
+    """The monitor's ``view_api_key``, when it has one."""
 
 
 class ServiceHealth(Payload, kw_only=True):
+    """One replica's row of the monitor's health table (from its heartbeats)."""
+
     service: str
     replica_id: str
     status: str
+    """Last reported ``Heartbeat.status``, or ``dead`` / ``stopped`` as judged by the monitor."""
     alive: bool
+    """False once no heartbeat arrived for the monitor's ``dead_after_s``."""
     last_seen: float
+    """Monitor's clock when the last heartbeat arrived."""
     step: int | None = None
     waiting_for: str | None = None
+    """What the replica is blocked on, if anything."""
+    waiting_since: float | None = None
+    """Sender's clock when the wait began."""
+    host: str = ""
+    pid: int = 0
 
 
 class ViewSnapshot(Message, kw_only=True):
-    """Monitor -> ``rlbus tail``: the latest step's metrics, health, logs."""
+    """Monitor -> ``rlbus tail``: the latest step's metrics, health, logs.
+
+    ``metrics`` are those of ``step``, merged over services (the mean where
+    replicas of one service report the same name); ``log_lines`` are the
+    monitor's log lines (service events, dead services, step summaries)
+    after the request's ``log_offset``; ``log_offset`` is the count so far.
+    """
+
+    VERSION: ClassVar[int] = 2
 
     step: int | None
     metrics: dict[str, float]
     health: list[ServiceHealth]
     log_lines: list[str]
     log_offset: int
+    sent_at: float = 0.0
+    """Monitor's clock when sent: ``ServiceHealth.last_seen`` ages are relative to it."""
 
 
 ALL_MESSAGES: tuple[type[Message], ...] = (

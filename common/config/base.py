@@ -8,6 +8,7 @@ documentation: ``docs/config.md`` and ``--help`` are generated from them.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -127,7 +128,8 @@ def to_toml(config: BaseModel) -> str:
 
 def write_toml(config: BaseModel, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    # A name of its own per process: torchrun ranks write the same resolved config at once.
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
     tmp.write_text(to_toml(config))
     tmp.replace(path)
     return path
