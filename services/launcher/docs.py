@@ -9,6 +9,7 @@ from services.models.smollm2 import SmolLM2Config
 from services.models.tiny import TinyModelConfig
 from services.monitor.config import TailConfig
 from services.orchestrator.eval_run import ClientConfig
+from services.trainer.sft_config import SftConfig
 
 HEADER = """# Configuration reference
 
@@ -48,6 +49,9 @@ def render_config_docs() -> str:
         ClientConfig,
     ))
     parts.append(markdown_table("`rlbus tail`", " ".join((TailConfig.__doc__ or "").split()), TailConfig))
+    sft_own = {k: v for k, v in SftConfig.model_fields.items() if k not in shared}
+    sft_doc = " ".join((SftConfig.__doc__ or "").split()) + " Shared fields as above."
+    parts.append(markdown_table("`rlbus sft`", sft_doc, _only(SftConfig, sft_own)))
     parts.append(markdown_table("`rlbus model tiny`", " ".join((TinyModelConfig.__doc__ or "").split()),
                                 TinyModelConfig))
     parts.append(markdown_table("`rlbus model smollm2`", " ".join((SmolLM2Config.__doc__ or "").split()),

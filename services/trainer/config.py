@@ -64,22 +64,31 @@ class CheckpointConfig(ConfigModel):
     """Save only the HF-format weights, not optimizer and progress."""
 
 
-class TrainerConfig(ServiceConfig):
-    """The trainer applies the RL loss to packed batches and publishes new weights."""
-
-    SERVICE: ClassVar[str] = "trainer"
+class TrainingConfig(ServiceConfig):
+    """What RL training and SFT share: model dtype, optimizer, schedule, checkpoints."""
 
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter and compute dtype; use float32 on CPUs without bf16 units."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel of transformers; all of them keep packed samples apart."""
     optimizer: OptimizerConfig = OptimizerConfig()
     """Optimizer settings."""
     scheduler: SchedulerConfig = SchedulerConfig()
     """Learning-rate schedule."""
-    loss: LossConfig = LossConfig()
-    """RL objective."""
     ckpt: CheckpointConfig = CheckpointConfig()
     """Checkpointing."""
-    weight_bucket_mb: int = Field(64, ge=1)
-    """Weights are streamed to inference in buckets of about this many MiB."""
     peak_flops: float | None = Field(None, gt=0)
     """Peak FLOP/s per rank for MFU; None measures matmul throughput at start."""
+
+
+class TrainerConfig(TrainingConfig):
+    """The trainer applies the RL loss to packed batches and publishes new weights."""
+
+    SERVICE: ClassVar[str] = "trainer"
+
+    loss: LossConfig = LossConfig()
+    """RL objective."""
+    weight_bucket_mb: int = Field(64, ge=1)
+    """Weights are streamed to inference in buckets of about this many MiB."""
+    trainer_id: str = "trainer"
+    """Name the trainer gives the orchestrator in every BatchRequest and BatchAck."""

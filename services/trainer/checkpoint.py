@@ -1,0 +1,188 @@
+"""Checkpoints of the trainer (RL and SFT alike), written atomically.
+
+Layout under ``output_dir``::
+
+    checkpoints/step_N/model/        HF snapshot (safetensors, config, tokenizer)
+    checkpoints/step_N/optimizer.pt  full AdamW state, keyed by parameter name
+    checkpoints/step_N/progress.json step, learning rate, data position, world size
+    weights/step_N/                  the same HF snapshot (hard links), for vLLM to serve
+
+Rank 0 writes everything into ``step_N.partial`` folders and renames them when
+complete; only folders named exactly ``step_N`` are ever read, so a crash
+mid-write leaves nothing that could be picked up. States are gathered in full
+(``full_state_dict``) and loaded on rank 0 then broadcast, so a checkpoint does
+not depend on the number of ranks and no filesystem has to be shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from loguru import logger
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from services.trainer.config import CheckpointConfig
+from services.trainer.distributed import DistContext
+from services.trainer.model import full_state_dict, load_state, read_hf_weights, save_hf_snapshot
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+PARTIAL = ".partial"
+
+
+def complete_steps(folder: Path) -> list[int]:
+    """Steps with a complete (renamed) ``step_N`` folder under ``folder``, ascending."""
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name)))
+
+
+class CheckpointManager:
+    """Saves, finds, loads and prunes checkpoints under ``output_dir``."""
+
+    def __init__(self, output_dir: Path, config: CheckpointConfig, ctx: DistContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.checkpoints = Path(output_dir) / "checkpoints"
+        self.weights = Path(output_dir) / "weights"
+
+    def due(self, step: int) -> bool:
+        return self.config.enabled and step % self.config.interval == 0
+
+    def resume_step(self) -> int | None:
+        """The step to resume from, per ``ckpt.resume_step``; None starts fresh.
+
+        Decided on rank 0 (only its disk need hold checkpoints) and shared with every rank.
+        """
+        outcome: tuple[int | None, str | None] = (None, None)
+        try:
+            if self.ctx.is_main:
+                outcome = (self._find_resume_step(), None)
+        except ValueError as exc:
+            outcome = (None, str(exc))
+        step, error = self.ctx.broadcast_object(outcome)
+        if error is not None:
+            raise ValueError(error)
+        return step
+
+    def _find_resume_step(self) -> int | None:
+        wanted = self.config.resume_step
+        if wanted is None:
+            return None
+        steps = complete_steps(self.checkpoints)
+        if wanted == -1:
+            if not steps:
+                logger.warning("ckpt.resume_step = -1 but {} holds no checkpoint: starting fresh", self.checkpoints)
+                return None
+            return steps[-1]
+        if wanted not in steps:
+            raise ValueError(f"ckpt.resume_step = {wanted}, but {self.checkpoints} only holds steps {steps}")
+        return wanted
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokenizer: Any,
+             progress: dict[str, Any], weights_only: bool | None = None) -> None:  # fmt: skip
+        """Save ``step`` (every rank calls this: the state is gathered), then prune old ones."""
+        weights_only = self.config.weights_only if weights_only is None else weights_only
+        model_state = full_state_dict(model)
+        optimizer_state = None if weights_only else _full_optimizer_state(model, optimizer)
+        if self.ctx.is_main:
+            started = time.perf_counter()
+            if weights_only:
+                self._write_weights(step, model, model_state, tokenizer)
+            else:
+                self._write_checkpoint(step, model, model_state, optimizer_state, tokenizer, progress)
+            self.prune()
+            logger.info("saved {} of step {} in {:.2f}s", "weights" if weights_only else "checkpoint", step,
+                        time.perf_counter() - started)  # fmt: skip
+        self.ctx.barrier()
+
+    def _write_weights(self, step: int, model: torch.nn.Module, state: dict, tokenizer: Any) -> None:
+        partial = _fresh_partial(self.weights, step)
+        save_hf_snapshot(model, state, tokenizer, partial)
+        _publish(partial)
+
+    def _write_checkpoint(self, step: int, model: torch.nn.Module, state: dict, optimizer_state: dict | None,
+                          tokenizer: Any, progress: dict[str, Any]) -> None:  # fmt: skip
+        partial = _fresh_partial(self.checkpoints, step)
+        save_hf_snapshot(model, state, tokenizer, partial / "model")
+        torch.save(optimizer_state, partial / "optimizer.pt")
+        progress = {**progress, "step": step, "world_size": self.ctx.world_size, "saved_at": time.time()}
+        (partial / "progress.json").write_text(json.dumps(progress, indent=2))
+        # The servable copy shares the files (hard links; a copy where links are not possible).
+        weights_partial = _fresh_partial(self.weights, step)
+        shutil.copytree(partial / "model", weights_partial, copy_function=_link_or_copy, dirs_exist_ok=True)
+        _publish(weights_partial)
+        _publish(partial)
+
+    def load(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Load model and optimizer of ``step`` into every rank; returns its progress."""
+        folder = self.checkpoints / f"step_{step}"
+        model_state = read_hf_weights(folder / "model") if self.ctx.is_main else {}
+        load_state(model, model_state, self.ctx)
+        optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True) if self.ctx.is_main else {}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.ctx.is_distributed)
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+        progress = json.loads((folder / "progress.json").read_text()) if self.ctx.is_main else None
+        progress = self.ctx.broadcast_object(progress)
+        logger.info("resumed from checkpoint {} (step {})", folder, step)
+        return progress
+
+    def prune(self) -> None:
+        """Delete checkpoints and weights not kept by ``keep_last`` / ``keep_interval``."""
+        if self.config.keep_last is None:
+            return
+        for folder in (self.checkpoints, self.weights):
+            steps = complete_steps(folder)
+            keep = set(steps[-self.config.keep_last:])
+            if self.config.keep_interval:
+                keep |= {s for s in steps if s % self.config.keep_interval == 0}
+            for step in steps:
+                if step not in keep:
+                    shutil.rmtree(folder / f"step_{step}", ignore_errors=True)
+
+    def remove_partials(self) -> None:
+        """Clear half-written folders a crashed run left behind (rank 0, at start)."""
+        for folder in (self.checkpoints, self.weights):
+            for partial in folder.glob(f"step_*{PARTIAL}") if folder.is_dir() else []:
+                logger.warning("removing half-written {}", partial)
+                shutil.rmtree(partial, ignore_errors=True)
+
+
+def _full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _fresh_partial(folder: Path, step: int) -> Path:
+    partial = folder / f"step_{step}{PARTIAL}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def _publish(partial: Path) -> None:
+    """Rename ``step_N.partial`` to ``step_N`` (replacing an older ``step_N``)."""
+    final = partial.with_name(partial.name.removesuffix(PARTIAL))
+    if final.exists():
+        stale = final.with_name(final.name + ".old")
+        shutil.rmtree(stale, ignore_errors=True)
+        final.rename(stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    partial.rename(final)
+
+
+def _link_or_copy(source: str, target: str) -> str:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+    return target

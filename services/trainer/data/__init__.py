@@ -1,0 +1,1 @@
+"""SFT data: reading example files and generating synthetic sets (no torch here)."""

@@ -1,0 +1,73 @@
+"""Read SFT examples from local files: JSONL, Parquet, or a ``datasets.save_to_disk`` folder.
+
+Parquet and saved datasets are read with pyarrow alone (a saved dataset is a
+folder of Arrow IPC stream files listed in ``state.json``), so the heavy
+``datasets`` package is not needed. Every row comes back as a plain dict.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+
+
+def read_rows(path: str | Path, split: str = "train") -> list[Row]:
+    """All rows of the file or folder at ``path``; raises ValueError naming what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"SFT data {path} does not exist")
+    if path.is_dir():
+        return _read_saved_dataset(path, split)
+    if path.suffix in (".jsonl", ".json"):
+        return _read_jsonl(path)
+    if path.suffix == ".parquet":
+        return _arrow().parquet.read_table(path).to_pylist()
+    raise ValueError(f"SFT data {path}: expected a .jsonl, .json or .parquet file or a saved dataset folder")
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    rows = []
+    with path.open() as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number} is not valid JSON: {exc.msg}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number} is a {type(row).__name__}, expected a JSON object")  # noqa: TRY004
+            rows.append(row)
+    return rows
+
+
+def _read_saved_dataset(folder: Path, split: str) -> list[Row]:
+    if (folder / "dataset_dict.json").exists():
+        splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+        if split not in splits:
+            raise ValueError(f"saved dataset {folder} has splits {splits}, not {split!r} (see data.split)")
+        folder = folder / split
+    state_file = folder / "state.json"
+    if not state_file.exists():
+        raise ValueError(f"{folder} is not a saved dataset folder (no state.json or dataset_dict.json)")
+    pa = _arrow()
+    rows: list[Row] = []
+    for entry in json.loads(state_file.read_text())["_data_files"]:
+        with pa.memory_map(str(folder / entry["filename"])) as source:
+            rows.extend(pa.ipc.open_stream(source).read_all().to_pylist())
+    return rows
+
+
+def _arrow():
+    try:
+        import pyarrow
+        import pyarrow.ipc
+        import pyarrow.parquet
+    except ImportError:
+        raise ValueError(
+            "reading Parquet files or saved datasets needs pyarrow: pip install 'rlbus[trainer]'"
+        ) from None
+    return pyarrow

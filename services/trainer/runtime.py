@@ -1,0 +1,73 @@
+"""What RL training and SFT set up the same way: ranks, model, optimizer, resume.
+
+Heavy imports (torch, transformers) happen here, after the config was parsed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from loguru import logger
+
+from services.trainer.checkpoint import CheckpointManager
+from services.trainer.config import LossConfig, TrainingConfig
+from services.trainer.distributed import DistContext, init_distributed, shard_model
+from services.trainer.model import TORCH_DTYPES, load_model, load_tokenizer
+from services.trainer.perf import measure_peak_flops
+from services.trainer.schedule import LRSchedule
+from services.trainer.train_step import TrainStep, build_optimizer
+
+
+@dataclass
+class Runtime:
+    ctx: DistContext
+    model: torch.nn.Module
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    trainer: TrainStep
+    ckpt: CheckpointManager
+    start_step: int = 0
+    """Last step already trained (0 on a fresh start, N after resuming from step N)."""
+    progress: dict[str, Any] = field(default_factory=dict)
+    """What the resumed checkpoint recorded besides the weights."""
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+    def save(self, step: int, progress: dict[str, Any] | None = None, weights_only: bool | None = None) -> None:
+        self.ckpt.save(step, self.model, self.optimizer, self.tokenizer, progress or {}, weights_only)
+
+
+def build_runtime(config: TrainingConfig, loss: LossConfig | None, total_steps: int | None) -> Runtime:
+    """Join the ranks, load and shard the model, build the optimizer, resume if asked.
+
+    ``loss`` None means SFT; ``total_steps`` is what the schedule decays towards.
+    """
+    ctx = init_distributed()
+    torch.manual_seed(config.seed)
+    model = shard_model(load_model(config.model, config.dtype, ctx.device, config.attn_implementation), ctx)
+    tokenizer = load_tokenizer(config.model)
+    optimizer = build_optimizer(model, config.optimizer)
+    schedule = LRSchedule(config.optimizer.lr, config.scheduler, total_steps)
+    peak_flops = config.peak_flops or measure_peak_flops(ctx.device, TORCH_DTYPES[config.dtype])
+    if ctx.is_main:
+        logger.info("loaded {} ({:,} parameters, {}) on {} rank(s); peak {:.1f} GFLOP/s per rank{}",
+                    config.model, sum(p.numel() for p in model.parameters()), config.dtype, ctx.world_size,
+                    peak_flops / 1e9, "" if config.peak_flops else " (measured)")  # fmt: skip
+    trainer = TrainStep(model, optimizer, schedule, ctx, config.optimizer.max_grad_norm, loss, peak_flops)
+    ckpt = CheckpointManager(config.output_dir, config.ckpt, ctx)
+    if ctx.is_main:
+        ckpt.remove_partials()
+    runtime = Runtime(ctx=ctx, model=model, tokenizer=tokenizer, optimizer=optimizer, trainer=trainer, ckpt=ckpt)
+    resume = ckpt.resume_step()
+    if resume is not None:
+        runtime.progress = ckpt.load(resume, model, optimizer)
+        runtime.start_step = resume
+    return runtime

@@ -1,0 +1,224 @@
+"""``rlbus trainer``: the loop that owns the sockets around :class:`TrainStep`.
+
+Per step N, on every rank: ask the orchestrator for this rank's share of step N
+(``BatchRequest``, resent while nothing comes, each wait logged), check it (all
+ranks agree on accepting or rejecting), train, acknowledge (``BatchAck`` only once
+the optimizer step is applied), publish the new weights (rank 0 serves them; all
+ranks help gather), checkpoint when due, report metrics.
+
+A rejected batch gets ``BatchAck(ok=False, reason)``; the step is used up
+without an optimizer step and the trainer goes on with N + 1. A batch for a step
+already trained (a resend after a lost ack) is acknowledged again and skipped.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import zmq
+from loguru import logger
+
+from common.bus import Bus, TelemetryClient
+from common.messages import BatchAck, BatchRequest, Refused, TrainBatch
+from common.weights import WeightServer, WeightStore
+from services.trainer.batch import BadBatch, check_batch
+from services.trainer.config import TrainerConfig
+from services.trainer.distributed import DistContext, shutdown_distributed
+from services.trainer.logprobs import RowTensors
+from services.trainer.model import named_arrays
+from services.trainer.runtime import Runtime, build_runtime
+
+# How the orchestrator names the step to train after refusing an acknowledged one.
+NEXT_STEP = re.compile(r"the next step is (\d+)")
+
+
+class StepMoved(Exception):
+    """The orchestrator is past the requested step; training continues at ``next_step``."""
+
+    def __init__(self, next_step: int) -> None:
+        super().__init__(f"continue at step {next_step}")
+        self.next_step = next_step
+
+
+class BatchClient:
+    """This rank's DEALER to the orchestrator's batch ROUTER."""
+
+    def __init__(self, bus: Bus, config: TrainerConfig, ctx: DistContext, telemetry: TelemetryClient) -> None:
+        self.bus, self.ctx, self.telemetry = bus, ctx, telemetry
+        self.trainer_id = config.trainer_id
+        self.sock = bus.connect(zmq.DEALER, config.bus.endpoints.orchestrator_batches, "batches")
+        self.num_duplicates = 0
+
+    def fetch(self, step: int) -> TrainBatch:
+        """This rank's share of ``step``; asks again every ``request_timeout_s`` until it comes."""
+        ctx = self.ctx
+        request = BatchRequest(trainer_id=self.trainer_id, rank=ctx.rank, world_size=ctx.world_size, step=step)
+        config = self.bus.config
+        waiting_since, started = time.time(), time.monotonic()
+        self.bus.send(self.sock, request)
+        resend_at = started + config.request_timeout_s
+        while True:
+            deadline = min(resend_at, time.monotonic() + config.heartbeat_interval_s)
+            reply = self.bus.recv_before(self.sock, deadline, (TrainBatch, Refused))
+            if reply is None:
+                self.telemetry.heartbeat("waiting", step - 1, f"batch of step {step}", waiting_since)
+                if time.monotonic() >= resend_at:
+                    logger.warning("waiting {:.0f}s for the batch of step {} from the orchestrator at {}; asking again",
+                                   time.monotonic() - started, step, self.sock.address)  # fmt: skip
+                    self.bus.send(self.sock, request)
+                    resend_at = time.monotonic() + config.request_timeout_s
+            elif isinstance(reply, Refused):
+                self._refused(step, reply.reason)
+            elif reply.step < step:
+                self.num_duplicates += 1
+                logger.info("batch of step {} again: already trained, acknowledged and skipped", reply.step)
+                self.ack(reply.step, ok=True, reason="duplicate: already trained")
+            elif reply.step > step:
+                logger.warning("got the batch of step {} while expecting step {}; ignored", reply.step, step)
+            else:
+                return reply
+
+    def _refused(self, step: int, reason: str) -> None:
+        moved = NEXT_STEP.search(reason)
+        if moved is not None and int(moved.group(1)) > step:
+            # The orchestrator saw steps acknowledged that this trainer's weights lack (it was
+            # resumed from an older checkpoint): go on where the orchestrator is, never train twice.
+            logger.error("orchestrator: {}; continuing at step {} (updates since this trainer's checkpoint are "
+                         "lost: checkpoint more often to avoid this)", reason, moved.group(1))  # fmt: skip
+            raise StepMoved(int(moved.group(1)))
+        logger.error("orchestrator refused the batch of step {}: {}; asking again", step, reason)
+
+    def ack(self, step: int, ok: bool = True, reason: str = "") -> None:
+        self.bus.send(self.sock, BatchAck(trainer_id=self.trainer_id, step=step, ok=ok, reason=reason))
+
+
+class WeightPublisher:
+    """Publishes every step's weights: rank 0 serves them, every rank helps gather."""
+
+    def __init__(self, bus: Bus, config: TrainerConfig, ctx: DistContext) -> None:
+        self.ctx = ctx
+        self.server: WeightServer | None = None
+        if ctx.is_main:
+            store = WeightStore(bucket_bytes=config.weight_bucket_mb * 2**20, keep_steps=1)
+            endpoints = config.bus.endpoints
+            self.server = WeightServer(bus, endpoints.trainer_weights, endpoints.trainer_announce, store).start()
+            logger.info("serving weights at {} (announcements at {})", self.server.fetch_address,
+                        self.server.announce_address)  # fmt: skip
+
+    def publish(self, step: int, model) -> float:
+        """Gather and publish ``step``; returns the seconds it took."""
+        started = time.perf_counter()
+        arrays = named_arrays(model, self.ctx)
+        if self.server is not None:
+            self.server.publish(step, arrays)
+        else:
+            for _ in arrays:  # other ranks only take part in the gathers
+                pass
+        return time.perf_counter() - started
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+class RlLoop:
+    def __init__(self, config: TrainerConfig, runtime: Runtime, bus: Bus) -> None:
+        self.config, self.rt = config, runtime
+        ctx = runtime.ctx
+        self.telemetry = TelemetryClient(bus, "trainer", f"{config.trainer_id}-rank{ctx.rank}")
+        self.batches = BatchClient(bus, config, ctx, self.telemetry)
+        self.weights = WeightPublisher(bus, config, ctx)
+        self.num_rejected = 0
+
+    def run(self) -> None:
+        step, max_steps = self.rt.start_step + 1, self.config.max_steps
+        if self.rt.start_step > 0:  # replicas joining a resumed run get the resumed weights
+            self.weights.publish(self.rt.start_step, self.rt.model)
+        self.telemetry.event("started", f"trainer rank {self.rt.ctx.rank} starts at step {step}")
+        while max_steps is None or step <= max_steps:
+            try:
+                self.train_one(step)
+                step += 1
+            except StepMoved as moved:
+                step = moved.next_step
+        self.telemetry.event("finished", f"trainer finished step {step - 1}")
+
+    def train_one(self, step: int) -> None:
+        started = time.perf_counter()
+        batch = self.batches.fetch(step)
+        waited = time.perf_counter() - started
+        try:
+            rows = self.prepare(batch)
+        except BadBatch as exc:
+            self.reject(step, str(exc))
+            return
+        metrics = self.rt.trainer.run(step, rows, batch.num_loss_tokens)
+        self.batches.ack(step)
+        metrics["time/broadcast_weights"] = self.weights.publish(step, self.rt.model)
+        metrics["time/save_ckpt"] = self.checkpoint(step)
+        metrics.update({"time/wait_for_batch": waited, "time/step": time.perf_counter() - started,
+                        "batches/rejected": self.num_rejected, "batches/duplicates": self.batches.num_duplicates})
+        self.telemetry.heartbeat("ready", step)
+        if self.rt.ctx.is_main:
+            self.telemetry.metrics(step, metrics)
+            log_step(step, metrics)
+
+    def prepare(self, batch: TrainBatch) -> list[RowTensors]:
+        """This rank's rows, or BadBatch on every rank if any rank's share is bad."""
+        ctx = self.rt.ctx
+        try:
+            check_batch(batch, ctx.rank, ctx.world_size, self.rt.vocab_size, self.rt.max_positions)
+            error = None
+        except BadBatch as exc:
+            error = str(exc)
+        bad_ranks = [r for r, bad in enumerate(ctx.all_gather_ints(error is not None)) if bad]
+        counts = ctx.all_gather_ints(len(batch.micro_batches))
+        if error is not None:
+            raise BadBatch(error if ctx.world_size == 1 else f"rank {ctx.rank}: {error}")
+        if bad_ranks:
+            raise BadBatch(f"rank(s) {bad_ranks} rejected their share of the step")
+        if len(set(counts)) > 1:
+            raise BadBatch(f"ranks got different numbers of micro-batches {counts}; they must be equal")
+        return [RowTensors.from_message(micro, ctx.device) for micro in batch.micro_batches]
+
+    def reject(self, step: int, reason: str) -> None:
+        self.num_rejected += 1
+        logger.error("rejected the batch of step {}: {}", step, reason)
+        self.batches.ack(step, ok=False, reason=reason)
+        self.telemetry.event("bad_batch", reason, level="error", step=step)
+
+    def checkpoint(self, step: int) -> float:
+        if not self.rt.ckpt.due(step):
+            return 0.0
+        started = time.perf_counter()
+        self.rt.save(step)
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self.weights.stop()
+
+
+def log_step(step: int, metrics: dict[str, float]) -> None:
+    logger.info(
+        "step {} | loss {:.4f} | entropy {:.3f} | mismatch_kl {:.2e} | lr {:.2e} | grad_norm {:.3f} | "
+        "{:.0f} tok/s | mfu {:.1%} | wait {:.2f}s",
+        step, metrics["loss/mean"], metrics["entropy/mean"], metrics.get("mismatch_kl/mean", 0.0),
+        metrics["optim/lr"], metrics["optim/grad_norm"], metrics["perf/throughput"], metrics["perf/mfu"],
+        metrics["time/wait_for_batch"],
+    )  # fmt: skip
+
+
+def run_trainer(config: TrainerConfig) -> int:
+    """Entry of ``rlbus trainer``: train until ``max_steps`` (or forever)."""
+    runtime = build_runtime(config, config.loss, config.max_steps)
+    try:
+        with Bus(config.bus) as bus:
+            loop = RlLoop(config, runtime, bus)
+            try:
+                loop.run()
+            finally:
+                loop.close()
+    finally:
+        shutdown_distributed()
+    return 0

@@ -1,0 +1,157 @@
+"""One optimizer step over a rank's packed micro-batches, with its metrics; no sockets.
+
+Per micro-batch: forward (one packed row), loss share (normalised by the step's
+global loss-token count), backward; then gradient clipping, the learning rate of
+this step, AdamW. Under FSDP2 every rank runs the same number of micro-batches
+(the orchestrator pads with zero-loss ones), so the collectives line up.
+Statistics are summed per rank and reduced once per step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from services.trainer.config import LossConfig, OptimizerConfig
+from services.trainer.distributed import DistContext
+from services.trainer.logprobs import RowTensors, row_logprobs, sample_ids, sample_lengths
+from services.trainer.losses import LossInputs, LossOutput, rl_loss, sft_loss
+from services.trainer.perf import FlopsModel, peak_memory_gib
+from services.trainer.schedule import LRSchedule
+
+# Order of the per-step sums reduced over ranks in one all_reduce.
+SUM_KEYS = ("loss", "loss_tokens", "entropy", "mismatch_kl", "masked_positive", "masked_negative", "tokens", "flops")
+
+
+def build_optimizer(model: torch.nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
+    # The rate is set before every step from the schedule; lr here is only the initial value.
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+
+
+@dataclass
+class StepStats:
+    """Per-rank sums of one step (float64 so long runs of small numbers add up exactly enough)."""
+
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUM_KEYS, 0.0))
+    mismatch_kl_max: float = 0.0
+
+    def add(self, name: str, value: float | Tensor) -> None:
+        self.sums[name] += float(value)
+
+
+class TrainStep:
+    """Runs training steps on ``model``; ``loss`` None trains SFT (negative log-likelihood)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: LRSchedule,
+                 ctx: DistContext, max_grad_norm: float, loss: LossConfig | None,
+                 peak_flops: float) -> None:  # fmt: skip
+        self.model = model
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.ctx = ctx
+        self.max_grad_norm = max_grad_norm
+        self.loss_config = loss
+        self.flops_model = FlopsModel.of(model)
+        self.peak_flops = peak_flops
+
+    def loss_share(self, inputs: LossInputs, num_loss_tokens: int) -> LossOutput:
+        if self.loss_config is None:
+            return sft_loss(inputs, num_loss_tokens)
+        return rl_loss(inputs, self.loss_config, num_loss_tokens)
+
+    def run(self, step: int, rows: list[RowTensors], num_loss_tokens: int) -> dict[str, float]:
+        """Train one step on this rank's ``rows``; returns the step's metrics (same on every rank)."""
+        started = time.perf_counter()
+        lr = self.schedule.lr(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = StepStats()
+        for row in rows:
+            self._micro_step(row, num_loss_tokens, stats)
+        forward_backward_s = time.perf_counter() - started
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        self.optimizer.step()
+        elapsed = time.perf_counter() - started
+        metrics = self._reduce(stats)
+        metrics.update({"optim/lr": lr, "optim/grad_norm": float(grad_norm),
+                        "time/forward_backward": forward_backward_s})  # fmt: skip
+        metrics.update(self._perf(metrics.pop("_tokens"), metrics.pop("_flops"), elapsed))
+        return metrics
+
+    def _micro_step(self, row: RowTensors, num_loss_tokens: int, stats: StepStats) -> None:
+        logprobs, entropy = row_logprobs(self.model, row)
+        ids = sample_ids(row.position_ids)
+        inputs = LossInputs(logprobs=logprobs, inference_logprobs=row.inference_logprobs,
+                            advantages=row.advantages, loss_mask=row.loss_mask, sample_ids=ids)  # fmt: skip
+        output = self.loss_share(inputs, num_loss_tokens)
+        # FSDP2 averages gradients over ranks; the shares must be summed (see shard_model).
+        (output.loss * self.ctx.world_size).backward()
+        mask = row.loss_mask
+        stats.add("loss", output.loss.detach())
+        stats.add("loss_tokens", mask.sum())
+        stats.add("entropy", entropy[mask].sum())
+        stats.add("masked_positive", output.masked_positive)
+        stats.add("masked_negative", output.masked_negative)
+        stats.add("tokens", row.num_tokens)
+        stats.add("flops", self.flops_model.training_flops(sample_lengths(row.position_ids).tolist()))
+        if self.loss_config is not None:
+            self._add_mismatch(logprobs.detach(), inputs, stats)
+
+    def _add_mismatch(self, logprobs: Tensor, inputs: LossInputs, stats: StepStats) -> None:
+        # k3 estimator of KL(sampler || trainer) per token: r - log r - 1 >= 0.
+        mask = inputs.loss_mask
+        log_ratio = torch.where(mask, logprobs - inputs.inference_logprobs, torch.zeros_like(logprobs))
+        kl = torch.exp(log_ratio) - log_ratio - 1
+        stats.add("mismatch_kl", kl.sum())
+        counts = torch.bincount(inputs.sample_ids, weights=mask.double())
+        per_sample = torch.bincount(inputs.sample_ids, weights=kl.double()) / counts.clamp(min=1)
+        stats.mismatch_kl_max = max(stats.mismatch_kl_max, float(per_sample.max()) if per_sample.numel() else 0.0)
+
+    def _reduce(self, stats: StepStats) -> dict[str, float]:
+        sums = torch.tensor([stats.sums[k] for k in SUM_KEYS], dtype=torch.float64, device=self.ctx.device)
+        self.ctx.all_reduce(sums, "sum")
+        kl_max = self.ctx.all_reduce(torch.tensor([stats.mismatch_kl_max], device=self.ctx.device), "max")
+        total = dict(zip(SUM_KEYS, sums.tolist(), strict=True))
+        loss_tokens = max(total["loss_tokens"], 1.0)
+        metrics = {
+            "loss/mean": total["loss"],
+            "entropy/mean": total["entropy"] / loss_tokens,
+            "progress/loss_tokens": total["loss_tokens"],
+            "_tokens": total["tokens"],
+            "_flops": total["flops"],
+        }
+        if self.loss_config is not None:
+            metrics.update({
+                "mismatch_kl/mean": total["mismatch_kl"] / loss_tokens,
+                "mismatch_kl/max": float(kl_max.item()),
+                "masked_advantage_positive/mean": total["masked_positive"] / loss_tokens,
+                "masked_advantage_negative/mean": total["masked_negative"] / loss_tokens,
+            })  # fmt: skip
+        return metrics
+
+    def _perf(self, tokens: float, flops: float, elapsed: float) -> dict[str, float]:
+        throughput = tokens / elapsed
+        return {
+            "perf/throughput": throughput,
+            "perf/throughput_per_gpu": throughput / self.ctx.world_size,
+            "perf/mfu": flops / (elapsed * self.peak_flops * self.ctx.world_size),
+            "perf/peak_memory": peak_memory_gib(self.ctx.device),
+            "progress/tokens": tokens,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, rows: list[RowTensors], num_loss_tokens: int) -> float:
+        """Mean loss over ``rows`` of every rank without training (SFT validation)."""
+        total = torch.zeros(1, dtype=torch.float64, device=self.ctx.device)
+        for row in rows:
+            logprobs, _ = row_logprobs(self.model, row)
+            inputs = LossInputs(logprobs=logprobs, inference_logprobs=row.inference_logprobs,
+                                advantages=row.advantages, loss_mask=row.loss_mask,
+                                sample_ids=sample_ids(row.position_ids))  # fmt: skip
+            total += self.loss_share(inputs, num_loss_tokens).loss.double()
+        return float(self.ctx.all_reduce(total, "sum").item())

@@ -1,0 +1,52 @@
+"""What an inference replica fetches from the trainer equals the trainer's parameters."""
+
+import numpy as np
+import torch
+import zmq
+
+from common.bus import Bus, Subscriber
+from common.config.base import BusConfig, BusEndpoints
+from common.messages import WeightsAnnounced
+from common.weights import fetch_step, query_latest
+from services.trainer.config import TrainerConfig
+from services.trainer.distributed import DistContext
+from services.trainer.model import load_model, to_numpy
+from services.trainer.service import WeightPublisher
+
+CTX = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def test_subscriber_receives_exactly_the_trainers_parameters(tiny_model_dir):
+    endpoints = BusEndpoints(trainer_weights="tcp://127.0.0.1:*", trainer_announce="tcp://127.0.0.1:*")
+    config = TrainerConfig(model=str(tiny_model_dir), weight_bucket_mb=1, bus=BusConfig(endpoints=endpoints))
+    model = load_model(str(tiny_model_dir), "float32", CTX.device)
+    with Bus(BusConfig(linger_ms=0, request_timeout_s=10)) as bus:
+        publisher = WeightPublisher(bus, config, CTX)
+        try:
+            subscriber = Subscriber(bus, publisher.server.announce_address)
+            subscriber.wait_ready(timeout_s=10)
+            publisher.publish(1, model)
+            with torch.no_grad():  # the next step changes the weights; step 1 must stay as it was
+                next(model.parameters()).add_(1.0)
+            publisher.publish(2, model)
+            announced = subscriber.recv(timeout_s=10, expected=WeightsAnnounced)
+            assert announced.step == 1
+            sock = bus.connect(zmq.DEALER, publisher.server.fetch_address, "weights-client")
+            latest = query_latest(bus, sock, "replica-0", timeout_s=10)
+            assert latest.step == 2 and latest.num_buckets > 1  # 1 MiB buckets: streamed in parts
+            received = {name: (array, dtype) for name, array, dtype in fetch_step(bus, sock, latest, "replica-0", 10)}
+        finally:
+            publisher.stop()
+    params = dict(model.named_parameters())
+    assert list(received) == list(params)  # HF names, tied lm_head once
+    assert "lm_head.weight" not in received and "model.embed_tokens.weight" in received
+    for name, (array, dtype) in received.items():
+        assert dtype == "float32"
+        np.testing.assert_array_equal(array, params[name].detach().numpy())
+
+
+def test_bfloat16_travels_as_uint16_bits():
+    tensor = torch.tensor([1.5, -2.25, 3.0e-3], dtype=torch.bfloat16)
+    array, dtype = to_numpy(tensor)
+    assert dtype == "bfloat16" and array.dtype == np.uint16
+    assert torch.equal(torch.from_numpy(array.view(np.int16)).view(torch.bfloat16), tensor)
