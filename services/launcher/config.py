@@ -70,6 +70,17 @@ class RlConfig(ServiceConfig):
         return self
 
     @model_validator(mode="after")
+    def _point_env_workers_at_local_inference(self) -> RlConfig:
+        # Everything runs on this host: unless told otherwise, env-workers use the
+        # replica the launcher starts, with its key.
+        worker, inference = self.env_worker, self.inference
+        if "inference_urls" not in worker.model_fields_set:
+            worker.__dict__["inference_urls"] = [f"http://{inference.host}:{inference.port}/v1"]
+        if worker.api_key is None and inference.api_key is not None:
+            worker.__dict__["api_key"] = inference.api_key
+        return self
+
+    @model_validator(mode="after")
     def _clean_only_a_run_folder(self) -> RlConfig:
         if self.clean_output_dir:
             check_cleanable(self.output_dir)

@@ -47,6 +47,7 @@ class _Tally:
     truncated: list[bool] = field(default_factory=list)
     turns: list[int] = field(default_factory=list)
     off_policy: list[int] = field(default_factory=list)
+    sampled_steps: list[int] = field(default_factory=list)
     num_empty: int = 0
     num_errored: int = 0
     num_zero_advantage_groups: int = 0
@@ -88,6 +89,7 @@ def _group_samples(step: int, group: Group, config: OrchestratorConfig, tally: _
         tally.truncated.append(rollout.is_truncated)
         tally.turns.append(len(rollout.turns))
         tally.off_policy.append(group.off_policy(step))
+        tally.sampled_steps.append(group.oldest_policy_step)
         tally.num_empty += num_completion_tokens(rollout) == 0
     if not ok:
         return []
@@ -128,6 +130,9 @@ def _metrics(tally: _Tally) -> dict[str, float]:
     if tally.off_policy:
         metrics["off_policy/mean"] = float(np.mean(tally.off_policy))
         metrics["off_policy/max"] = float(np.max(tally.off_policy))
+        # Which weights sampled the batch: shows that new policies reach inference.
+        metrics["policy/sampled_step/min"] = float(np.min(tally.sampled_steps))
+        metrics["policy/sampled_step/max"] = float(np.max(tally.sampled_steps))
     metrics |= {
         "empty_rollouts": float(tally.num_empty),
         "errored_rollouts": float(tally.num_errored),

@@ -52,3 +52,12 @@ def test_env_typo_is_caught_even_for_another_service():
 def test_resolved_configs_cover_every_service():
     config = RlConfig()
     assert set(config.resolved_configs()) == {"rl", "inference", "trainer", "orchestrator", "env-worker", "monitor"}
+
+
+def test_env_workers_follow_the_local_inference_replica_unless_set():
+    config = load_config(RlConfig, ["--inference.port", "8123", "--inference.api-key", "k"], env={})
+    assert config.env_worker.inference_urls == ["http://127.0.0.1:8123/v1"]
+    assert config.env_worker.api_key == "k"
+    explicit = load_config(RlConfig, ["--inference.port", "8123", "--env-worker.inference-urls", '["http://h:1/v1"]'],
+                           env={})
+    assert explicit.env_worker.inference_urls == ["http://h:1/v1"]
