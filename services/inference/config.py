@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import ClassVar, Literal
 
 from pydantic import Field
@@ -10,7 +11,7 @@ from common.config import ServiceConfig
 
 
 class InferenceConfig(ServiceConfig):
-    """One vLLM replica serving the OpenAI-compatible API."""
+    """One vLLM replica serving the OpenAI-compatible API and pulling new weights over the bus."""
 
     SERVICE: ClassVar[str] = "inference"
 
@@ -19,9 +20,15 @@ class InferenceConfig(ServiceConfig):
     port: int = Field(8000, ge=1, le=65535)
     """HTTP port of the OpenAI-compatible API."""
     api_key: str | None = None
-    """Bearer key required on every request; None leaves the API open."""
+    """Bearer key required on every request except ``GET /health`` and ``GET /metrics``;
+    None leaves the API open. Also read from ``RLBUS_INFERENCE__API_KEY``."""
     replica_id: str | None = None
-    """Name of this replica on the bus; None derives one from host and port."""
+    """Name of this replica on the bus; None derives ``inference-<hostname>-<port>``."""
+    advertise_url: str | None = None
+    """Base URL (ending in ``/v1``) that env-workers reach this replica at, sent in ``PolicyLoaded``;
+    None derives ``http://<host>:<port>/v1`` (the machine's hostname when host is 0.0.0.0)."""
+    served_model_name: str | None = None
+    """Model name clients pass in requests; None uses ``model`` as written."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     """Weight dtype inside vLLM; float32 on CPU."""
     max_model_len: int = Field(2048, ge=16)
@@ -34,3 +41,31 @@ class InferenceConfig(ServiceConfig):
     """GPUs one replica shards the model across."""
     enforce_eager: bool = True
     """Skip graph capture (faster start; required on CPU)."""
+    enable_lora: bool = False
+    """Allow LoRA adapters (``POST /rlbus/load_lora``); costs some speed, so off unless needed."""
+    max_lora_rank: int = Field(16, ge=1)
+    """Largest LoRA rank accepted when ``enable_lora`` is set."""
+    max_loras: int = Field(1, ge=1)
+    """LoRA adapters usable in one batch when ``enable_lora`` is set."""
+    access_log: bool = False
+    """Log one line per HTTP request (noisy under RL load)."""
+    startup_weights_timeout_s: float = Field(10.0, gt=0)
+    """How long a starting replica waits for the trainer to say which step is latest before it
+    serves the base weights (step 0); it still loads newer steps when they are announced."""
+    weights_poll_interval_s: float = Field(30.0, gt=0)
+    """Seconds between ``WeightsQuery`` checks for a newer step, in case an announcement was missed."""
+    swap_drain_timeout_s: float = Field(300.0, gt=0)
+    """How long a weight swap waits for in-flight requests to finish on the old weights before it
+    aborts them (they return ``finish_reason: "abort"``, still tagged with the old step)."""
+    vllm_args: list[str] = Field(default_factory=list)
+    """Extra ``vllm serve`` command-line arguments, e.g. ``["--max-num-batched-tokens", "4096"]``."""
+
+    def resolved_replica_id(self) -> str:
+        return self.replica_id or f"inference-{socket.gethostname()}-{self.port}"
+
+    def resolved_advertise_url(self) -> str:
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
+        return self.advertise_url or f"http://{host}:{self.port}/v1"
+
+    def resolved_model_name(self) -> str:
+        return self.served_model_name or self.model

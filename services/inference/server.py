@@ -1,0 +1,121 @@
+"""``rlbus inference``: vLLM's own OpenAI server, extended with rlbus routes and weight sync.
+
+The steps mirror ``vllm.entrypoints.launchers.api_server.entry.build_and_serve``
+(vLLM 0.32): parse ``vllm serve`` arguments built from our config, bind the
+port, start the engine client, ``build_app`` + ``init_app_state``, then
+``serve_http``. Between building and serving the app, :func:`services.inference.http.install`
+adds our routes and middleware, and :class:`services.inference.sync.WeightSync`
+starts on the same event loop. vLLM is imported only here, after the config parsed.
+"""
+
+from __future__ import annotations
+
+import os
+from argparse import Namespace
+from typing import Any
+
+from loguru import logger
+
+from services.inference.config import InferenceConfig
+from services.inference.worker_extension import WORKER_EXTENSION
+
+
+def vllm_argv(config: InferenceConfig) -> list[str]:
+    """The ``vllm serve`` command line equivalent to ``config``."""
+    argv = [
+        "--model", config.model, "--served-model-name", config.resolved_model_name(),
+        "--host", config.host, "--port", str(config.port), "--seed", str(config.seed),
+        "--dtype", config.dtype, "--max-model-len", str(config.max_model_len),
+        "--max-num-seqs", str(config.max_num_seqs), "--gpu-memory-utilization", str(config.gpu_memory_utilization),
+        "--tensor-parallel-size", str(config.tensor_parallel_size), "--worker-extension-cls", WORKER_EXTENSION,
+        # Logprobs after temperature and top-p: the distribution tokens were really sampled from,
+        # which is what the trainer compares against (it divides its logits by the temperature).
+        "--logprobs-mode", "processed_logprobs",
+    ]  # fmt: skip
+    if config.enforce_eager:
+        argv.append("--enforce-eager")
+    if config.enable_lora:
+        argv += ["--enable-lora", "--max-lora-rank", str(config.max_lora_rank), "--max-loras", str(config.max_loras)]
+    if not config.access_log:
+        argv.append("--disable-uvicorn-access-log")
+    return argv + list(config.vllm_args)
+
+
+def vllm_args(config: InferenceConfig) -> Namespace:
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="rlbus inference"))
+    args = parser.parse_args(vllm_argv(config))
+    validate_parsed_serve_args(args)
+    return args
+
+
+def run_inference(config: InferenceConfig) -> int:
+    """Serve until SIGINT/SIGTERM; exit code 1 if the replica broke."""
+    import uvloop
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+
+    cli_env_setup()  # vLLM's CLI default: spawn worker processes
+    if config.api_key is None and os.environ.get("VLLM_API_KEY"):
+        logger.warning("VLLM_API_KEY is ignored; set api_key (or RLBUS_INFERENCE__API_KEY) instead")
+    return uvloop.run(serve(config))
+
+
+async def serve(config: InferenceConfig) -> int:
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+    from vllm.entrypoints.launchers.launcher import setup_server
+
+    args = vllm_args(config)
+    _, sock = setup_server(args, reuse_port=False)
+    failures: list[BaseException] = []
+    try:
+        async with build_async_engine_client(args) as engine:
+            shutdown = await build_and_serve(engine, args, sock, config, failures)
+        await shutdown
+    finally:
+        sock.close()
+    return 1 if failures else 0
+
+
+async def build_and_serve(engine: Any, args: Namespace, sock: Any, config: InferenceConfig,
+                          failures: list[BaseException]) -> Any:  # fmt: skip
+    """vLLM's build_and_serve with rlbus installed; returns vLLM's shutdown awaitable."""
+    from vllm import envs
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.launcher import serve_http
+
+    from services.inference.engine import EngineWeightLoader
+    from services.inference.http import install
+    from services.inference.sync import WeightSync
+
+    supported_tasks = await engine.get_supported_tasks()
+    app = build_app(args, supported_tasks, engine.model_config)
+    replica_id = config.resolved_replica_id()
+    loader = EngineWeightLoader(engine, config.bus.endpoints.trainer_weights, replica_id, config.bus)
+
+    def on_fatal(exc: BaseException) -> None:
+        failures.append(exc)
+        server = getattr(app.state, "server", None)
+        if server is not None:
+            server.should_exit = True
+
+    sync = WeightSync(config, loader, server_started=lambda: bool(getattr(app.state.server, "started", False)),
+                      on_fatal=on_fatal)  # fmt: skip
+    install(app, sync, config.api_key)
+    await init_app_state(engine, app.state, args, supported_tasks)
+    # Weights first: a late replica serves the trainer's latest step from its first request on.
+    await sync.start()
+    logger.info("rlbus inference {} serving {} at http://{}:{}", replica_id, config.model, config.host, config.port)
+    try:
+        return await serve_http(
+            app, sock=sock, enable_ssl_refresh=args.enable_ssl_refresh, host=args.host, port=args.port,
+            log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log,
+            timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE, ssl_keyfile=args.ssl_keyfile,
+            ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs, ssl_cert_reqs=args.ssl_cert_reqs,
+            ssl_ciphers=args.ssl_ciphers, h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+            h11_max_header_count=args.h11_max_header_count,
+        )  # fmt: skip
+    finally:
+        await sync.stop()

@@ -1,0 +1,171 @@
+"""Methods vLLM mixes into its worker class (``--worker-extension-cls``): they run in the worker.
+
+The API server process cannot hand tensors to the worker (``collective_rpc``
+arguments are small control values), so it passes only the announcement, the
+trainer's weight endpoint and the bus settings; the worker pulls the step
+itself over its own DEALER socket with :func:`common.weights.fetch_step`. Every
+tensor's CRC32 and shape is checked, and every name and shape is compared with
+the checkpoint, before anything is loaded: a failed or corrupt transfer leaves
+the old weights untouched. With tensor parallelism every rank pulls the full
+step and ``load_weights`` keeps its shard.
+
+Loading goes through the worker's ``reload_weights(weights_iterator=...)``: vLLM's
+in-place reload, which calls the model's ``load_weights`` and then re-runs each
+layer's post-load processing. Plain ``model.load_weights`` is not enough: on CPU
+vLLM repacks linear weights for its GEMM kernels and frees the originals (and
+quantized GPU models transform theirs likewise). The reload processes a layer
+once all of its tensors arrived, so a step must carry every checkpoint tensor
+(partial updates would leave half-filled layers) — checked before loading.
+
+The methods return plain dicts (fields of :class:`services.inference.policy.LoadReport`)
+rather than raising, so the server can tell "refused, old weights serve" from
+"loading failed half-way".
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import numpy as np
+import zmq
+from loguru import logger
+
+from common.bus import Bus, BusError
+from common.config.base import BusConfig
+from common.messages import TensorMeta, WeightsAnnounced
+from common.weights import fetch_step
+
+if TYPE_CHECKING:
+    import torch
+
+WORKER_EXTENSION = "services.inference.worker_extension.RlbusWorkerExtension"
+TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
+
+
+class RlbusWorkerExtension:
+    """Mixed into vLLM's worker; ``self`` is the worker (``self.model_runner``, ``self.vllm_config``)."""
+
+    model_runner: Any
+    vllm_config: Any
+    _rlbus_checkpoint: dict[str, list[int]] | None
+
+    def rlbus_load_step(self, announced: dict, weights_address: str, replica_id: str, bus_config: dict) -> dict:
+        """Pull step ``announced`` from the trainer, verify it, load it; returns a LoadReport dict."""
+        meta = msgspec.convert(announced, WeightsAnnounced)
+        report: dict[str, Any] = {"ok": False, "step": meta.step, "num_bytes": meta.total_bytes}
+        started = time.perf_counter()
+        try:
+            mismatch = manifest_mismatch(meta.manifest, self._rlbus_checkpoint_shapes())
+            if mismatch:
+                raise BusError(f"step {meta.step} does not fit this model: {mismatch}")
+            arrays = pull_step(meta, weights_address, replica_id, BusConfig(**bus_config))
+            tensors = [(name, to_torch(array, dtype)) for name, array, dtype in arrays]
+        except (BusError, ValueError) as exc:
+            logger.warning("refused weights of step {}: {}", meta.step, exc)
+            return report | {"error": str(exc), "kind": "transfer", "fetch_s": time.perf_counter() - started}
+        fetched = time.perf_counter()
+        try:
+            self.reload_weights(weights_iterator=tensors)  # type: ignore[attr-defined]
+            refresh_tied_head(self.model_runner.get_model())
+        except Exception as exc:  # noqa: BLE001 - reported to the server, which restores the base weights
+            logger.exception("loading step {} failed after verification", meta.step)
+            return report | {"error": f"{type(exc).__name__}: {exc}", "kind": "load"}
+        return report | {"ok": True, "fetch_s": fetched - started, "load_s": time.perf_counter() - fetched}
+
+    def rlbus_reload_base(self) -> dict:
+        """Reload the weights from the model directory (step 0); returns a LoadReport dict."""
+        started = time.perf_counter()
+        try:
+            self.reload_weights()  # type: ignore[attr-defined]
+            refresh_tied_head(self.model_runner.get_model())
+        except Exception as exc:  # noqa: BLE001 - reported; the server treats it as fatal
+            logger.exception("reloading the base weights failed")
+            return {"ok": False, "step": 0, "error": f"{type(exc).__name__}: {exc}", "kind": "load"}
+        return {"ok": True, "step": 0, "load_s": time.perf_counter() - started}
+
+    def _rlbus_checkpoint_shapes(self) -> dict[str, list[int]] | None:
+        if not hasattr(self, "_rlbus_checkpoint"):
+            self._rlbus_checkpoint = checkpoint_shapes(Path(self.vllm_config.model_config.model))
+        return self._rlbus_checkpoint
+
+
+def refresh_tied_head(model: Any) -> None:
+    """Re-run the post-load processing of an ``lm_head`` tied to the embedding.
+
+    vLLM 0.32 on CPU packs the head's weight for its GEMM kernel after loading. An
+    in-place reload never loads a tied head (the checkpoint has no such tensor), so
+    it is not processed again and keeps computing logits with the *old* embedding
+    while everything else moved on. Harmless elsewhere (a no-op off CPU).
+    """
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is None or embed is None or getattr(head, "weight", None) is not getattr(embed, "weight", None):
+        return
+    method = getattr(head, "quant_method", None)
+    if method is not None:
+        method.process_weights_after_loading(head)
+
+
+def pull_step(announced: WeightsAnnounced, address: str, replica_id: str,
+              bus_config: BusConfig) -> list[tuple[str, np.ndarray, str]]:  # fmt: skip
+    """All tensors of ``announced``, CRC-checked, over a DEALER used for this step only
+    (so a late reply to an abandoned fetch can never be mistaken for this step's)."""
+    with Bus(bus_config) as bus:
+        sock = bus.connect(zmq.DEALER, address, "weights")
+        return fetch_step(bus, sock, announced, replica_id, bus_config.request_timeout_s, retries=2)
+
+
+def to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """A tensor viewing ``array`` (no copy); ``bfloat16`` arrives as uint16 bits."""
+    import torch
+
+    expected = "uint16" if dtype == "bfloat16" else dtype
+    if array.dtype.name != expected:
+        raise ValueError(f"tensor announced as {dtype} arrived as {array.dtype.name}")
+    with warnings.catch_warnings():
+        # Frames are read-only; load_weights only reads the tensor, copying it into the parameter.
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+
+
+def checkpoint_shapes(model_dir: Path) -> dict[str, list[int]] | None:
+    """Tensor name -> shape from the safetensors headers in ``model_dir``; None if there are none
+    (a hub name, another format), in which case names are not checked before loading."""
+    files = sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() else []
+    if not files:
+        logger.warning("no safetensors in {}; weight names are not checked before loading", model_dir)
+        return None
+    shapes: dict[str, list[int]] = {}
+    for file in files:
+        with file.open("rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_len))
+        shapes |= {name: entry["shape"] for name, entry in header.items() if name != "__metadata__"}
+    return shapes
+
+
+def manifest_mismatch(manifest: list[TensorMeta], shapes: dict[str, list[int]] | None) -> str:
+    """Why ``manifest`` cannot load into a model with checkpoint ``shapes`` ("" if it can)."""
+    if shapes is None:
+        return ""
+    # Tied models save only the embedding; a trainer sending state_dict() also sends the head.
+    tied = TIED_HEAD not in shapes and TIED_EMBEDDING in shapes
+    if tied:
+        shapes = shapes | {TIED_HEAD: shapes[TIED_EMBEDDING]}
+    unknown = [meta.name for meta in manifest if meta.name not in shapes]
+    if unknown:
+        return f"{len(unknown)} tensor(s) not in the checkpoint, e.g. {unknown[0]}"
+    missing = set(shapes) - {meta.name for meta in manifest} - ({TIED_HEAD} if tied else set())
+    if missing:
+        return f"partial updates are not supported: {len(missing)} checkpoint tensor(s) missing, e.g. {min(missing)}"
+    for meta in manifest:
+        if meta.shape != shapes[meta.name]:
+            return f"tensor {meta.name} has shape {meta.shape}, the checkpoint has {shapes[meta.name]}"
+    return ""

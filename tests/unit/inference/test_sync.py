@@ -1,0 +1,179 @@
+"""The replica's bus side over real sockets, with a fake engine loader (no vLLM).
+
+The test plays trainer (a real WeightServer), orchestrator (ROUTER) and monitor (PULL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import zmq
+
+from common.abus import AsyncBus
+from common.bus import Bus
+from common.config.base import BusEndpoints
+from common.messages import Ack, Event, Heartbeat, MetricsReport, PolicyLoaded, WeightsAnnounced
+from common.weights import WeightServer, WeightStore
+from services.inference.config import InferenceConfig
+from services.inference.policy import LoadReport, policy_ref
+from services.inference.sync import WeightSync
+
+WEIGHTS = [("w", np.ones((4, 4), np.float32), "float32")]
+
+
+class FakeLoader:
+    """Stands in for the engine: records loads; ``outcomes[step]`` scripts a failure."""
+
+    def __init__(self) -> None:
+        self.loaded: list[int] = []
+        self.num_reloads = 0
+        self.outcomes: dict[int, LoadReport] = {}
+
+    async def load_step(self, announced: WeightsAnnounced) -> LoadReport:
+        self.loaded.append(announced.step)
+        return self.outcomes.get(announced.step) or LoadReport(
+            ok=True, step=announced.step, num_bytes=announced.total_bytes, fetch_s=0.01, load_s=0.01
+        )
+
+    async def reload_base(self) -> LoadReport:
+        self.num_reloads += 1
+        return LoadReport(ok=True, step=0, load_s=0.01)
+
+    async def abort_in_flight(self) -> None:
+        pytest.fail("nothing is in flight in these tests")
+
+    def engine_dead(self) -> bool:
+        return False
+
+
+class World:
+    """Trainer, orchestrator and monitor around one replica."""
+
+    def __init__(self, bus_config, endpoint: Callable[..., str], published: int | None) -> None:
+        names = ("trainer_weights", "trainer_announce", "orchestrator_policy", "monitor_telemetry")
+        self.endpoints = BusEndpoints(**{name: endpoint(name, fixed=True) for name in names})
+        config = bus_config.model_copy(update={"endpoints": self.endpoints, "heartbeat_interval_s": 0.1})
+        self.config = InferenceConfig(bus=config, startup_weights_timeout_s=2, port=8123, replica_id="replica-t")
+        self.trainer_bus = Bus(config)
+        self.trainer = WeightServer(self.trainer_bus, self.endpoints.trainer_weights, self.endpoints.trainer_announce,
+                                    WeightStore(bucket_bytes=1 << 20)).start()  # fmt: skip
+        if published is not None:
+            self.trainer.publish(published, WEIGHTS)
+        self.bus = AsyncBus(config)
+        self.orchestrator = self.bus.bind(zmq.ROUTER, self.endpoints.orchestrator_policy, "policy")
+        self.monitor = self.bus.bind(zmq.PULL, self.endpoints.monitor_telemetry, "telemetry")
+        self.loader = FakeLoader()
+        self.sync = WeightSync(self.config, self.loader)
+
+    async def policy_loaded(self, step: int, ack: bool = True) -> PolicyLoaded:
+        """The next PolicyLoaded for ``step`` (earlier steps' reports are skipped)."""
+        deadline = time.monotonic() + 20
+        while (received := await self.bus.recv_before(self.orchestrator, deadline, PolicyLoaded)) is not None:
+            identity, report = received
+            if report.step == step:
+                if ack:
+                    await self.bus.send(self.orchestrator, Ack(ref=policy_ref(step)), identity)
+                return report
+        raise AssertionError(f"no PolicyLoaded for step {step}")
+
+    async def telemetry(self, kind: type, predicate: Callable = lambda m: True):
+        deadline = time.monotonic() + 20
+        while (message := await self.bus.recv_before(self.monitor, deadline, None)) is not None:
+            if isinstance(message, kind) and predicate(message):
+                return message
+        raise AssertionError(f"no matching {kind.__name__}")
+
+    async def close(self) -> None:
+        await self.sync.stop()
+        self.trainer.stop()
+        self.trainer_bus.close()
+        self.bus.close()
+
+
+def run(bus_config, endpoint, scenario, published: int | None = None):
+    async def main():
+        world = World(bus_config, endpoint, published)
+        try:
+            return await asyncio.wait_for(scenario(world), 30)
+        finally:
+            await world.close()
+
+    return asyncio.run(main())
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Let the replica's loops run until ``predicate`` holds (the caller's wait_for bounds it)."""
+    while not predicate():
+        await asyncio.sleep(0.01)
+
+
+def test_a_late_replica_loads_the_latest_step_before_serving(bus_config, endpoint):
+    async def scenario(world: World):
+        await world.sync.start()
+        state = (world.sync.tracker.step, world.sync.gate.step, world.sync.gate.is_open, world.loader.loaded)
+        report = await world.policy_loaded(2)
+        await until(lambda: world.sync.reporter.is_acknowledged)
+        return state, report
+
+    state, report = run(bus_config, endpoint, scenario, published=2)
+    assert state == (2, 2, True, [2])
+    assert (report.replica_id, report.base_url) == ("replica-t", "http://127.0.0.1:8123/v1")
+
+
+def test_without_a_published_step_the_base_serves_then_announcements_swap(bus_config, endpoint):
+    async def scenario(world: World):
+        await world.sync.start()
+        base = (world.sync.tracker.step, world.sync.tracker.served.source)
+        await world.policy_loaded(0)
+        world.trainer.publish(1, WEIGHTS)
+        await world.policy_loaded(1)
+        metrics = await world.telemetry(MetricsReport, lambda m: "inference/weight_update_s" in m.metrics)
+        heartbeat = await world.telemetry(Heartbeat, lambda m: m.step == 1)
+        return base, world.sync.gate.step, world.loader.loaded, metrics, heartbeat
+
+    base, gate_step, loaded, metrics, heartbeat = run(bus_config, endpoint, scenario)
+    assert base == (0, "base") and gate_step == 1 and loaded == [1]
+    assert metrics.step == 1 and metrics.metrics["inference/weight_update_mb"] == WEIGHTS[0][1].nbytes / 1e6
+    assert (heartbeat.service, heartbeat.replica_id, heartbeat.status) == ("inference", "replica-t", "ready")
+
+
+def test_a_refused_transfer_keeps_the_old_step_and_is_reported(bus_config, endpoint):
+    async def scenario(world: World):
+        world.loader.outcomes[2] = LoadReport(ok=False, step=2, error="checksum mismatch on tensor w", kind="transfer")
+        await world.sync.start()
+        world.trainer.publish(2, WEIGHTS)
+        event = await world.telemetry(Event, lambda m: m.kind == "weights_refused")
+        return event, world.sync.tracker.step, world.sync.gate.step, world.sync.gate.is_open, world.loader.num_reloads
+
+    event, step, gate_step, is_open, num_reloads = run(bus_config, endpoint, scenario, published=1)
+    assert event.level == "error" and "checksum mismatch on tensor w" in event.message
+    assert event.fields == {"step": 2, "serving_step": 1, "failure": "transfer"}
+    assert (step, gate_step, is_open, num_reloads) == (1, 1, True, 0)
+
+
+def test_a_load_failing_half_way_restores_the_base_weights(bus_config, endpoint):
+    async def scenario(world: World):
+        world.loader.outcomes[2] = LoadReport(ok=False, step=2, error="AssertionError: shape", kind="load")
+        await world.sync.start()
+        await world.policy_loaded(1)
+        world.trainer.publish(2, WEIGHTS)
+        await world.policy_loaded(0)
+        return world.sync.tracker.served.source, world.loader.num_reloads, world.sync.tracker.last_error
+
+    source, num_reloads, last_error = run(bus_config, endpoint, scenario, published=1)
+    assert (source, num_reloads) == ("base", 1)
+    assert last_error == "step 2: AssertionError: shape"
+
+
+def test_reload_base_is_serialised_with_swaps_and_reported(bus_config, endpoint):
+    async def scenario(world: World):
+        await world.sync.start()
+        report = await world.sync.reload_base()
+        loaded = await world.policy_loaded(0)
+        return report.ok, world.sync.tracker.served.source, loaded.step
+
+    assert run(bus_config, endpoint, scenario, published=3) == (True, "base", 0)
