@@ -97,12 +97,16 @@ async def build_and_serve(engine: Any, args: Namespace, sock: Any, config: Infer
 
     def on_fatal(exc: BaseException) -> None:
         failures.append(exc)
-        server = getattr(app.state, "server", None)
+        server = getattr(getattr(app, "state", None), "server", None)
         if server is not None:
             server.should_exit = True
 
-    sync = WeightSync(config, loader, server_started=lambda: bool(getattr(app.state.server, "started", False)),
-                      on_fatal=on_fatal)  # fmt: skip
+    def server_started() -> bool:
+        # serve_http sets app.state.server; the lifespan deletes app.state on shutdown.
+        server = getattr(getattr(app, "state", None), "server", None)
+        return bool(getattr(server, "started", False))
+
+    sync = WeightSync(config, loader, server_started=server_started, on_fatal=on_fatal)
     install(app, sync, config.api_key)
     await init_app_state(engine, app.state, args, supported_tasks)
     # Weights first: a late replica serves the trainer's latest step from its first request on.

@@ -155,8 +155,13 @@ class WeightSync:
         """Reload the model directory's weights (the ``/rlbus/reload_weights`` control route)."""
         async with self._swap_lock, self.gate.swapping(self.config.swap_drain_timeout_s, self.loader.abort_in_flight):
             self.tracker.begin_swap()
-            # Stamped now: only publications newer than this reload replace it.
-            report = await self._restore_base(time.time())
+            try:
+                # Stamped now: only publications newer than this reload replace it.
+                report = await self._restore_base(time.time())
+            except ReplicaBroken as exc:
+                if self.on_fatal is not None:
+                    self.on_fatal(exc)
+                raise
         await self._report_policy()
         return report
 

@@ -31,6 +31,7 @@ class FakeLoader:
     def __init__(self) -> None:
         self.loaded: list[int] = []
         self.num_reloads = 0
+        self.reload_error = ""
         self.outcomes: dict[int, LoadReport] = {}
 
     async def load_step(self, announced: WeightsAnnounced) -> LoadReport:
@@ -41,7 +42,7 @@ class FakeLoader:
 
     async def reload_base(self) -> LoadReport:
         self.num_reloads += 1
-        return LoadReport(ok=True, step=0, load_s=0.01)
+        return LoadReport(ok=not self.reload_error, step=0, load_s=0.01, error=self.reload_error, kind="load")
 
     async def abort_in_flight(self) -> None:
         pytest.fail("nothing is in flight in these tests")
@@ -67,7 +68,8 @@ class World:
         self.orchestrator = self.bus.bind(zmq.ROUTER, self.endpoints.orchestrator_policy, "policy")
         self.monitor = self.bus.bind(zmq.PULL, self.endpoints.monitor_telemetry, "telemetry")
         self.loader = FakeLoader()
-        self.sync = WeightSync(self.config, self.loader)
+        self.fatal: list[BaseException] = []
+        self.sync = WeightSync(self.config, self.loader, on_fatal=self.fatal.append)
 
     async def policy_loaded(self, step: int, ack: bool = True) -> PolicyLoaded:
         """The next PolicyLoaded for ``step`` (earlier steps' reports are skipped)."""
@@ -167,6 +169,19 @@ def test_a_load_failing_half_way_restores_the_base_weights(bus_config, endpoint)
     source, num_reloads, last_error = run(bus_config, endpoint, scenario, published=1)
     assert (source, num_reloads) == ("base", 1)
     assert last_error == "step 2: AssertionError: shape"
+
+
+def test_a_replica_that_cannot_restore_working_weights_gives_up(bus_config, endpoint):
+    async def scenario(world: World):
+        world.loader.outcomes[2] = LoadReport(ok=False, step=2, error="AssertionError: shape", kind="load")
+        world.loader.reload_error = "disk gone"
+        await world.sync.start()
+        world.trainer.publish(2, WEIGHTS)
+        await until(lambda: world.fatal)
+        return world.fatal
+
+    (fatal,) = run(bus_config, endpoint, scenario, published=1)
+    assert type(fatal).__name__ == "ReplicaBroken" and "disk gone" in str(fatal)
 
 
 def test_reload_base_is_serialised_with_swaps_and_reported(bus_config, endpoint):
