@@ -249,6 +249,23 @@ class InferenceClient:
             self._failed(replica, "/health did not answer 200")
         return healthy
 
+    async def ready_urls(self) -> list[str]:
+        """The replicas whose ``/health`` answers 200 now (all asked at once).
+
+        rlbus inference answers 503 until its engine is up and its first weights are
+        loaded; a plain vLLM server refuses connections until then.
+        """
+
+        async def ready(replica: Replica) -> bool:
+            try:
+                response = await self.http.get(replica.root + "/health", timeout=HEALTH_TIMEOUT_S)
+            except httpx.TransportError:
+                return False
+            return response.status_code == 200
+
+        answers = await asyncio.gather(*(ready(r) for r in self.replicas))
+        return [r.url for r, ok in zip(self.replicas, answers, strict=True) if ok]
+
     @property
     def num_unhealthy(self) -> int:
         return sum(1 for r in self.replicas if r.failures)

@@ -2,6 +2,8 @@
 
 One asyncio loop owns the DEALER connected to the orchestrator's task ROUTER.
 
+- Start: no task is asked for before an inference replica answers ``/health`` with
+  200; while vLLM starts (a minute or more on a CPU) every rollout would fail.
 - Credit: ``TaskRequest.num_tasks`` adds to the credit the orchestrator keeps for
   this connection. On every (re)connection — the ROUTER then knows the worker
   under a new identity, with no credit — the worker offers all its free slots;
@@ -17,6 +19,7 @@ One asyncio loop owns the DEALER connected to the orchestrator's task ROUTER.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -42,6 +45,10 @@ from services.env_worker.tokens import TurnRenderer
 
 # How often the loop does its housekeeping (heartbeats, resends) while no message arrives.
 TICK_S = 0.25
+# How often a worker waiting for its first ready inference replica asks /health again,
+# and how often it says in its log that it still waits.
+INFERENCE_POLL_S = 1.0
+INFERENCE_LOG_S = 30.0
 # Reported to the monitor as ``env_worker/<name>``, cumulative since the worker started.
 COUNTERS = ("tasks", "rollouts", "errored_rollouts", "empty_rollouts", "results_resent", "results_refused",
             "duplicate_tasks")  # fmt: skip
@@ -75,8 +82,11 @@ class EnvWorker:
     """Takes tasks over the bus, runs them with a :class:`RolloutRunner`, returns acknowledged results."""
 
     def __init__(self, config: EnvWorkerConfig, runner: RolloutRunner, bus: AsyncBus,
-                 environments: EnvironmentCache | None = None, inference_stats: Any = None) -> None:  # fmt: skip
+                 environments: EnvironmentCache | None = None, inference_stats: Any = None,
+                 inference: InferenceClient | None = None) -> None:  # fmt: skip
         self.config, self.runner, self.bus = config, runner, bus
+        self.inference = inference
+        """Asked for a ready replica before the first task; None takes tasks at once."""
         self.worker_id = config.worker_id or default_worker_id()
         self.environments = environments or EnvironmentCache()
         self.inference_stats = inference_stats
@@ -106,6 +116,7 @@ class EnvWorker:
         logger.info("env-worker {} taking tasks from {}", self.worker_id, self.tasks_out.address)
         self.telemetry.event("started", f"env-worker {self.worker_id} started")
         try:
+            await self.wait_for_inference()
             while not self.stopping.is_set():
                 message = await self.bus.recv_before(
                     self.tasks_out, time.monotonic() + TICK_S, (RolloutTask, ResultAck)
@@ -122,6 +133,34 @@ class EnvWorker:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    async def wait_for_inference(self) -> None:
+        """Return once a replica answers ``/health`` with 200 (or on :meth:`stop`).
+
+        Until then the orchestrator gets no credit from this worker: the connection
+        events wait in their socket, and the first pass of the loop sends the credit.
+        """
+        if self.inference is None:
+            return
+        urls = ", ".join(r.url for r in self.inference.replicas)
+        waiting_since, started = time.time(), time.monotonic()
+        log_at = started + INFERENCE_LOG_S
+        while not self.stopping.is_set():
+            ready = await self.inference.ready_urls()
+            if ready:
+                logger.info("inference ready at {} after {:.0f}s: taking tasks", ", ".join(ready),
+                            time.monotonic() - started)  # fmt: skip
+                return
+            now = time.monotonic()
+            if now - self._last_heartbeat >= self.config.bus.heartbeat_interval_s:
+                self._last_heartbeat = now
+                self.telemetry.heartbeat(status="waiting", step=self.policy_step, waiting_since=waiting_since,
+                                         waiting_for=f"an inference replica ready at {urls}")  # fmt: skip
+            if now >= log_at:
+                logger.info("waited {:.0f}s for an inference replica ready at {}", now - started, urls)
+                log_at = now + INFERENCE_LOG_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), INFERENCE_POLL_S)
 
     async def handle(self, message: RolloutTask | ResultAck) -> None:
         if isinstance(message, ResultAck):
@@ -261,7 +300,7 @@ async def serve(config: EnvWorkerConfig) -> None:
     runner = RolloutRunner(client, TurnRenderer(client), config.env_timeout_s)
     try:
         with AsyncBus(config.bus) as bus:
-            worker = EnvWorker(config, runner, bus, inference_stats=client.stats)
+            worker = EnvWorker(config, runner, bus, inference_stats=client.stats, inference=client)
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, worker.stop)

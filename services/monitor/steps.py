@@ -11,7 +11,7 @@ metrics.jsonl does not wait: it gets every report as it arrives.
 
 Services that report periodically (inference, env-workers) may report one
 step several times: a replica's later values replace its earlier ones. A
-name reported by two services (both have ``time/step``) is ambiguous: from
+name reported by two services (say both sent ``time/step``) is ambiguous: from
 the first time that happens on, it is shown as ``<service>/<name>``.
 """
 

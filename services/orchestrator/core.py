@@ -252,7 +252,8 @@ class Orchestrator:
             "dropped/stale_groups": float(self.buffer.num_stale_groups),
             "tasks/reissued": float(self.ledger.num_reissued),
             "errored_rollouts_dropped": float(self.num_errored_dropped),
-            "time/step": now - self._last_build,
+            # Not "time/step": that is the trainer's; this is the time since the previous batch was built.
+            "time/batch_interval": now - self._last_build,
             "time/wait_for_ckpt": self._wait_for_policy_s,
             "progress/step": float(step),
             "progress/total_samples": float(self.totals["samples"]),

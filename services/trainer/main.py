@@ -8,7 +8,11 @@ once the config is valid.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import signal
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from loguru import logger
 
 from common.logging import setup_logging
 from services.entry import run_config_command
@@ -22,18 +26,45 @@ def _rank_logging(config: TrainerConfig | SftConfig) -> None:
         setup_logging(f"{config.SERVICE}-rank{rank}", config.output_dir, config.log.level, config.log.json_lines)
 
 
+class Terminated(BaseException):
+    """Raised in the main thread by SIGTERM (what the launcher, torchrun and ``kill`` send).
+
+    Python's default SIGTERM action ends the process without a word; raising instead
+    runs every ``finally`` (weight server, process group) and leaves a line in the log.
+    A BaseException, so that no ``except Exception`` on the way swallows it.
+    """
+
+
+def _raise_terminated(_signum: int, _frame: Any) -> None:
+    raise Terminated
+
+
+def _until_sigterm(config: TrainerConfig | SftConfig, run: Callable[[Any], int]) -> int:
+    """``run(config)``; on SIGTERM, log where the run can resume and exit 143 (128 + SIGTERM)."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return run(config)
+    except Terminated:
+        resume = ("resume with --ckpt.resume-step -1" if config.ckpt.enabled
+                  else "checkpoints are off (--ckpt.enabled), so a restart begins from the start")  # fmt: skip
+        logger.warning("{} got SIGTERM: stopped; {}", config.SERVICE, resume)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run_trainer(config: TrainerConfig) -> int:
     _rank_logging(config)
     from services.trainer.service import run_trainer
 
-    return run_trainer(config)
+    return _until_sigterm(config, run_trainer)
 
 
 def _run_sft(config: SftConfig) -> int:
     _rank_logging(config)
     from services.trainer.sft import run_sft
 
-    return run_sft(config)
+    return _until_sigterm(config, run_sft)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import threading
+
 import numpy as np
 import pytest
 
+from common.config import write_toml
 from common.config.base import BusConfig, BusEndpoints
 from common.messages import BatchRequest, Refused, TrainBatch
 from services.trainer.config import TrainerConfig
@@ -94,3 +100,28 @@ def test_refusal_naming_the_next_step_moves_the_trainer_there(tiny_model_dir, tm
     assert [r.step for r in orchestrator.requests] == [1, 3]
     assert [(a.step, a.ok) for a in orchestrator.acks] == [(3, True)]
     assert sorted(metrics) == [3]
+
+
+def test_sigterm_stops_the_trainer_with_a_log_line_and_exit_143(tiny_model_dir, tmp_path):  # noqa: F811
+    """What the launcher sends on stop: the trainer says so in its log, closes its sockets, exits 128 + 15."""
+    bus = BusConfig(endpoints=endpoints(), request_timeout_s=5, heartbeat_interval_s=0.5, linger_ms=0)
+    config = TrainerConfig(model=str(tiny_model_dir), output_dir=tmp_path, max_steps=3, bus=bus, peak_flops=1e11)
+    config_path = write_toml(config, tmp_path / "trainer.toml")
+    asked = threading.Event()
+
+    def no_batch(_request: BatchRequest) -> list:
+        asked.set()  # the trainer is in its loop, waiting for a batch
+        return []
+
+    with FakeMonitor(bus.endpoints.monitor_telemetry), FakeOrchestrator(bus.endpoints.orchestrator_batches, no_batch), \
+            (tmp_path / "trainer.out").open("wb") as output:  # fmt: skip
+        trainer = subprocess.Popen([sys.executable, "-m", "services.cli", "trainer", "@", str(config_path)],
+                                   stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            assert asked.wait(180), "the trainer never asked for a batch"
+            trainer.send_signal(signal.SIGTERM)
+            trainer.wait(timeout=60)
+        finally:
+            trainer.kill()
+    assert trainer.returncode == 128 + signal.SIGTERM, (tmp_path / "trainer.out").read_text()[-2000:]
+    assert "trainer got SIGTERM: stopped" in (tmp_path / "logs" / "trainer.log").read_text()

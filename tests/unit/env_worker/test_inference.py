@@ -191,3 +191,19 @@ def test_chat_is_tokenized_at_the_server_root(servers: list[ScriptedServer]) -> 
     assert (tokenized.ids, tokenized.max_model_len) == ([1, 2, 3], 512)
     assert server.requests[0] == ("/tokenize", {"messages": messages, "add_generation_prompt": True,
                                                 "continue_final_message": False})  # fmt: skip
+
+
+def test_ready_urls_names_only_replicas_whose_health_answers_200(servers: list[ScriptedServer]) -> None:
+    starting, ready = servers
+    starting.health = 503  # rlbus inference while vLLM starts
+    closed = f"http://127.0.0.1:{free_tcp_port()}/v1"  # a plain vLLM server before it listens
+
+    async def run() -> list[str]:
+        inference = client([starting.url, closed, ready.url])
+        try:
+            return await inference.ready_urls()
+        finally:
+            await inference.close()
+
+    assert asyncio.run(run()) == [ready.url]
+    assert starting.requests == [("/health", {})] and ready.requests == [("/health", {})]

@@ -241,3 +241,38 @@ def test_bad_frames_and_a_broken_environment_do_not_stop_the_worker(scripted, re
     assert [r.error for r in by_id["t0"].rollouts] == [None, None]
     assert report.metrics["env_worker/errored_rollouts"] == 2 and report.metrics["env_worker/empty_rollouts"] == 0
     assert worker.bus.stats.decode_errors["tasks"] == 1
+
+
+def test_no_task_is_asked_for_before_an_inference_replica_is_ready(scripted, renderer: TurnRenderer) -> None:
+    from services.env_worker.inference import InferenceClient
+    from tests.unit.env_worker.test_inference import ScriptedServer
+
+    endpoint, server = f"tcp://127.0.0.1:{free_tcp_port()}", ScriptedServer()
+    server.health = 503  # vLLM is still starting
+    orchestrator = FakeOrchestrator(endpoint, [rollout_task(0)])
+    config = worker_config(endpoint, "w0")
+    runner = RolloutRunner(scripted(lambda p, s: "ok"), renderer, env_timeout_s=60)
+    requests_while_starting: list[TaskRequest] = []
+
+    async def scenario(inference: InferenceClient) -> None:
+        try:
+            await orchestrator.serve_until(lambda: len(server.requests) >= 3)  # the worker asked /health 3 times
+            requests_while_starting.extend(orchestrator.requests)
+            server.health = 200
+            await orchestrator.serve_until(lambda: len(orchestrator.results) == 1)
+        finally:
+            await inference.close()
+
+    async def main() -> None:
+        inference = InferenceClient([server.url])
+        worker = EnvWorker(config, runner, AsyncBus(config.bus),
+                           EnvironmentCache(lambda env_id, args: CountingEnvironment(1)), inference=inference)  # fmt: skip
+        await run_workers([worker], scenario(inference))
+
+    try:
+        asyncio.run(main())
+    finally:
+        orchestrator.close()
+        server.close()
+    assert requests_while_starting == []
+    assert orchestrator.requests[0].num_tasks == 2 and [r.task_id for r in orchestrator.results] == ["t0"]
