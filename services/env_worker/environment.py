@@ -21,12 +21,13 @@ tool calls included. The full guide is ``docs/environments.md``.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from common.jsonl import read_json_objects
 
 Message = dict[str, Any]
 """One chat message in the OpenAI format: ``{"role": ..., "content": ...}`` (plus ``tool_calls``)."""
@@ -211,18 +212,7 @@ class Environment:
 
 def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Examples from a JSON-lines file, one object per line; ValueError names a bad line."""
-    examples = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            example = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number} is not JSON: {exc}") from None
-        if not isinstance(example, dict) or "prompt" not in example:
-            raise ValueError(f"{path}:{number} must be an object with a 'prompt', got {line[:80]!r}")
-        examples.append(example)
-    return examples
+    return read_json_objects(path, required_key="prompt")
 
 
 def _named_params(func: Callable[..., Any]) -> set[str]:

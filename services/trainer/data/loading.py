@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from common.jsonl import read_json_objects
+
 Row = dict[str, Any]
 
 
@@ -22,26 +24,12 @@ def read_rows(path: str | Path, split: str = "train") -> list[Row]:
     if path.is_dir():
         return _read_saved_dataset(path, split)
     if path.suffix in (".jsonl", ".json"):
-        return _read_jsonl(path)
+        return read_json_objects(path)
     if path.suffix == ".parquet":
         return _arrow().parquet.read_table(path).to_pylist()
     raise ValueError(f"SFT data {path}: expected a .jsonl, .json or .parquet file or a saved dataset folder")
 
 
-def _read_jsonl(path: Path) -> list[Row]:
-    rows = []
-    with path.open() as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number} is not valid JSON: {exc.msg}") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number} is a {type(row).__name__}, expected a JSON object")  # noqa: TRY004
-            rows.append(row)
-    return rows
 
 
 def _read_saved_dataset(folder: Path, split: str) -> list[Row]:
