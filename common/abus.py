@@ -16,7 +16,7 @@ import zmq
 import zmq.asyncio
 from loguru import logger
 
-from common.bus import BusCore, Expected, Received, SubscriberBase, is_subscription, remaining_ms, type_names
+from common.bus import MAX_PUMP_READS, BusCore, Expected, Received, SubscriberBase, remaining_ms, type_names
 from common.messages import Hello, Message
 
 
@@ -35,11 +35,12 @@ class AsyncBus(BusCore):
     context_class = zmq.asyncio.Context
 
     async def send(self, sock: AsyncBusSocket, message: Message, identity: bytes | None = None) -> None:
-        """Send ``message`` (after ``identity`` on a ROUTER); waits while the peer's queue is full.
+        """Send ``message`` (after ``identity`` on a ROUTER); waits while the peer's queue is full
+        (on a ROUTER: raises PeerUnreachable instead).
         Array buffers are sent without copying: do not modify them afterwards."""
         frames = self.frames(sock, message, identity)
         try:
-            await sock.send_multipart(frames, copy=False)
+            await sock.send_multipart(frames, self.send_flags(identity), copy=False)
         except zmq.ZMQError as exc:
             self.raise_unreachable(sock, identity, exc)
 
@@ -99,8 +100,10 @@ class AsyncPublisher:
     async def pump(self, timeout_s: float = 0.0) -> int:
         """Greet the subscribers that joined since the last call; returns how many joined."""
         num_joined, deadline = 0, time.monotonic() + timeout_s
-        while await self.sock.poll(remaining_ms(deadline) if num_joined == 0 else 0):
-            num_joined += is_subscription(await self.sock.recv())
+        for _ in range(MAX_PUMP_READS):
+            if not await self.sock.poll(remaining_ms(deadline) if num_joined == 0 else 0):
+                break
+            num_joined += self.bus.joined(self.sock, await self.sock.recv_multipart())
         if num_joined:
             # One Hello serves every subscriber that joined; the others ignore it.
             self.num_greetings += 1

@@ -1,7 +1,8 @@
 """Sockets of the rlbus bus: created by role, typed send/receive, handshakes.
 
 A :class:`Bus` owns a ZeroMQ context and the :class:`BusConfig` every socket is
-configured from. Frames that do not decode are logged, counted in ``bus.stats``
+configured from, CurveZMQ keys included (:mod:`common.curve`: bound sockets are
+Curve servers behind a ZAP allow list, the others Curve clients). Frames that do not decode are logged, counted in ``bus.stats``
 and skipped, so one bad peer cannot stall a receiver. Every wait has a deadline
 and ends in :class:`BusTimeout` saying what was awaited, where, for how long.
 Pub/sub starts with a handshake, not sleeps: the publisher's XPUB answers each
@@ -22,8 +23,9 @@ from typing import Any
 import zmq
 from loguru import logger
 
-from common.codec import DEFAULT_MAX_BODY_BYTES, DecodeError, Frame, decode, encode
+from common.codec import DecodeError, Frame, decode, encode
 from common.config.base import BusConfig
+from common.curve import CurveGuard, check_bind_allowed
 from common.messages import Event, Heartbeat, Hello, Message, MetricsReport
 
 Expected = type[Message] | tuple[type[Message], ...] | None
@@ -34,6 +36,8 @@ Received = Message | tuple[bytes, Message]
 # few of each kind per socket role, then only every ``_LOG_EVERY``-th.
 _LOG_FIRST = 10
 _LOG_EVERY = 1000
+# Subscription frames read per pump: a flood of bad ones must not starve the owner's other sockets.
+MAX_PUMP_READS = 1000
 
 
 class BusError(RuntimeError):
@@ -54,8 +58,26 @@ class BusStats:
 
     decode_errors: Counter[str] = field(default_factory=Counter)
     """Messages skipped because they did not decode or had an unexpected type."""
+    rejected_reasons: Counter[str] = field(default_factory=Counter)
+    """The same messages keyed by ``DecodeError.reason`` (``bad_array``, ``too_many_frames`` ...)."""
     dropped: Counter[str] = field(default_factory=Counter)
     """Messages dropped instead of blocking the sender (telemetry at its HWM)."""
+    auth_rejected: Counter[str] = field(default_factory=Counter)
+    """Peers refused by CurveZMQ on a bound socket (unknown key, no Curve, wrong server key)."""
+
+    def metrics(self) -> dict[str, float]:
+        """``bus/...`` metrics of the rejections and drops so far; empty while there were none."""
+        metrics: dict[str, float] = {}
+        if self.decode_errors:
+            metrics["bus/rejected_messages"] = float(sum(self.decode_errors.values()))
+            metrics.update({f"bus/rejected_by_socket/{k}": float(n) for k, n in self.decode_errors.items()})
+            metrics.update({f"bus/rejected_by_reason/{k}": float(n) for k, n in self.rejected_reasons.items()})
+        if self.dropped:
+            metrics["bus/dropped_telemetry"] = float(sum(self.dropped.values()))
+        if rejected := dict(self.auth_rejected):  # a copy: the Curve handler thread adds to it
+            metrics["bus/auth_rejected"] = float(sum(rejected.values()))
+            metrics.update({f"bus/auth_rejected_by_socket/{k}": float(n) for k, n in rejected.items()})
+        return metrics
 
 
 class BusSocket(zmq.Socket):
@@ -110,14 +132,25 @@ def is_subscription(frame: bytes) -> bool:
     return frame[:1] == b"\x01"
 
 
+def subscription_reason(frames: list[bytes]) -> str | None:
+    """Why what an XPUB received is not a (un)subscription (an XSUB peer may send anything);
+    None when it is one: a single frame starting with byte 1 or 0."""
+    if len(frames) != 1:
+        return f"{len(frames)} frames, where a subscription is one"
+    if frames[0][:1] not in (b"\x00", b"\x01"):
+        return f"a {len(frames[0])}-byte frame starting {frames[0][:8]!r}, where a subscription starts with 0 or 1"
+    return None
+
+
 def remaining_ms(deadline: float) -> int:
     return max(0, math.ceil((deadline - time.monotonic()) * 1000))
 
 
 def _log_sampled(counter: Counter[str], key: str, text: str) -> None:
+    # Every one is logged at debug level; warnings are sampled so a flood cannot fill the disk.
     count = counter[key]
-    if count <= _LOG_FIRST or count % _LOG_EVERY == 0:
-        logger.warning("{} (#{} on {})", text, count, key)
+    level = "WARNING" if count <= _LOG_FIRST or count % _LOG_EVERY == 0 else "DEBUG"
+    logger.log(level, "{} (#{} on {})", text, count, key)
 
 
 class BusCore:
@@ -132,17 +165,22 @@ class BusCore:
         self._owns_context = context is None
         self.context = context if context is not None else self.context_class()
         self._sockets: list[zmq.Socket] = []
-        # Also enforced per frame by MAXMSGSIZE; bodies keep the codec's tighter default.
+        self.curve = (CurveGuard(config.curve, self.context, self.stats.auth_rejected)
+                      if config.curve.keys_dir is not None else None)  # fmt: skip
+        # Checked by the codec before parsing; frames are also capped by MAXMSGSIZE in libzmq.
         self._limits = {
             "max_frames": config.max_frames,
-            "max_body_bytes": min(config.max_frame_bytes, DEFAULT_MAX_BODY_BYTES),
-            "max_buffer_bytes": config.max_frame_bytes,
+            "max_header_bytes": config.max_header_bytes,
+            "max_frame_bytes": config.max_frame_bytes,
+            "max_payload_bytes": config.max_payload_bytes,
         }
 
     def bind(self, socket_type: int, address: str, role: str | None = None) -> Any:
         """A socket bound at ``address`` (tcp host replaced by ``config.bind_host``; port may be ``*``)."""
-        sock = self._open(socket_type, role)
-        sock.bind(bind_address(address, self.config.bind_host))
+        endpoint = bind_address(address, self.config.bind_host)
+        check_bind_allowed(endpoint, self.config.curve, role or zmq.SocketType(socket_type).name.lower())
+        sock = self._open(socket_type, role, server=True)
+        sock.bind(endpoint)
         sock.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         logger.debug("{} {} bound at {}", sock.role, zmq.SocketType(socket_type).name, sock.address)
         return sock
@@ -155,11 +193,15 @@ class BusCore:
         logger.debug("{} {} connected to {}", sock.role, zmq.SocketType(socket_type).name, address)
         return sock
 
-    def _open(self, socket_type: int, role: str | None, socket_class: type[zmq.Socket] | None = None) -> Any:
+    def _open(self, socket_type: int, role: str | None, socket_class: type[zmq.Socket] | None = None,
+              server: bool = False) -> Any:  # fmt: skip
+        """A configured socket, not yet bound (``server``) or connected; Curve options are set here."""
         sock = self.context.socket(socket_type, socket_class=socket_class or self.socket_class)
         configure_socket(sock, socket_type, self.config)
         sock.role = role or zmq.SocketType(socket_type).name.lower()
-        self._sockets.append(sock)
+        self._sockets.append(sock)  # first: closed by close() even when its keys fail to load
+        if self.curve is not None:
+            self.curve.secure(sock, server, sock.role)
         return sock
 
     def close(self) -> None:
@@ -167,6 +209,8 @@ class BusCore:
         for sock in self._sockets:
             sock.close()
         self._sockets.clear()
+        if self.curve is not None:
+            self.curve.stop()  # its ZAP and monitor sockets would keep the context from terminating
         if self._owns_context:
             self.context.term()
 
@@ -187,7 +231,16 @@ class BusCore:
     def raise_unreachable(self, sock: Any, identity: bytes | None, exc: zmq.ZMQError) -> None:
         if exc.errno == zmq.EHOSTUNREACH:
             raise PeerUnreachable(f"{sock.role} {sock.address}: peer {identity!r} is not connected") from None
+        if exc.errno == zmq.EAGAIN and identity is not None:
+            raise PeerUnreachable(f"{sock.role} {sock.address}: peer {identity!r:.40} is not reading its replies "
+                                  f"({self.config.send_hwm} are queued); not waiting for it") from None  # fmt: skip
         raise exc
+
+    @staticmethod
+    def send_flags(identity: bytes | None) -> int:
+        # A ROUTER serves many peers: one that never reads its replies must not block the
+        # sender for all the others, so at that peer's high-water mark the send fails at once.
+        return zmq.NOBLOCK if identity is not None else 0
 
     def decode_frames(self, sock: Any, frames: list[Any], expected: Expected) -> Received | None:
         """The decoded message (with identity on a ROUTER), or None if it was skipped."""
@@ -197,14 +250,29 @@ class BusCore:
         try:
             message = decode(frames, expected, **self._limits)
         except DecodeError as exc:
-            self.count_decode_error(sock, str(exc), identity)
+            self.count_decode_error(sock, str(exc), identity, exc.reason)
             return None
         return (identity, message) if identity is not None else message
 
-    def count_decode_error(self, sock: Any, reason: str, identity: bytes | None = None) -> None:
+    def count_decode_error(self, sock: Any, text: str, identity: bytes | None = None,
+                           reason: str = "unexpected_type") -> None:  # fmt: skip
+        """Count a rejected message under the socket's role and ``reason``, and log it (sampled)."""
         self.stats.decode_errors[sock.role] += 1
-        peer = f" from {identity!r}" if identity is not None else ""
-        _log_sampled(self.stats.decode_errors, sock.role, f"skipped a message{peer} on {sock.address}: {reason}")
+        self.stats.rejected_reasons[reason] += 1
+        peer = f" from {identity!r:.40}" if identity is not None else ""
+        # The text quotes peer-chosen bytes: one line, bounded, so a peer cannot forge or flood log lines.
+        text = text.replace("\r", "\\r").replace("\n", "\\n")[:500]
+        _log_sampled(self.stats.decode_errors, sock.role,
+                     f"rejected a message{peer} on {sock.role} socket {sock.address}: {text}")  # fmt: skip
+
+    def joined(self, sock: Any, frames: list[bytes]) -> bool:
+        """True if ``frames`` (read from an XPUB) subscribe a new peer; anything but a
+        (un)subscription is counted and logged like a message that does not decode."""
+        reason = subscription_reason(frames)
+        if reason is not None:
+            self.count_decode_error(sock, f"not a subscription: {reason}", reason="not_a_subscription")
+            return False
+        return is_subscription(frames[0])
 
     def timeout(self, sock: Any, what: str, timeout_s: float) -> BusTimeout:
         return BusTimeout(f"no {what} within {timeout_s:g}s on {sock.role} socket {sock.address}")
@@ -214,11 +282,11 @@ class Bus(BusCore):
     """Blocking bus for services with a plain loop."""
 
     def send(self, sock: BusSocket, message: Message, identity: bytes | None = None) -> None:
-        """Send ``message`` (after ``identity`` on a ROUTER); blocks while the peer's queue is full.
-        Array buffers are sent without copying: do not modify them afterwards."""
+        """Send ``message`` (after ``identity`` on a ROUTER); blocks while the peer's queue is full,
+        except on a ROUTER, where that raises PeerUnreachable. Array buffers are sent without copying: do not modify them afterwards."""
         frames = self.frames(sock, message, identity)
         try:
-            sock.send_multipart(frames, copy=False)
+            sock.send_multipart(frames, self.send_flags(identity), copy=False)
         except zmq.ZMQError as exc:
             self.raise_unreachable(sock, identity, exc)
 
@@ -278,8 +346,10 @@ class Publisher:
         """Greet the subscribers that joined since the last call (waiting up to ``timeout_s``
         for the first); returns how many joined."""
         num_joined, deadline = 0, time.monotonic() + timeout_s
-        while self.sock.poll(remaining_ms(deadline) if num_joined == 0 else 0):
-            num_joined += is_subscription(self.sock.recv(zmq.NOBLOCK))
+        for _ in range(MAX_PUMP_READS):
+            if not self.sock.poll(remaining_ms(deadline) if num_joined == 0 else 0):
+                break
+            num_joined += self.bus.joined(self.sock, self.sock.recv_multipart(zmq.NOBLOCK))
         if num_joined:
             # One Hello serves every subscriber that joined; the others ignore it.
             self.num_greetings += 1
@@ -385,6 +455,9 @@ class TelemetryClient:
         ))  # fmt: skip
 
     def metrics(self, step: int, metrics: dict[str, float]) -> bool:
+        """Report ``metrics`` of ``step``, with this bus's ``bus/rejected_messages`` (and the
+        other counts of :meth:`BusStats.metrics`) once any message was rejected or dropped."""
+        metrics = {**self.bus.stats.metrics(), **metrics}
         return self.send(MetricsReport(
             service=self.service, replica_id=self.replica_id, step=step, sent_at=time.time(), metrics=metrics,
         ))  # fmt: skip

@@ -12,11 +12,14 @@ frames 0 and 1; nothing is ever pickled. Arrays are sent without copying
 and received as views of the frame (not copied: treat them as read-only).
 
 Every problem with incoming frames raises :class:`DecodeError`, whose
-message names the message type (when known), the frame and what was wrong.
+message names the message type (when known), the frame and what was wrong,
+and whose ``reason`` is a one-word label for counting. Sizes and counts are
+checked against the limits before the body is parsed or an array is made.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -31,8 +34,10 @@ ALLOWED_DTYPES = frozenset(
     "bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 float32 float64".split()
 )
 DEFAULT_MAX_FRAMES = 4096
-DEFAULT_MAX_BODY_BYTES = 64 * 2**20
-DEFAULT_MAX_BUFFER_BYTES = 2 * 2**30
+DEFAULT_MAX_HEADER_BYTES = 64 * 2**20
+DEFAULT_MAX_FRAME_BYTES = 2 * 2**30
+DEFAULT_MAX_PAYLOAD_BYTES = 4 * 2**30
+MAX_ARRAY_DIMS = 32  # numpy's own limit is 64; no message has more than 3
 
 MESSAGE_TYPES: dict[str, type[Message]] = {cls.__name__: cls for cls in ALL_MESSAGES}
 
@@ -40,7 +45,16 @@ Frame = bytes | memoryview
 
 
 class DecodeError(ValueError):
-    """Incoming frames do not form a valid message; the reason is in the text."""
+    """Incoming frames do not form a valid message; the text says what was wrong.
+
+    ``reason`` names the kind of problem in one word (``too_many_frames``,
+    ``header_too_large``, ``payload_too_large``, ``bad_array`` ...): receivers
+    count rejections per reason.
+    """
+
+    def __init__(self, text: str, reason: str = "malformed") -> None:
+        super().__init__(text)
+        self.reason = reason
 
 
 # Buffers of the message being encoded or decoded. msgspec hooks are fixed
@@ -67,23 +81,31 @@ def _dec_hook(expected: type, obj: Any) -> Any:
 
 
 def _array_from_placeholder(obj: Any) -> np.ndarray:
+    # Any failure here ends the decode as a bad_array DecodeError (msgspec wraps the ValueError).
+    _state.array_error = True
     if not isinstance(obj, dict) or set(obj) != {ARRAY_KEY, "dtype", "shape"}:
         raise ValueError(f"expected an array placeholder {{{ARRAY_KEY}, dtype, shape}}, got {obj!r:.80}")
     index, dtype, shape = obj[ARRAY_KEY], obj["dtype"], obj["shape"]
     buffers: Sequence[memoryview] = _state.buffers
     if not isinstance(index, int) or not 0 <= index < len(buffers):
         raise ValueError(f"array points at buffer {index!r}, but the message has {len(buffers)}")
+    if index in _state.used:
+        raise ValueError(f"buffer {index} is referenced by two arrays")
     if dtype not in ALLOWED_DTYPES:
         raise ValueError(f"array dtype {dtype!r} is not one of {sorted(ALLOWED_DTYPES)}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ValueError(f"array shape {shape!r} is not a list of non-negative ints")
+        raise ValueError(f"array shape {shape!r:.80} is not a list of non-negative ints")
+    if len(shape) > MAX_ARRAY_DIMS:
+        raise ValueError(f"array has {len(shape)} dimensions, more than {MAX_ARRAY_DIMS}")
     buffer = buffers[index]
-    expected_bytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    # Python ints: a huge declared shape must not wrap around to the buffer's size.
+    expected_bytes = math.prod(shape) * np.dtype(dtype).itemsize
     if buffer.nbytes != expected_bytes:
         raise ValueError(
             f"buffer {index} holds {buffer.nbytes} bytes, but a {dtype} array of shape {shape} needs {expected_bytes}"
         )
     _state.used.add(index)
+    _state.array_error = False
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
@@ -120,60 +142,80 @@ def decode(
     expected: type[Message] | tuple[type[Message], ...] | None = None,
     *,
     max_frames: int = DEFAULT_MAX_FRAMES,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
 ) -> Message:
     """Decode frames (bytes, memoryviews or ``zmq.Frame``) into a message.
 
-    ``expected`` restricts which message types this receiver accepts.
-    Raises :class:`DecodeError` naming the problem for anything malformed.
+    ``expected`` restricts which message types this receiver accepts. Limits:
+    ``max_frames`` frames, ``max_header_bytes`` for envelope plus body,
+    ``max_frame_bytes`` per array buffer and ``max_payload_bytes`` for all of
+    them; all are checked before the body is parsed. Raises
+    :class:`DecodeError` naming the problem for anything malformed.
     """
     if len(frames) > max_frames:
-        raise DecodeError(f"message has {len(frames)} frames, more than the limit of {max_frames}")
-    name, version, num_buffers = _decode_envelope(frames)
+        raise DecodeError(f"message has {len(frames)} frames, more than the limit of {max_frames}", "too_many_frames")
+    views = [_as_view(f) for f in frames]
+    header_bytes = sum(v.nbytes for v in views[:2])
+    if header_bytes > max_header_bytes:
+        raise DecodeError(f"envelope and body of {header_bytes} bytes exceed the limit of {max_header_bytes}",
+                          "header_too_large")  # fmt: skip
+    name, version, num_buffers = _decode_envelope(views)
     cls = MESSAGE_TYPES[name]
     if expected is not None and not issubclass(cls, expected):
         allowed = expected if isinstance(expected, tuple) else (expected,)
-        raise DecodeError(f"unexpected message {name} here; expected {', '.join(c.__name__ for c in allowed)}")
+        raise DecodeError(f"unexpected message {name} here; expected {', '.join(c.__name__ for c in allowed)}",
+                          "unexpected_type")  # fmt: skip
     if version != cls.VERSION:
-        raise DecodeError(f"{name}: schema version {version} not supported (this build reads version {cls.VERSION})")
-    if len(frames) != 2 + num_buffers:
-        raise DecodeError(f"{name}: envelope promises {num_buffers} buffers but {len(frames) - 2} arrived")
-    body = _as_view(frames[1])
-    if body.nbytes > max_body_bytes:
-        raise DecodeError(f"{name}: body of {body.nbytes} bytes exceeds the limit of {max_body_bytes}")
-    buffers = [_as_view(f) for f in frames[2:]]
+        raise DecodeError(f"{name}: schema version {version} not supported (this build reads version {cls.VERSION})",
+                          "unsupported_version")  # fmt: skip
+    if len(views) != 2 + num_buffers:
+        raise DecodeError(f"{name}: envelope promises {num_buffers} buffers but {len(views) - 2} arrived",
+                          "buffer_count")  # fmt: skip
+    buffers = views[2:]
+    _check_payload(name, buffers, max_frame_bytes, max_payload_bytes)
+    return _decode_body(name, views[1], buffers)
+
+
+def _check_payload(name: str, buffers: list[memoryview], max_frame_bytes: int, max_payload_bytes: int) -> None:
     for i, buffer in enumerate(buffers):
-        if buffer.nbytes > max_buffer_bytes:
-            raise DecodeError(f"{name}: buffer {i} of {buffer.nbytes} bytes exceeds the limit of {max_buffer_bytes}")
-    return _decode_body(name, body, buffers)
+        if buffer.nbytes > max_frame_bytes:
+            raise DecodeError(f"{name}: buffer {i} of {buffer.nbytes} bytes exceeds the limit of {max_frame_bytes}",
+                              "payload_too_large")  # fmt: skip
+    payload_bytes = sum(b.nbytes for b in buffers)
+    if payload_bytes > max_payload_bytes:
+        raise DecodeError(f"{name}: {len(buffers)} buffers of {payload_bytes} bytes in all exceed the limit of "
+                          f"{max_payload_bytes}", "payload_too_large")  # fmt: skip
 
 
 def _decode_envelope(frames: Sequence[Any]) -> tuple[str, int, int]:
     if len(frames) < 2:
-        raise DecodeError(f"message has {len(frames)} frame(s); at least envelope and body are needed")
+        raise DecodeError(f"message has {len(frames)} frame(s); at least envelope and body are needed",
+                          "too_few_frames")  # fmt: skip
     try:
         name, version, num_buffers = _envelope_decoder.decode(_as_view(frames[0]))
     except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
-        raise DecodeError(f"frame 0 is not an rlbus envelope [type, version, buffers]: {exc}") from None
+        raise DecodeError(f"frame 0 is not an rlbus envelope [type, version, buffers]: {exc}", "bad_envelope") from None
     if name not in MESSAGE_TYPES:
-        raise DecodeError(f"unknown message type {name!r:.60}")
+        raise DecodeError(f"unknown message type {name!r:.60}", "unknown_type")
     if num_buffers < 0:
-        raise DecodeError(f"{name}: negative buffer count {num_buffers} in envelope")
+        raise DecodeError(f"{name}: negative buffer count {num_buffers} in envelope", "bad_envelope")
     return name, version, num_buffers
 
 
 def _decode_body(name: str, body: memoryview, buffers: list[memoryview]) -> Message:
-    _state.buffers, _state.used = buffers, set()
+    _state.buffers, _state.used, _state.array_error = buffers, set(), False
     try:
         message = _body_decoders[name].decode(body)
         unused = set(range(len(buffers))) - _state.used
     except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
-        raise DecodeError(f"{name}: invalid body: {exc}") from None
+        reason = "bad_array" if _state.array_error else "bad_body"
+        raise DecodeError(f"{name}: invalid body: {exc}", reason) from None
     finally:
-        _state.buffers, _state.used = [], set()
+        _state.buffers, _state.used, _state.array_error = [], set(), False
     if unused:
-        raise DecodeError(f"{name}: buffers {sorted(unused)} are not referenced by the body")
+        raise DecodeError(f"{name}: buffers {sorted(unused)} are not referenced by the body", "unreferenced_buffers")
     return message
 
 
@@ -183,4 +225,4 @@ def _as_view(frame: Any) -> memoryview:
     try:
         return memoryview(buffer).cast("B")
     except TypeError:
-        raise DecodeError(f"frame of type {type(frame).__name__} is not a byte buffer") from None
+        raise DecodeError(f"frame of type {type(frame).__name__} is not a byte buffer", "not_bytes") from None

@@ -25,7 +25,7 @@ import numpy as np
 import zmq
 from loguru import logger
 
-from common.bus import Bus, BusError, Publisher
+from common.bus import Bus, BusError, PeerUnreachable, Publisher
 from common.messages import Refused, TensorMeta, WeightsAnnounced, WeightsBucket, WeightsFetch, WeightsQuery
 
 NamedArray = tuple[str, np.ndarray, str]
@@ -158,7 +158,10 @@ class WeightServer:
         else:
             reply = self.store.bucket(request.step, request.bucket)
             self.num_buckets_served += isinstance(reply, WeightsBucket)
-        self.bus.send(router, reply, identity)
+        try:
+            self.bus.send(router, reply, identity)
+        except PeerUnreachable as exc:  # gone, or not reading: the thread serves the others
+            logger.warning("weights: {} not sent: {}", type(reply).__name__, exc)
 
 
 def query_latest(bus: Bus, sock: zmq.Socket, replica_id: str, timeout_s: float) -> WeightsAnnounced | None:

@@ -30,6 +30,7 @@ COMMANDS: dict[str, Command] = {
     "sft": Command("supervised fine-tuning (warm-up before RL)", "services.trainer.main:sft_main"),
     "eval": Command("evaluate environments against an OpenAI-compatible endpoint", "services.orchestrator.main:eval_main"),
     "tail": Command("live view of a running job from the monitor", "services.monitor.main:tail_main"),
+    "keys": Command("create CurveZMQ server and client keys for the bus", "services.keys:main"),
     "model": Command("make local models: 'tiny' (built in code) or 'smollm2' (from PyPI)", "services.models.cli:main"),
 }
 

@@ -45,11 +45,27 @@ class BusEndpoints(ConfigModel):
     """Monitor ROUTER answering live-view requests from ``rlbus tail``."""
 
 
+class CurveConfig(ConfigModel):
+    """CurveZMQ authentication and encryption of every bus socket (docs/security.md)."""
+
+    keys_dir: Path | None = None
+    """Folder written by ``rlbus keys`` (or the part of it this host needs): ``server.key``,
+    ``server.key_secret`` where a service binds, ``clients/*.key`` (the peers admitted) and this
+    host's ``clients/<client_name>.key_secret``. None: plain TCP, allowed on loopback addresses only."""
+    client_name: str = "client"
+    """Which client key pair this process presents: ``<keys_dir>/clients/<client_name>.key_secret``."""
+    allow_insecure_remote: bool = False
+    """Let services bind non-loopback addresses without Curve: anyone who reaches a port can then
+    send batches, weights and metrics. Only for networks where every host is trusted."""
+
+
 class BusConfig(ConfigModel):
     """ZeroMQ settings shared by every service."""
 
     endpoints: BusEndpoints = BusEndpoints()
     """Where each bound socket lives."""
+    curve: CurveConfig = CurveConfig()
+    """CurveZMQ keys; required whenever a service binds a non-loopback address."""
     bind_host: str | None = None
     """Interface that binding services bind to instead of the endpoint's host
     (e.g. ``0.0.0.0`` for one service per host); None binds the endpoint as written."""
@@ -64,9 +80,16 @@ class BusConfig(ConfigModel):
     linger_ms: int = Field(1000, ge=0)
     """How long a closing socket keeps trying to deliver queued messages."""
     max_frames: int = Field(4096, ge=3)
-    """Frames accepted in one message; more are rejected as malformed."""
+    """Frames accepted in one message (envelope, body and one per array); more are rejected."""
     max_frame_bytes: int = Field(2 * 2**30, ge=1024)
-    """Bytes accepted in one frame; larger frames are rejected."""
+    """Bytes accepted in one frame: set as ZMQ_MAXMSGSIZE, so libzmq drops the connection of a peer
+    that sends a larger frame before any of it reaches Python."""
+    max_header_bytes: int = Field(64 * 2**20, ge=1024)
+    """Bytes accepted in a message's envelope and body together (the msgpack part); larger messages
+    are rejected before the body is parsed."""
+    max_payload_bytes: int = Field(4 * 2**30, ge=1024)
+    """Bytes of array buffers accepted in one message (all frames after the body); more are rejected
+    before any array is made. Must exceed the largest weight bucket and training batch."""
 
 
 class LogConfig(ConfigModel):

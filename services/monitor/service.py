@@ -9,7 +9,9 @@ and W&B.
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import time
 
 import zmq
@@ -40,6 +42,8 @@ class MonitorService:
         self.poller.register(self.telemetry_in, zmq.POLLIN)
         self.poller.register(self.view_requests, zmq.POLLIN)
         self.stopping = False
+        self.replica_id = f"monitor-{socket.gethostname()}-{os.getpid()}"
+        self._reported_bus_metrics: dict[str, float] = {}
         logger.info("monitor: telemetry at {}, live view at {}", self.telemetry_in.address, self.view_requests.address)
 
     def run(self) -> None:
@@ -53,7 +57,18 @@ class MonitorService:
                 self.answer_views()
             if time.monotonic() >= next_tick:
                 self.monitor.tick()
+                self.report_bus_metrics()
                 next_tick = time.monotonic() + TICK_S
+
+    def report_bus_metrics(self) -> None:
+        """Record the monitor's own ``bus/rejected_messages`` (and other ``bus/`` counts) like any
+        service's metrics, whenever they changed: the monitor has no telemetry client of its own."""
+        metrics = self.bus.stats.metrics()
+        if metrics and metrics != self._reported_bus_metrics:
+            self._reported_bus_metrics = metrics
+            step = self.monitor.steps.highest_step or 0
+            self.monitor.handle(MetricsReport(service="monitor", replica_id=self.replica_id, step=step,
+                                              sent_at=time.time(), metrics=metrics))  # fmt: skip
 
     def stop(self, *_: object) -> None:
         """Ask the loop to end. Used as the SIGTERM handler, so it only sets a flag:
@@ -105,6 +120,7 @@ def run_monitor(config: MonitorConfig) -> int:
         finally:
             signal.signal(signal.SIGTERM, previous)
             drained = service.drain_telemetry()
+            service.report_bus_metrics()
             monitor.close(exit_code)
             logger.info("monitor stopped (drained {} last messages); handled {}, decode errors {}",
                         drained, dict(monitor.counts), dict(bus.stats.decode_errors))  # fmt: skip

@@ -9,6 +9,7 @@ layer at a time.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -50,12 +51,18 @@ class DistContext:
         return [int(t.item()) for t in gathered]
 
     def broadcast_object(self, value: Any) -> Any:
-        """Rank 0's ``value`` on every rank (small picklable objects between our own ranks only)."""
+        """Rank 0's ``value`` on every rank, as JSON (tuples arrive as lists). Not
+        ``broadcast_object_list``: that unpickles what rank 0 sent, and nothing is pickled in rlbus."""
         if not self.is_distributed:
             return value
-        holder = [value if self.is_main else None]
-        dist.broadcast_object_list(holder, src=0)
-        return holder[0]
+        data = json.dumps(value).encode() if self.is_main else b""
+        size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        dist.broadcast(size, src=0)
+        buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=self.device)
+        if self.is_main:
+            buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        dist.broadcast(buffer, src=0)
+        return json.loads(buffer.cpu().numpy().tobytes())
 
     def barrier(self) -> None:
         if self.is_distributed:

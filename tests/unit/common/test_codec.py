@@ -116,14 +116,90 @@ def test_buffer_mismatches_are_named():
         decode([*frames, b"extra"])
 
 
-def test_limits_on_frames_and_sizes():
+def rejected(frames, reason: str, match: str, **limits) -> DecodeError:
+    """The DecodeError ``frames`` raise, checked for its text and its reason label."""
+    with pytest.raises(DecodeError, match=match) as info:
+        decode(frames, **limits)
+    assert info.value.reason == reason, info.value
+    return info.value
+
+
+def test_limit_on_frames_per_message():
     frames = encode(weights(num=3))
-    with pytest.raises(DecodeError, match="5 frames, more than the limit of 4"):
-        decode(frames, max_frames=4)
-    with pytest.raises(DecodeError, match="buffer 0 of 4000 bytes exceeds the limit of 100"):
-        decode(frames, max_buffer_bytes=100)
-    with pytest.raises(DecodeError, match="body of .* bytes exceeds the limit of 10"):
-        decode(frames, max_body_bytes=10)
+    rejected(frames, "too_many_frames", "5 frames, more than the limit of 4", max_frames=4)
+    assert len(decode(frames, max_frames=5).tensors) == 3
+
+
+def test_limit_on_header_bytes_counts_envelope_and_body():
+    frames = encode(weights(num=3))
+    header = len(frames[0]) + len(frames[1])
+    rejected(frames, "header_too_large", f"envelope and body of {header} bytes exceed the limit of {header - 1}",
+             max_header_bytes=header - 1)  # fmt: skip
+    decode(frames, max_header_bytes=header)
+
+
+def test_limits_on_one_buffer_and_on_the_whole_payload():
+    frames = encode(weights(num=3))
+    rejected(frames, "payload_too_large", "buffer 0 of 4000 bytes exceeds the limit of 100", max_frame_bytes=100)
+    rejected(frames, "payload_too_large", "3 buffers of 12000 bytes in all exceed the limit of 11999",
+             max_payload_bytes=11999)  # fmt: skip
+    decode(frames, max_frame_bytes=4000, max_payload_bytes=12000)
+
+
+def test_limits_are_checked_before_the_body_is_parsed():
+    # A body that would fail to parse still fails on the size limit first: nothing is decoded.
+    frames = [*encode(weights(num=1))[:1], b"\xff" * 200, b"\0" * 4000]
+    rejected(frames, "header_too_large", "exceed the limit of 100", max_header_bytes=100)
+    rejected(frames, "payload_too_large", "exceeds the limit of 10", max_frame_bytes=10)
+
+
+def placeholder(dtype: str, shape: list, index: int = 0) -> dict:
+    return {"__ndarray__": index, "dtype": dtype, "shape": shape}
+
+
+def bucket_frames(tensor: dict, *buffers: bytes) -> list[bytes]:
+    """WeightsBucket frames with a hand-written array placeholder, as a hostile peer would send them."""
+    body = msgpack.packb({"step": 1, "bucket": 0, "names": ["w"], "tensors": [tensor]})
+    return [msgpack.packb(["WeightsBucket", WeightsBucket.VERSION, len(buffers)]), body, *buffers]
+
+
+@pytest.mark.parametrize(
+    ("tensor", "buffers", "match"),
+    [
+        (placeholder("float32", [2**32, 2**32]), [b""], "shape \\[4294967296, 4294967296\\] needs"),
+        (placeholder("float32", [2**62, 4]), [b"\0" * 16], "needs 73786976294838206464"),
+        (placeholder("float32", [-1, 4]), [b"\0" * 16], "not a list of non-negative ints"),
+        (placeholder("float32", [1] * 40), [b"\0" * 4], "40 dimensions, more than 32"),
+        (placeholder("object", [1]), [b"\0" * 8], "dtype 'object' is not one of"),
+        (placeholder("float32", [3]), [b"\0" * 8], "buffer 0 holds 8 bytes, but a float32 array of shape \\[3\\] needs 12"),
+        (placeholder("float32", [1], index=5), [b"\0" * 4], "points at buffer 5, but the message has 1"),
+        ({"__ndarray__": 0, "dtype": "float32"}, [b"\0" * 4], "expected an array placeholder"),
+    ],
+    ids=["wrapping-shape", "huge-shape", "negative-dim", "too-many-dims", "unknown-dtype", "size-mismatch",
+         "bad-index", "missing-shape"],
+)
+def test_array_headers_are_checked_against_their_frames(tensor, buffers, match):
+    rejected(bucket_frames(tensor, *buffers), "bad_array", match)
+
+
+def test_a_buffer_used_by_two_arrays_is_refused():
+    body = msgpack.packb({"step": 1, "bucket": 0, "names": ["a", "b"],
+                          "tensors": [placeholder("uint8", [2]), placeholder("uint8", [2])]})  # fmt: skip
+    frames = [msgpack.packb(["WeightsBucket", WeightsBucket.VERSION, 1]), body, b"ab"]
+    rejected(frames, "bad_array", "buffer 0 is referenced by two arrays")
+
+
+def test_reasons_name_each_kind_of_problem():
+    good = encode(Heartbeat(service="s", replica_id="r", host="h", pid=1, started_at=0.0, sent_at=0.0))
+    rejected([good[0]], "too_few_frames", "at least envelope and body")
+    rejected([b"\xc1", good[1]], "bad_envelope", "frame 0 is not an rlbus envelope")
+    rejected([msgpack.packb(["Nope", 1, 0]), b""], "unknown_type", "unknown message type 'Nope'")
+    rejected([msgpack.packb(["Heartbeat", 7, 0]), good[1]], "unsupported_version", "schema version 7")
+    rejected([*good, b"x"], "buffer_count", "envelope promises 0 buffers but 1 arrived")
+    rejected([good[0], bytes(good[1])[:-3]], "bad_body", "Heartbeat: invalid body")
+    with pytest.raises(DecodeError, match="unexpected message Heartbeat") as info:
+        decode(good, TrainBatch)
+    assert info.value.reason == "unexpected_type"
 
 
 def test_micro_batch_arrays_keep_dtype_and_shape():
