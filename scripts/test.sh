@@ -4,6 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
+# System services some integration tests start for real (SLURM, Docker, ...): each
+# scripts/ci/install_*.sh is idempotent and a fast no-op once its packages are present.
+for installer in scripts/ci/install_*.sh; do
+    [ -e "$installer" ] && bash "$installer"
+done
 
 set +e
 python -m pytest "$@"

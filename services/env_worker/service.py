@@ -251,6 +251,8 @@ class EnvWorker:
         if now - self._last_heartbeat >= self.config.bus.heartbeat_interval_s:
             self._last_heartbeat = now
             self.report()
+            if self.connected:
+                await self.request_tasks(0)  # keepalive: a silent worker's tasks are issued to others
 
     async def reconnected(self) -> bool:
         """True when a (re)connection to the orchestrator completed since the last call."""

@@ -13,9 +13,10 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, model_validator
 
-from common.config import ServiceConfig, deep_merge, env_values
+from common.config import ConfigModel, ServiceConfig, deep_merge, env_values
 from services.env_worker.config import EnvWorkerConfig
 from services.inference.config import InferenceConfig
+from services.launcher.slurm_config import SlurmConfig
 from services.monitor.config import MonitorConfig
 from services.orchestrator.config import OrchestratorConfig
 from services.trainer.config import TrainerConfig
@@ -27,6 +28,23 @@ SECTIONS: dict[str, type[ServiceConfig]] = {
     "env_worker": EnvWorkerConfig,
     "monitor": MonitorConfig,
 }
+
+
+class RunCheckpointConfig(ConfigModel):
+    """Checkpoints of the whole run: the trainer's and the orchestrator's, at the same steps."""
+
+    interval: int | None = Field(1, ge=1)
+    """Trainer and orchestrator checkpoint every this many steps (enables the trainer's
+    checkpoints and sets ``trainer.ckpt.interval`` and ``orchestrator.ckpt.interval``, unless a
+    section sets its own); None leaves both sections as they are. A restarted trainer repeats the
+    steps after its last checkpoint with the same batches, so a larger interval costs recovery time."""
+    keep_last: int | None = Field(3, ge=1)
+    """Checkpoints kept by the trainer and progress files kept by the orchestrator (unless a
+    section sets its own); raise it to be able to resume further back; None keeps every one."""
+    resume_step: int | None = Field(-1, ge=-1)
+    """Every service resumes from this step's checkpoints (metrics continue from the next step);
+    -1 resumes from the latest, and starts fresh when the run folder holds none, so a service
+    restarted with its own command picks up where the run is; None always starts fresh."""
 
 
 class RlConfig(ServiceConfig):
@@ -51,6 +69,13 @@ class RlConfig(ServiceConfig):
     services resume from its checkpoints)."""
     stop_timeout_s: float = Field(30.0, gt=0)
     """When stopping, how long each service gets after SIGTERM before it is killed."""
+    slurm: SlurmConfig = SlurmConfig()
+    """Running the services as SLURM job arrays (``--slurm``; docs/slurm.md)."""
+    max_restarts: int = Field(0, ge=0)
+    """Restart a service that dies (killed, or a non-zero exit) with the same command, up to this
+    many times per service, instead of stopping the run; 0 stops the run at the first failure."""
+    ckpt: RunCheckpointConfig = RunCheckpointConfig()
+    """Checkpoint interval and resume step of the trainer and the orchestrator together."""
 
     @model_validator(mode="after")
     def _propagate_shared_fields(self) -> RlConfig:
@@ -67,6 +92,29 @@ class RlConfig(ServiceConfig):
             raise ValueError(
                 "shared fields are set once at the top level; these sections disagree: " + "; ".join(conflicts)
             )
+        return self
+
+    @model_validator(mode="after")
+    def _checkpoint_together(self) -> RlConfig:
+        # Trainer and orchestrator must checkpoint and resume at the same steps: the orchestrator
+        # keeps the batches after its last checkpoint for a trainer that restarts from the same one.
+        trainer, orchestrator = self.trainer.ckpt, self.orchestrator.ckpt
+        if self.ckpt.interval is not None:
+            if "enabled" not in trainer.model_fields_set:
+                trainer.__dict__["enabled"] = True
+            for section in (trainer, orchestrator):
+                if "interval" not in section.model_fields_set:
+                    section.__dict__["interval"] = self.ckpt.interval
+        for section in (trainer, orchestrator):
+            if "resume_step" not in section.model_fields_set:
+                section.__dict__["resume_step"] = self.ckpt.resume_step
+        if self.ckpt.keep_last is not None:
+            for section in (trainer, orchestrator):
+                if "keep_last" not in section.model_fields_set:
+                    section.__dict__["keep_last"] = self.ckpt.keep_last
+        if trainer.enabled and trainer.interval != orchestrator.interval:
+            raise ValueError(f"trainer.ckpt.interval = {trainer.interval} but orchestrator.ckpt.interval = "
+                             f"{orchestrator.interval}: they must checkpoint at the same steps (set ckpt.interval)")
         return self
 
     @model_validator(mode="after")

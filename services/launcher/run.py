@@ -32,11 +32,16 @@ def run_rl(config: RlConfig, command_for: CommandFor = service_command) -> int:
         setup_logging(config.SERVICE, config.output_dir, config.log.level, config.log.json_lines)
         write_resolved(config)
         logger.info("cleaned {}", config.output_dir)
+    if config.slurm.enabled:
+        from services.launcher.slurm import run_slurm
+
+        return run_slurm(config)
     specs = process_table(config, config.output_dir / "configs")
     logs_dir = config.output_dir / "logs"
     logger.info("run folder {}: {} processes; live view: rlbus tail @ {}", config.output_dir, len(specs),
                 config.output_dir / "configs" / "rl.toml")  # fmt: skip
-    result = Supervisor(specs, command_for, logs_dir, config.stop_timeout_s).run()
+    result = Supervisor(specs, command_for, logs_dir, config.stop_timeout_s,
+                        max_restarts=config.max_restarts).run()
     return result.exit_code
 
 

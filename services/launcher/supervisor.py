@@ -7,7 +7,9 @@
   to finish on its own, the rest are stopped, exit 0;
 - any service exits otherwise (non-zero, killed, or 0 while it should keep
   serving): the rest are stopped, exit 1, naming the service, its exit code,
-  its output file and the last lines of it;
+  its output file and the last lines of it; unless ``max_restarts`` allows
+  another restart of that service: it is started again with the same command
+  and resumes from the run's checkpoints, and the others go on;
 - the launcher gets SIGINT (Ctrl-C) or SIGTERM: everything is stopped, exit 130 / 143.
 
 Stopping sends SIGTERM to each service's process group, waits up to
@@ -51,10 +53,21 @@ class RunResult:
 class RunState:
     """What each exit or signal means for the run (no processes here)."""
 
-    def __init__(self, specs: list[ProcessSpec]) -> None:
+    def __init__(self, specs: list[ProcessSpec], max_restarts: int = 0) -> None:
         self.specs = {spec.name: spec for spec in specs}
         self.phase = Phase.RUNNING
         self.result: RunResult | None = None
+        self.max_restarts = max_restarts
+        self.restarts: dict[str, int] = dict.fromkeys(self.specs, 0)
+
+    def should_restart(self, name: str, code: int) -> bool:
+        """True (and counted) when ``name`` failed with ``code`` and may be started again."""
+        spec = self.specs[name]
+        failed = code != 0 or spec.clean_exit == "failure"
+        if self.phase is not Phase.RUNNING or not failed or self.restarts[name] >= self.max_restarts:
+            return False
+        self.restarts[name] += 1
+        return True
 
     def on_exit(self, name: str, code: int) -> bool:
         """Record that ``name`` exited with ``code``; True when everything must now stop."""
@@ -88,10 +101,10 @@ class Supervisor:
     """
 
     def __init__(self, specs: list[ProcessSpec], command_for: CommandFor, logs_dir: Path, stop_timeout_s: float,
-                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+                 env: dict[str, str] | None = None, max_restarts: int = 0) -> None:  # fmt: skip
         self.specs, self.command_for, self.logs_dir = specs, command_for, logs_dir
         self.stop_timeout_s, self.env = stop_timeout_s, env
-        self.state = RunState(specs)
+        self.state = RunState(specs, max_restarts)
         self.children: list[Child] = []
         self._signals: list[int] = []
 
@@ -130,7 +143,15 @@ class Supervisor:
     def _on_exit(self, child: Child) -> None:
         code = child.exit_code
         assert code is not None
-        self.state.on_exit(child.spec.name, code)
+        name = child.spec.name
+        if self.state.should_restart(name, code):
+            child.signal_group(signal.SIGKILL)  # what it spawned (vLLM's engine) must not outlive it
+            restarted = Child.start(child.spec, self.command_for(child.spec), self.logs_dir, self.env)
+            self.children[self.children.index(child)] = restarted
+            logger.warning("{} {}: restarted it with the same command (pid {}, restart {} of {})", name,
+                           describe_exit(code), restarted.pid, self.state.restarts[name], self.state.max_restarts)
+            return
+        self.state.on_exit(name, code)
         if self.state.phase is Phase.RUNNING:
             logger.info("{} finished its part (exit 0); the run goes on", child.spec.name)
         else:

@@ -50,6 +50,9 @@ class MonitorConfig(ServiceConfig):
     """A service without heartbeat for this long is reported dead."""
     stalled_after_s: float = Field(60.0, gt=0)
     """A service that reports waiting on the same thing for this long is warned about."""
+    progress_stalled_after_s: float = Field(600.0, gt=0)
+    """A step reporter (``step_reporters``) that keeps heartbeating while its step has not advanced
+    for this long is reported STALLED (an error event; ``stalled`` in ``rlbus tail``)."""
     view_log_lines: int = Field(1000, ge=1)
     """Log lines (events, notices, summaries) kept for ``rlbus tail``."""
     view_api_key: str | None = None
@@ -68,6 +71,9 @@ class TailConfig(ConfigModel):
 
     bus: BusConfig = BusConfig()
     """Bus settings; ``bus.endpoints.monitor_view`` is where the monitor answers."""
+    monitor_address: str | None = None
+    """Where the monitor's live view answers, e.g. ``tcp://gpu-node-3:5556`` from a laptop
+    (``--monitor`` for short); None uses ``bus.endpoints.monitor_view``."""
     api_key: str | None = None
     """The monitor's ``view_api_key`` (also read from ``RLBUS_MONITOR__VIEW_API_KEY``)."""
     json_lines: bool = False

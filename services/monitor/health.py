@@ -1,5 +1,12 @@
 """Service health from heartbeats: who is alive, dead, stopped or stalled.
 
+Two kinds of stall: a replica that says it waits for the same thing for
+``stalled_after_s`` (a warning naming what it waits for), and a step reporter
+(trainer, orchestrator) that keeps heartbeating while its step does not move for
+``progress_stalled_after_s``: STALLED, an error, shown as ``stalled`` in its row
+until the step moves again. A hung process whose heartbeat thread still runs
+(the trainer's pulse) is caught by the second.
+
 Times are the monitor's clock (``now`` passed in), except wait durations:
 they are measured on the sender's clock (``sent_at - waiting_since``) so a
 skewed clock on another host cannot make a service look stalled.
@@ -18,7 +25,7 @@ class HealthNotice:
     """A change in a replica's health worth telling users about."""
 
     level: str
-    """``info`` or ``warning``, as for an ``Event``."""
+    """``info``, ``warning`` or ``error`` (STALLED), as for an ``Event``."""
     kind: str
     """``service_dead``, ``service_back``, ``service_stopped``, ``service_restarted`` or ``service_stalled``."""
     service: str
@@ -38,6 +45,9 @@ class ReplicaState:
     alive: bool = True
     stopped: bool = False
     stall_warned: bool = False
+    step_since: float = 0.0
+    """Monitor-clock time its step last changed (or it was first seen)."""
+    progress_stalled: bool = False
 
     @property
     def name(self) -> str:
@@ -47,9 +57,12 @@ class ReplicaState:
 class HealthTable:
     """Last heartbeat per replica; :meth:`check` turns silence into dead or stopped."""
 
-    def __init__(self, dead_after_s: float, stalled_after_s: float) -> None:
+    def __init__(self, dead_after_s: float, stalled_after_s: float, progress_stalled_after_s: float = float("inf"),
+                 progress_services: frozenset[str] = frozenset()) -> None:  # fmt: skip
         self.dead_after_s = dead_after_s
         self.stalled_after_s = stalled_after_s
+        self.progress_stalled_after_s = progress_stalled_after_s
+        self.progress_services = progress_services
         self.replicas: dict[tuple[str, str], ReplicaState] = {}
 
     def observe(self, heartbeat: Heartbeat, now: float) -> list[HealthNotice]:
@@ -60,9 +73,10 @@ class HealthTable:
         if state is not None:
             notices += self._returns(state, heartbeat, now)
             waiting_changed = state.heartbeat.waiting_for != heartbeat.waiting_for
+            notices += self._step_moved(state, heartbeat, now)
             state.heartbeat, state.last_seen = heartbeat, now
         else:
-            state = self.replicas[key] = ReplicaState(heartbeat, now)
+            state = self.replicas[key] = ReplicaState(heartbeat, now, step_since=now)
             waiting_changed = True
         if waiting_changed:
             state.stall_warned = False
@@ -77,6 +91,16 @@ class HealthTable:
             silent_s = now - state.last_seen
             if state.alive and silent_s >= self.dead_after_s:
                 notices.append(self._silent(state, silent_s))
+            elif state.alive and self._made_no_progress(state, now):
+                state.progress_stalled = True
+                beat = state.heartbeat
+                notices.append(_notice(
+                    state, "error", "service_stalled",
+                    f"{state.name} is STALLED: heartbeating ({beat.status}) but its step {beat.step} has not "
+                    f"advanced for {now - state.step_since:.0f}s"
+                    + (f"; waiting for {beat.waiting_for}" if beat.waiting_for else ""),
+                    step=beat.step, stalled_s=round(now - state.step_since, 1), pid=beat.pid, host=beat.host,
+                ))  # fmt: skip
             elif state.alive and self._is_stalled(state, now):
                 state.stall_warned = True
                 waited_s = now - (state.wait_began or now)
@@ -90,6 +114,24 @@ class HealthTable:
     def rows(self) -> list[ServiceHealth]:
         """One row per replica, sorted by service and replica."""
         return [_row(state) for _, state in sorted(self.replicas.items())]
+
+    def _made_no_progress(self, state: ReplicaState, now: float) -> bool:
+        return (
+            not state.progress_stalled
+            and state.heartbeat.service in self.progress_services
+            and state.heartbeat.status != "stopping"
+            and now - state.step_since >= self.progress_stalled_after_s
+        )
+
+    def _step_moved(self, state: ReplicaState, heartbeat: Heartbeat, now: float) -> list[HealthNotice]:
+        if heartbeat.step == state.heartbeat.step and heartbeat.pid == state.heartbeat.pid:
+            return []
+        state.step_since = now
+        if not state.progress_stalled:
+            return []
+        state.progress_stalled = False
+        return [_notice(state, "info", "service_progressing", f"{state.name} is progressing again: step "
+                                                              f"{state.heartbeat.step} -> {heartbeat.step}")]
 
     def _is_stalled(self, state: ReplicaState, now: float) -> bool:
         return (
@@ -144,6 +186,8 @@ def _notice(state: ReplicaState, level: str, kind: str, message: str, **fields: 
 def _row(state: ReplicaState) -> ServiceHealth:
     beat = state.heartbeat
     status = beat.status if state.alive else ("stopped" if state.stopped else "dead")
+    if state.alive and state.progress_stalled:
+        status = "stalled"
     return ServiceHealth(
         service=beat.service, replica_id=beat.replica_id, status=status, alive=state.alive,
         last_seen=state.last_seen, step=beat.step, waiting_for=beat.waiting_for,

@@ -18,7 +18,7 @@ from services.monitor.config import MonitorConfig, TailConfig
 
 TAIL_SUMMARY = "Live view of a running job: latest step's metrics, service health, new log lines."
 # --json is what users type; the field is json_lines because pydantic models already have .json().
-TAIL_ALIASES = {"--json": "--json-lines", "--no-json": "--no-json-lines"}
+TAIL_ALIASES = {"--json": "--json-lines", "--no-json": "--no-json-lines", "--monitor": "--monitor-address"}
 
 
 def main(argv: Sequence[str]) -> int:
@@ -29,7 +29,7 @@ def main(argv: Sequence[str]) -> int:
 
 
 def tail_main(argv: Sequence[str]) -> int:
-    args = [TAIL_ALIASES.get(arg, arg) for arg in argv]
+    args = [_alias(arg) for arg in argv]
     if "-h" in args or "--help" in args:
         text = usage_text("tail", TailConfig, TAIL_SUMMARY).replace(" [--dry-run]", "")
         sys.stdout.write("\n".join(line for line in text.splitlines() if "--dry-run" not in line) + "\n")
@@ -47,6 +47,11 @@ def tail_main(argv: Sequence[str]) -> int:
         return run_tail(config)
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _alias(arg: str) -> str:
+    name, sep, value = arg.partition("=")
+    return TAIL_ALIASES.get(name, name) + sep + value
 
 
 def load_tail_config(args: Sequence[str], environ: Mapping[str, str]) -> TailConfig:

@@ -61,7 +61,8 @@ class Monitor:
         self.config = config
         self.sink = sink
         self.files = RunFiles(config.output_dir)
-        self.health = HealthTable(config.dead_after_s, config.stalled_after_s)
+        self.health = HealthTable(config.dead_after_s, config.stalled_after_s, config.progress_stalled_after_s,
+                                  frozenset(config.step_reporters))
         self.steps = StepAggregator(config.step_reporters, config.max_summary_lag_steps)
         self.log_lines: deque[str] = deque(maxlen=config.view_log_lines)
         self.num_log_lines = 0

@@ -40,7 +40,7 @@ class ViewClient:
 
     def __init__(self, bus: Bus, config: TailConfig) -> None:
         self.bus, self.config = bus, config
-        self.address = config.bus.endpoints.monitor_view
+        self.address = config.monitor_address or config.bus.endpoints.monitor_view
         self.log_offset = 0
         self.sock: BusSocket = self._connect()
 
@@ -96,6 +96,9 @@ def status_line(snapshot: ViewSnapshot) -> str:
     dead = [f"{row.service}/{row.replica_id}" for row in snapshot.health if not row.alive and row.status == "dead"]
     if dead:
         parts.append("DEAD: " + ", ".join(dead))
+    stalled = [f"{row.service}/{row.replica_id}" for row in snapshot.health if row.status == "stalled"]
+    if stalled:
+        parts.append("STALLED: " + ", ".join(stalled))
     return " | ".join(parts)
 
 
@@ -123,13 +126,13 @@ def metric_columns(metrics: dict[str, float], width: int) -> list[str]:
 def health_table(rows: list[ServiceHealth], now: float) -> list[str]:
     lines = [f"{'service':<14} {'replica':<24} {'status':<9} {'step':>6} {'seen':>6}  waiting for"]
     for row in rows:
-        status = row.status.upper() if not row.alive else row.status
+        status = row.status.upper() if not row.alive or row.status == "stalled" else row.status
         waiting = row.waiting_for or ""
         if row.waiting_for and row.waiting_since is not None and now >= row.waiting_since:
             waiting += f" ({now - row.waiting_since:.0f}s)"
         line = (f"{row.service:<14} {row.replica_id:<24} {status:<9} {_dash(row.step):>6} "
                 f"{now - row.last_seen:>5.0f}s  {waiting}")  # fmt: skip
-        lines.append(f"{RED}{line}{RESET}" if row.status == "dead" else line)
+        lines.append(f"{RED}{line}{RESET}" if row.status in ("dead", "stalled") else line)
     return lines
 
 

@@ -8,6 +8,11 @@ acknowledged step is ``Refused``: nothing is trained twice.
 
 Ranks train in lockstep, so a request for step N also means every step
 before N is done; those are acknowledged implicitly.
+
+Acknowledged batches are *retained* until the progress checkpoint of their step
+is written (:meth:`BatchStore.forget_up_to`): a trainer that restarts from its
+checkpoint, older than its last acknowledgement, gets them again (:meth:`replay`)
+and repeats those steps with the same batches instead of skipping them.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ class BatchStore:
     """Acknowledged steps at or above ``acked_below`` (acks out of order)."""
     waiting: dict[tuple[bytes, int], int] = field(default_factory=dict)
     """(trainer identity, rank) -> step it asked for that is not built yet."""
+    retained: dict[int, list[TrainBatch]] = field(default_factory=dict)
+    """Acknowledged steps newer than the last checkpoint -> their batches."""
 
     def is_acked(self, step: int) -> bool:
         return step < self.acked_below or step in self.acked
@@ -52,10 +59,26 @@ class BatchStore:
         if self.is_acked(step):
             return False
         self.acked.add(step)
-        self.built.pop(step, None)
+        if step in self.built:
+            self.retained[step] = self.built.pop(step)
         while self.acked_below in self.acked:
             self.acked.discard(self.acked_below)
             self.acked_below += 1
+        return True
+
+    def forget_up_to(self, step: int) -> None:
+        """Steps up to ``step`` are in a checkpoint: their batches are never needed again."""
+        self.retained = {s: batches for s, batches in self.retained.items() if s > step}
+
+    def replay(self, step: int) -> bool:
+        """Make the acknowledged steps from ``step`` on unacknowledged again, with their retained
+        batches; False (nothing changed) unless every one of them is retained."""
+        steps = range(step, self.acked_below)
+        if not steps or self.acked or any(s not in self.retained for s in steps):
+            return False
+        for s in steps:
+            self.built[s] = self.retained.pop(s)
+        self.acked_below = step
         return True
 
     def ack_below(self, step: int) -> list[int]:

@@ -107,6 +107,9 @@ class OrchestratorConfig(ServiceConfig):
     """Rollouts sampled by a policy this many steps older than the batch's step are discarded."""
     task_lease_s: float = Field(600.0, gt=0)
     """A task whose result has not arrived after this many seconds is issued again."""
+    worker_timeout_s: float = Field(30.0, gt=0)
+    """An env-worker not heard from for this long (they send a keepalive every
+    ``bus.heartbeat_interval_s``) is taken for dead and its leased tasks are issued again."""
     trainer_world_size: int = Field(1, ge=1)
     """Trainer ranks each batch is split across."""
     samples_interval: int = Field(1, ge=1)

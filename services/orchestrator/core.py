@@ -34,6 +34,7 @@ from services.orchestrator.builder import BuiltStep, build_step
 from services.orchestrator.checkpoint import ProgressState, ProgressStore
 from services.orchestrator.config import OrchestratorConfig
 from services.orchestrator.evaluation import EvalScheduler
+from services.orchestrator.journal import Journal, Replay
 from services.orchestrator.leases import Completion, TaskLedger, WorkerPool, dispatch
 from services.orchestrator.rollouts import result_problem
 from services.orchestrator.sampler import Draw, TaskSampler, existing_draws
@@ -56,7 +57,8 @@ class Orchestrator:
 
     def __init__(self, config: OrchestratorConfig, train_sizes: list[int], eval_sizes: list[int],
                  progress: ProgressStore | None = None, resume: ProgressState | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.monotonic, journal: Journal | None = None,
+                 replay: Replay | None = None) -> None:  # fmt: skip
         if config.sampling.temperature <= 0:
             raise ValueError(f"sampling.temperature = {config.sampling.temperature}: training needs a temperature "
                              "above 0 (the trainer divides its logits by it); greedy decoding is for evaluation")
@@ -96,6 +98,43 @@ class Orchestrator:
         self._last_build = clock()
         self._gate_closed_at: float | None = None
         self._wait_for_policy_s = 0.0
+        self.step_tasks: dict[int, list[str]] = {}
+        """Task ids of each built step not acknowledged yet (journaled again when renumbered)."""
+        self.journal = journal
+        if replay is not None:
+            self._restore(replay)
+
+    def _restore(self, replay: Replay) -> None:
+        """Rebuild the steps built after progress ``replay.step`` and put the other journaled
+        groups back into the buffer."""
+        self.ledger.finished |= replay.accepted_task_ids
+        groups: dict[str, Group] = {}
+        for result in replay.results:
+            draw = self._adopt(result)
+            if draw is None:
+                continue  # the training environments changed since it was accepted
+            if draw in self.pending_draws:
+                self.pending_draws.remove(draw)  # its rollouts are here: not to be sampled again
+            groups[result.task_id] = Group(result.task_id, result.env_id, draw, result.rollouts)
+        for step, task_ids in replay.built_after.items():
+            if step != self.step or not all(t in groups for t in task_ids):
+                break  # cannot happen with an intact journal; the groups go back to the buffer
+            self._rebuild(step, [groups.pop(t) for t in task_ids])
+        self.buffer.groups.extend(groups.values())
+        if self.journal is not None:
+            self.journal.resumed(replay.step, len(self.buffer) + sum(map(len, self.step_tasks.values())))
+        if replay.results:
+            logger.info("journal: {} step(s) rebuilt after step {}, {} accepted group(s) back in the buffer",
+                        len(self.step_tasks), replay.step, len(self.buffer))  # fmt: skip
+
+    def _rebuild(self, step: int, groups: list[Group]) -> None:
+        """Build ``step`` again exactly as before the restart (no metrics: they were reported)."""
+        built = build_step(step, groups, self.config)
+        self.totals.update(samples=built.num_samples, tokens=built.num_tokens, problems=built.num_problems)
+        self.step = step + 1
+        self.step_tasks[step] = [g.task_id for g in groups]
+        self.snapshots[step] = self._snapshot(built_steps=step)
+        self.store.add(step, built.batches)
 
     # ---------------------------------------------------------------- state
 
@@ -134,7 +173,13 @@ class Orchestrator:
     def on_task_request(self, identity: bytes, request: TaskRequest) -> None:
         if request.num_tasks < 0:
             raise ValueError(f"TaskRequest from {request.worker_id!r} asks for {request.num_tasks} tasks")
-        self.workers.grant(identity, request)
+        for previous in self.workers.grant(identity, request, self.clock()):
+            logger.warning("env-worker {} reconnected as a new process", request.worker_id)
+            self.on_worker_gone(previous)
+
+    def on_worker_seen(self, identity: bytes) -> None:
+        """Any message from ``identity`` shows the worker is alive."""
+        self.workers.seen(identity, self.clock())
 
     def on_worker_gone(self, identity: bytes) -> None:
         """A send to ``identity`` failed: forget its credits and re-issue its tasks."""
@@ -175,6 +220,8 @@ class Orchestrator:
             return self._refuse(result, f"stale: sampled by policy {group.oldest_policy_step}, "
                                         f"{group.off_policy(self.step)} steps behind step {self.step} "
                                         f"(max_off_policy_steps={self.config.max_off_policy_steps})")  # fmt: skip
+        if self.journal is not None:
+            self.journal.accepted(result)  # before the ack: the worker forgets what it was acked
         return ResultAck(task_ids=[result.task_id])
 
     def on_batch_request(self, identity: bytes, request: BatchRequest) -> TrainBatch | Refused | None:
@@ -183,6 +230,12 @@ class Orchestrator:
         if problem is not None:
             return Refused(request="BatchRequest", reason=problem)
         self._acknowledge_below(request.step)
+        if self.store.is_acked(request.step) and self.store.replay(request.step):
+            logger.warning("trainer asks for step {} again (restarted from its checkpoint): steps {}..{} are "
+                           "trained again with the same batches", request.step, request.step,
+                           self.store.acked_below + len(self.store.built) - 1)  # fmt: skip
+            self._event("replay", f"trainer restarted at step {request.step}: acknowledged steps replayed",
+                        "warning", step=request.step)  # fmt: skip
         if self.store.is_acked(request.step):
             return Refused(request="BatchRequest", reason=(
                 f"step {request.step} is already trained (acknowledged); the next step is {self.store.acked_below}"))
@@ -212,12 +265,17 @@ class Orchestrator:
     def tick(self) -> Outbox:
         """Expire leases, start evals, build ready steps, issue and dispatch tasks."""
         now = self.clock()
+        for identity in self.workers.silent(now, self.config.worker_timeout_s):
+            logger.warning("env-worker {} silent for {:g}s", self.workers.workers[identity].name,
+                           self.config.worker_timeout_s)  # fmt: skip
+            self.on_worker_gone(identity)
         expired = self.ledger.expire(now)
         if expired:
             logger.warning("{} task lease(s) expired after {}s; issued again", len(expired), self.config.task_lease_s)
         self._start_due_eval()
         self._track_gate(now)
         self._build_ready_steps(now)
+        self._track_gate(now)  # a build can close the gate: its wait starts now, not at the next tick
         self._issue_training_tasks()
         self.outbox.tasks += dispatch(self.ledger, self.workers, now, time.time())
         outbox, self.outbox = self.outbox, Outbox()
@@ -225,9 +283,15 @@ class Orchestrator:
 
     def _build_ready_steps(self, now: float) -> None:
         while self._building and self.gate.allows(self.step):
+            stale = self.buffer.drop_stale(self.step)
+            if stale and self.journal is not None:
+                self.journal.dropped("stale", [g.task_id for g in stale])
             groups = self.buffer.take(self.step, self.groups_per_batch)
             if groups is None:
                 return
+            self.step_tasks[self.step] = [g.task_id for g in groups]
+            if self.journal is not None:
+                self.journal.built(self.step, self.step_tasks[self.step])
             self._publish(build_step(self.step, groups, self.config), now)
 
     def _publish(self, built: BuiltStep, now: float) -> None:
@@ -255,6 +319,9 @@ class Orchestrator:
             # Not "time/step": that is the trainer's; this is the time since the previous batch was built.
             "time/batch_interval": now - self._last_build,
             "time/wait_for_ckpt": self._wait_for_policy_s,
+            # The rest of the interval: rollouts of this batch were being generated and scored
+            # (tasks are issued only while the policy gate is open). scripts/bench/rl.py divides by it.
+            "time/generate": max(0.0, now - self._last_build - self._wait_for_policy_s),
             "progress/step": float(step),
             "progress/total_samples": float(self.totals["samples"]),
             "progress/total_tokens": float(self.totals["tokens"]),
@@ -365,6 +432,10 @@ class Orchestrator:
             if old_step in self.snapshots:
                 snapshots[new_step] = msgspec.structs.replace(self.snapshots[old_step], step=new_step)
         self.store.built, self.snapshots = renumbered, snapshots
+        self.step_tasks = {new: self.step_tasks.get(old, []) for new, old in enumerate(held, start=step)}
+        if self.journal is not None:
+            for new_step, task_ids in self.step_tasks.items():
+                self.journal.built(new_step, task_ids)
         self.step = step + len(held)
 
     def _fast_forward(self, step: int) -> None:
@@ -376,12 +447,19 @@ class Orchestrator:
             self.step = step
 
     def _on_acknowledged(self, step: int) -> None:
+        self.step_tasks.pop(step, None)
+        if self.journal is not None:
+            self.journal.acked(step)
         snapshot = self.snapshots.pop(step, None)
         for old in [s for s in self.snapshots if s < step]:
             del self.snapshots[old]
         if snapshot is None or self.progress is None:
+            self.store.forget_up_to(step)
             return
         if step % self.config.ckpt.interval == 0 or step == self.max_steps:
+            self.store.forget_up_to(step)
+            if self.journal is not None:
+                self.journal.sync()  # the progress file must never be ahead of the journal on disk
             path = self.progress.save(snapshot)
             self._event("checkpoint", f"progress of step {step} saved to {path}", step=step)
 

@@ -8,7 +8,10 @@ duplicate. So a worker that dies (or hangs) loses no task, and nothing is
 trained twice.
 
 Credits follow ``TaskRequest``: each request adds ``num_tasks`` credits for
-that worker; each task sent spends one.
+that worker; each task sent spends one. Workers also send ``TaskRequest(num_tasks=0)``
+as a keepalive: a worker silent for ``worker_timeout_s`` is taken for dead, and so is
+the previous connection of a worker that reconnects under the same name (it was
+restarted), so its leased tasks go to others at once instead of after ``lease_s``.
 """
 
 from __future__ import annotations
@@ -120,6 +123,8 @@ class Worker:
     credits: int = 0
     env_ids: frozenset[str] = frozenset()
     """Environments the worker runs; empty means all."""
+    last_seen: float = 0.0
+    """Monotonic time of its latest message."""
 
     def accepts(self, env_id: str) -> bool:
         return self.credits > 0 and (not self.env_ids or env_id in self.env_ids)
@@ -131,10 +136,21 @@ class WorkerPool:
 
     workers: dict[bytes, Worker] = field(default_factory=dict)
 
-    def grant(self, identity: bytes, request: TaskRequest) -> None:
+    def grant(self, identity: bytes, request: TaskRequest, now: float = 0.0) -> list[bytes]:
+        """Add the request's credits; returns older connections of the same worker name (restarted)."""
         worker = self.workers.setdefault(identity, Worker(request.worker_id))
         worker.name, worker.env_ids = request.worker_id, frozenset(request.env_ids)
         worker.credits += request.num_tasks
+        worker.last_seen = now
+        return [other for other, w in self.workers.items() if other != identity and w.name == request.worker_id]
+
+    def seen(self, identity: bytes, now: float) -> None:
+        if identity in self.workers:
+            self.workers[identity].last_seen = now
+
+    def silent(self, now: float, timeout_s: float) -> list[bytes]:
+        """Workers not heard from for ``timeout_s``."""
+        return [identity for identity, w in self.workers.items() if now - w.last_seen > timeout_s]
 
     def pick(self, env_id: str) -> bytes | None:
         """The worker with the most credit that runs ``env_id`` (spreads load), or None."""

@@ -28,14 +28,16 @@ from loguru import logger
 
 from common.bus import Bus, BusSocket, PeerUnreachable, TelemetryClient
 from common.messages import BatchAck, BatchRequest, Message, PolicyLoaded, RolloutResult, TaskRequest
-from services.orchestrator.checkpoint import ProgressStore
+from services.orchestrator.checkpoint import ProgressState, ProgressStore
 from services.orchestrator.config import OrchestratorConfig
 from services.orchestrator.core import Orchestrator, Outbox
+from services.orchestrator.journal import Journal, Replay
 from services.orchestrator.sampler import Environment
 
 EnvLoader = Callable[[str, dict[str, Any]], Environment]
 MAX_MESSAGES_PER_SOCKET = 256  # per poll round, so one busy channel cannot starve the others
 MAX_POLL_S = 0.5  # also how quickly a stop request is noticed
+WAIT_LOG_S = 60.0  # a wait that lasts is logged this often, naming what it waits for and since when
 
 
 def load_environment(env_id: str, args: dict[str, Any]) -> Environment:
@@ -63,11 +65,16 @@ class OrchestratorService:
     def __init__(self, config: OrchestratorConfig, env_loader: EnvLoader = load_environment) -> None:
         self.config = config
         train_sizes, eval_sizes = environment_sizes(config, env_loader)
-        progress = ProgressStore(config.output_dir / "checkpoints" / "orchestrator", config.ckpt.keep_last)
+        folder = config.output_dir / "checkpoints" / "orchestrator"
+        progress = ProgressStore(folder, config.ckpt.keep_last)
         resume = progress.load(config.ckpt.resume_step)
         if resume is not None:
             logger.info("resuming at step {} ({} examples pending)", resume.step, len(resume.pending))
-        self.core = Orchestrator(config, train_sizes, eval_sizes, progress, resume)
+        self.journal = Journal(folder / "journal.jsonl")
+        replay = self._replay(progress, resume)
+        self.journal.open()
+        self.core = Orchestrator(config, train_sizes, eval_sizes, progress, resume, journal=self.journal,
+                                 replay=replay)  # fmt: skip
         self.bus = Bus(config.bus)
         endpoints = config.bus.endpoints
         self.tasks: BusSocket = self.bus.bind(zmq.ROUTER, endpoints.orchestrator_tasks, "tasks")
@@ -84,6 +91,18 @@ class OrchestratorService:
             self.policy: ((PolicyLoaded,), self._on_policy),
         }
         self.num_bad_requests: Counter[str] = Counter()
+        self._waiting: tuple[str | None, float, float] = (None, time.time(), time.monotonic())
+        """(what progress waits for, since when (wall clock), when it was last logged (monotonic))."""
+
+    def _replay(self, progress: ProgressStore, resume: ProgressState | None) -> Replay | None:
+        """The journal after the resumed step when resuming from the latest progress (a restart
+        after a crash); otherwise the journal belongs to another history and is moved aside."""
+        steps = progress.steps()
+        resume_step = self.config.ckpt.resume_step
+        if resume_step == -1 or (resume is not None and steps and resume.step == steps[-1]):
+            return self.journal.replay(resume.step if resume is not None else 0)
+        self.journal.discard()
+        return None
 
     def run(self, stop: threading.Event | None = None) -> int:
         """Serve until every step is trained (or ``stop`` is set); returns the exit code."""
@@ -103,12 +122,14 @@ class OrchestratorService:
                     self._heartbeat()
                     next_heartbeat = time.monotonic() + self.config.bus.heartbeat_interval_s
             if self.core.done:
+                self.journal.finished([group.task_id for group in self.core.buffer])
                 logger.info("all {} steps trained; orchestrator done", self.config.max_steps)
                 self.telemetry.event("finished", f"all {self.config.max_steps} steps trained")
             else:
                 logger.info("stopping at step {} as requested", self.core.step)
             self.telemetry.heartbeat("stopping", step=self.core.step)
         finally:
+            self.journal.close()
             self.bus.close()
         return 0
 
@@ -131,6 +152,7 @@ class OrchestratorService:
                 logger.warning("bad {} from {!r} on {}: {}", type(message).__name__, identity, sock.role, exc)
 
     def _on_tasks(self, identity: bytes, message: TaskRequest | RolloutResult) -> None:
+        self.core.on_worker_seen(identity)
         if isinstance(message, TaskRequest):
             self.core.on_task_request(identity, message)
         else:
@@ -172,7 +194,16 @@ class OrchestratorService:
 
     def _heartbeat(self) -> None:
         waiting_for = self.core.waiting_for()
-        self.telemetry.heartbeat("waiting" if waiting_for else "busy", step=self.core.step, waiting_for=waiting_for)
+        what, since, logged = self._waiting
+        now = time.monotonic()
+        if waiting_for != what:
+            what, since, logged = waiting_for, time.time(), now
+        elif waiting_for is not None and now - logged >= WAIT_LOG_S:
+            logger.info("step {}: waiting {:.0f}s for {}", self.core.step, time.time() - since, waiting_for)
+            logged = now
+        self._waiting = (what, since, logged)
+        self.telemetry.heartbeat("waiting" if waiting_for else "busy", step=self.core.step, waiting_for=waiting_for,
+                                 waiting_since=since if waiting_for else None)  # fmt: skip
 
 
 def run_orchestrator(config: OrchestratorConfig) -> int:

@@ -2,9 +2,9 @@
 
 Per step N, on every rank: ask the orchestrator for this rank's share of step N
 (``BatchRequest``, resent while nothing comes, each wait logged), check it (all
-ranks agree on accepting or rejecting), train, acknowledge (``BatchAck`` only once
-the optimizer step is applied), publish the new weights (rank 0 serves them; all
-ranks help gather), checkpoint when due, report metrics.
+ranks agree on accepting or rejecting), train, publish the new weights (rank 0 serves
+them; all ranks help gather), checkpoint when due, acknowledge (``BatchAck`` only once
+the optimizer step is applied and, on checkpoint steps, saved), report metrics.
 
 A rejected batch gets ``BatchAck(ok=False, reason)``; the step is used up
 without an optimizer step and the trainer goes on with N + 1. A batch for a step
@@ -27,6 +27,7 @@ from services.trainer.config import TrainerConfig
 from services.trainer.distributed import DistContext, shutdown_distributed
 from services.trainer.logprobs import RowTensors
 from services.trainer.model import named_arrays
+from services.trainer.pulse import StepPulse
 from services.trainer.runtime import Runtime, build_runtime
 
 # How the orchestrator names the step to train after refusing an acknowledged one.
@@ -129,6 +130,7 @@ class RlLoop:
         self.telemetry = TelemetryClient(bus, "trainer", f"{config.trainer_id}-rank{ctx.rank}")
         self.batches = BatchClient(bus, config, ctx, self.telemetry)
         self.weights = WeightPublisher(bus, config, ctx)
+        self.pulse = StepPulse(config.bus, self.telemetry).start()
         self.num_rejected = 0
 
     def run(self) -> None:
@@ -148,15 +150,18 @@ class RlLoop:
         started = time.perf_counter()
         batch = self.batches.fetch(step)
         waited = time.perf_counter() - started
-        try:
-            rows = self.prepare(batch)
-        except BadBatch as exc:
-            self.reject(step, str(exc))
-            return
-        metrics = self.rt.trainer.run(step, rows, batch.num_loss_tokens)
-        self.batches.ack(step)
-        metrics["time/broadcast_weights"] = self.weights.publish(step, self.rt.model)
-        metrics["time/save_ckpt"] = self.checkpoint(step)
+        with self.pulse.busy(step - 1):
+            try:
+                rows = self.prepare(batch)
+            except BadBatch as exc:
+                self.reject(step, str(exc))
+                return
+            metrics = self.rt.trainer.run(step, rows, batch.num_loss_tokens)
+            metrics["time/broadcast_weights"] = self.weights.publish(step, self.rt.model)
+            metrics["time/save_ckpt"] = self.checkpoint(step)
+            # Acknowledged only once checkpointed (when due): a trainer killed before that resumes
+            # from its previous checkpoint and gets this very batch again from the orchestrator.
+            self.batches.ack(step)
         metrics.update({"time/wait_for_batch": waited, "time/step": time.perf_counter() - started,
                         "batches/rejected": self.num_rejected, "batches/duplicates": self.batches.num_duplicates})
         self.telemetry.heartbeat("ready", step)
@@ -196,6 +201,7 @@ class RlLoop:
         return time.perf_counter() - started
 
     def close(self) -> None:
+        self.pulse.stop()
         self.weights.stop()
 
 

@@ -36,6 +36,7 @@ class FakeRun:
         self.context = zmq.Context()
         self.control = self.context.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
+        self.control.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted stand-in takes over its name
         endpoint = f"ipc://{folder}/control"
         self.control.bind(endpoint)
         self.output_file = folder / "launcher.txt"
@@ -216,3 +217,20 @@ def test_a_command_that_cannot_start_stops_those_already_started(run_factory):
     assert list(started) == ["monitor", "inference", "trainer"]
     assert "stopping monitor" in text
     assert wait_gone(list(started.values())) == []
+
+
+@pytest.mark.slow
+def test_with_max_restarts_a_killed_service_is_started_again_and_the_run_goes_on(run_factory):
+    run = run_factory("--max-restarts", "1")
+    run.wait_ready()
+    first = run.pids.pop("trainer")
+    os.kill(first[0], signal.SIGKILL)
+    run.wait_ready()  # the same command again
+    assert run.pids["trainer"][0] != first[0]
+    assert wait_gone(list(first)) == []  # its grandchild went with it
+    run.tell("trainer", "exit 3")  # no restart left: now the run fails
+    assert run.wait() == 1
+    text = run.output()
+    assert "trainer was killed by SIGKILL: restarted it with the same command" in text
+    assert "run FAILED: trainer exited with code 3" in text
+    assert wait_gone(run.all_pids()) == []

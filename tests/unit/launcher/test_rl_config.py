@@ -2,9 +2,10 @@
 
 import pytest
 
-from common.config import ConfigError, load_config
+from common.config import ConfigError, load_config, write_toml
 from services.launcher.config import SECTIONS, RlConfig, service_env
 from services.orchestrator.config import OrchestratorConfig
+from services.trainer.config import TrainerConfig
 
 
 def test_shared_fields_propagate_into_every_section(tmp_path):
@@ -61,3 +62,17 @@ def test_env_workers_follow_the_local_inference_replica_unless_set():
     explicit = load_config(RlConfig, ["--inference.port", "8123", "--env-worker.inference-urls", '["http://h:1/v1"]'],
                            env={})
     assert explicit.env_worker.inference_urls == ["http://h:1/v1"]
+
+
+def test_run_checkpoints_set_trainer_and_orchestrator_together_unless_a_section_sets_its_own(tmp_path):
+    config = load_config(RlConfig, ["--ckpt.resume-step", "20", "--ckpt.interval", "5"], env={})
+    assert config.trainer.ckpt.enabled and config.trainer.ckpt.interval == config.orchestrator.ckpt.interval == 5
+    assert config.trainer.ckpt.resume_step == config.orchestrator.ckpt.resume_step == 20
+    written = load_config(TrainerConfig, ["@", str(write_toml(config.trainer, tmp_path / "trainer.toml"))], env={})
+    assert (written.ckpt.enabled, written.ckpt.interval, written.ckpt.resume_step) == (True, 5, 20)
+    default = load_config(RlConfig, [], env={})
+    assert default.trainer.ckpt.resume_step == default.orchestrator.ckpt.resume_step == -1  # a restart resumes
+    own = load_config(RlConfig, ["--trainer.ckpt.resume-step", "3", "--ckpt.resume-step", "4"], env={})
+    assert (own.trainer.ckpt.resume_step, own.orchestrator.ckpt.resume_step) == (3, 4)
+    with pytest.raises(ConfigError, match="must checkpoint at the same steps"):
+        load_config(RlConfig, ["--trainer.ckpt.interval", "2"], env={})

@@ -89,3 +89,11 @@ def test_clean_output_dir_refuses_home_cwd_and_their_parents(tmp_path, monkeypat
     (run / "metrics.jsonl").write_text("{}\n")
     clean_output_dir(run)
     assert run.is_dir() and list(run.iterdir()) == []
+
+
+def test_a_failed_service_is_restarted_only_while_restarts_are_left():
+    state = RunState(SPECS, max_restarts=2)
+    assert state.should_restart("inference", -9) and state.should_restart("inference", 1)
+    assert not state.should_restart("inference", -9)
+    assert not state.should_restart("trainer", 0)  # its part is done: nothing to restart
+    assert state.should_restart("trainer", -9) and state.phase is Phase.RUNNING

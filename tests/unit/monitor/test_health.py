@@ -74,3 +74,21 @@ def test_rows_are_sorted_and_carry_what_tail_shows():
     assert [r.service for r in rows] == ["env-worker", "trainer"]
     assert (rows[0].waiting_for, rows[0].waiting_since, rows[0].last_seen) == ("tasks", 90.0, 101)
     assert (rows[1].step, rows[1].host, rows[1].pid) == (3, "h", 11)
+
+
+def test_a_step_reporter_heartbeating_without_advancing_is_stalled_loudly_until_it_moves():
+    table = HealthTable(dead_after_s=30, stalled_after_s=600, progress_stalled_after_s=100,
+                        progress_services=frozenset({"trainer"}))
+    table.observe(beat(status="busy", step=3), now=100)
+    table.observe(beat(service="inference", replica="inf", step=3), now=100)
+    for now in range(110, 200, 10):  # alive, busy, and still at step 3
+        table.observe(beat(status="busy", step=3, sent_at=now), now=now)
+        table.observe(beat(service="inference", replica="inf", step=3, sent_at=now), now=now)
+        assert table.check(now=now) == []
+    (notice,) = table.check(now=200)
+    assert (notice.kind, notice.level, notice.service) == ("service_stalled", "error", "trainer")
+    assert "trainer/trainer-0 is STALLED" in notice.message and "step 3 has not advanced for 100s" in notice.message
+    assert table.check(now=210) == []  # said once
+    assert {r.service: r.status for r in table.rows()} == {"inference": "ready", "trainer": "stalled"}
+    (moved,) = table.observe(beat(status="busy", step=4, sent_at=310), now=310)
+    assert moved.kind == "service_progressing" and table.rows()[1].status == "busy"

@@ -86,6 +86,22 @@ def test_async_level_stops_tasks_and_batches_until_inference_catches_up(tmp_path
     assert len(request_tasks(core, num_tasks=0)) == 2
 
 
+def test_generate_time_is_the_batch_interval_less_the_wait_for_a_newer_policy(tmp_path):
+    clock = Clock()
+    core = make_core(make_config(tmp_path, max_async_level=0), clock=clock)
+    tasks = request_tasks(core)
+    clock.now = 3.0
+    finish(core, tasks, policy_step=0)  # step 1 after 3 s of rollouts; the gate closes until policy 1
+    clock.now = 10.0
+    assert request_tasks(core) == []
+    load_policy(core, 1)
+    clock.now = 12.0
+    tasks = request_tasks(core, num_tasks=0)  # the gate opens at 12 s
+    clock.now = 16.0
+    _, metrics = finish(core, tasks, policy_step=1).metrics[0]
+    assert (metrics["time/batch_interval"], metrics["time/wait_for_ckpt"], metrics["time/generate"]) == (13, 9, 4)
+
+
 def test_duplicate_invalid_and_stale_results_are_refused_with_a_reason(tmp_path):
     core = make_core(make_config(tmp_path, max_async_level=5, max_off_policy_steps=1))
     tasks = request_tasks(core)
@@ -330,3 +346,43 @@ def test_a_group_whose_rollouts_all_errored_does_not_use_up_a_step(tmp_path):
     ((step, metrics),) = core.tick().metrics
     assert step == 1 and metrics["errored_rollouts"] == 2 and metrics["dropped/errored_groups"] == 1
     assert metrics["batch/num_samples"] == 4
+
+
+def test_a_restarted_or_silent_env_worker_gets_its_tasks_reissued_before_the_lease_runs_out(tmp_path):
+    clock = Clock()
+    core = make_core(make_config(tmp_path, task_lease_s=600, worker_timeout_s=30), clock=clock)
+    leased = request_tasks(core, num_tasks=2, identity=b"w")
+    assert len(leased) == 2
+    # The same worker name from a new connection: the process was restarted, its leases are void.
+    core.on_task_request(b"w-restarted", TaskRequest(worker_id="w", num_tasks=2))
+    core.tick()
+    again, core.sent_tasks = core.sent_tasks, []
+    assert [t.task_id for t in again] == [t.task_id for t in leased]
+    clock.now = 20
+    core.on_worker_seen(b"w-restarted")  # a keepalive
+    clock.now = 40
+    other = request_tasks(core, num_tasks=2, identity=b"other")  # w-restarted silent for 20s: still alive
+    assert other == []
+    clock.now = 51
+    assert [t.task_id for t in request_tasks(core, num_tasks=0, identity=b"other")] == [t.task_id for t in leased]
+
+
+def test_a_trainer_restarted_from_an_older_checkpoint_repeats_the_steps_since_with_the_same_batches(tmp_path):
+    store = ProgressStore(tmp_path / "progress")
+    core = make_core(make_config(tmp_path, max_async_level=5, ckpt={"interval": 2}), progress=store)
+    for _ in range(4):
+        finish(core, request_tasks(core), 0)
+    batches = {s: core.on_batch_request(b"t1", BatchRequest(trainer_id="t", rank=0, world_size=1, step=s))
+               for s in (1, 2, 3)}  # fmt: skip
+    for step in (1, 2, 3):
+        core.on_batch_ack(BatchAck(trainer_id="t", step=step))
+    assert store.steps() == [2]
+    # The trainer dies during step 4 and resumes from its checkpoint of step 2: step 3 again, same batch.
+    again = core.on_batch_request(b"t2", BatchRequest(trainer_id="t", rank=0, world_size=1, step=3))
+    assert again is batches[3]
+    core.on_batch_ack(BatchAck(trainer_id="t", step=3))
+    assert isinstance(core.on_batch_request(b"t2", BatchRequest(trainer_id="t", rank=0, world_size=1, step=4)),
+                      TrainBatch)  # fmt: skip
+    # Steps in a checkpoint are never replayed.
+    refused = core.on_batch_request(b"t3", BatchRequest(trainer_id="t", rank=0, world_size=1, step=2))
+    assert isinstance(refused, Refused) and "next step is 4" in refused.reason

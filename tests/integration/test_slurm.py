@@ -1,0 +1,241 @@
+"""`rlbus rl --slurm` on a real single-node SLURM: the quickstart-size run as job arrays, and cancellation.
+
+The cluster (munged, slurmctld, slurmd from Debian's slurm-wlm and munge) is started by
+scripts/slurm/local_cluster.py with all its state in a temp folder and stopped, jobs
+cancelled first, even when a test fails. The bus runs with CurveZMQ keys, which reach
+the services inside the job scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.launcher.slurm_ctl import expand_task_ids
+from services.models.tiny import TinyModelConfig, build_tiny_model
+from tests.conftest import free_tcp_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "scripts" / "slurm" / "local_cluster.py"
+INSTALL = ROOT / "scripts" / "ci" / "install_slurm.sh"
+MAX_STEPS = 3
+NUM_ENV_WORKERS = 2
+NUM_REPLICAS = 2
+
+
+def arrays(num_replicas: int) -> dict[str, int]:
+    return {"monitor": 1, "orchestrator": 1, "trainer": 1, "inference": num_replicas, "env-worker": NUM_ENV_WORKERS}
+
+
+def ensure_slurm_installed() -> None:
+    if shutil.which("slurmctld") is None:
+        subprocess.run(["bash", str(INSTALL)], check=False, timeout=600)
+    if shutil.which("slurmctld") is None:
+        pytest.skip("slurmctld is missing and scripts/ci/install_slurm.sh could not install it: a CI setup bug")
+
+
+@pytest.fixture(scope="module")
+def slurm_env() -> Iterator[dict[str, str]]:
+    ensure_slurm_installed()
+    if os.geteuid() != 0:
+        pytest.skip("a private SLURM cluster's daemons run as root; this test runs as a user")
+    state = Path(tempfile.mkdtemp(prefix="rlbus-slurm-"))
+    try:
+        subprocess.run([sys.executable, str(CLUSTER), "up", str(state)], check=True, timeout=120)
+        yield {**os.environ, "SLURM_CONF": str(state / "slurm.conf"), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    finally:
+        subprocess.run([sys.executable, str(CLUSTER), "down", str(state)], timeout=300, check=False)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny")
+    return build_tiny_model(out, TinyModelConfig(out=out))
+
+
+def run_config(tmp_path: Path, model: Path, num_replicas: int = 1) -> Path:
+    subprocess.run([sys.executable, "-m", "services.cli", "keys", "--out", str(tmp_path / "keys")],
+                   cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+    endpoints = "\n".join(
+        f'{name} = "tcp://127.0.0.1:{free_tcp_port()}"'
+        for name in ("orchestrator_tasks", "orchestrator_batches", "orchestrator_policy", "trainer_weights",
+                     "trainer_announce", "monitor_telemetry", "monitor_view")
+    )
+    path = tmp_path / "rl.toml"
+    path.write_text(f"""
+model = "{model}"
+output_dir = "{tmp_path / 'run'}"
+max_steps = {MAX_STEPS}
+num_env_workers = {NUM_ENV_WORKERS}
+
+[bus.endpoints]
+{endpoints}
+
+[bus.curve]
+keys_dir = "{tmp_path / 'keys'}"
+
+[inference]
+port = {free_tcp_port()}
+max_model_len = 512
+
+[trainer.optimizer]
+lr = 1e-5
+
+[orchestrator]
+batch_size = 8
+rollouts_per_example = 4
+seq_len = 512
+max_async_level = 0
+
+[orchestrator.sampling]
+max_tokens = 32
+
+[orchestrator.advantage]
+length_penalty = 0.5
+
+[[orchestrator.train.env]]
+id = "reverse-text"
+
+[slurm]
+output = "{tmp_path / 'node-out'}/%x-%A_%a.out"
+poll_interval_s = 1.0
+num_inference_replicas = {num_replicas}
+""")
+    (tmp_path / "node-out").mkdir()
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def controller_tasks(env: dict[str, str], run: Path) -> dict[str, list[tuple[str, str]]]:
+    """service -> [(task id, state)] of the arrays this run submitted, from the controller."""
+    arrays = json.loads((run / "slurm_jobs.json").read_text())
+    ids = ",".join(a["array_job_id"] for a in arrays)
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-j", ids, "-o", "%F|%K|%T"], env=env, check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    service_of = {a["array_job_id"]: a["service"] for a in arrays}
+    tasks: dict[str, list[tuple[str, str]]] = {}
+    for line in out.split():
+        array_id, task_ids, state = line.split("|")
+        for task_id in expand_task_ids(task_ids):  # a pending array shows as one row: "0-1"
+            tasks.setdefault(service_of[array_id], []).append((str(task_id), state))
+    return {service: sorted(rows) for service, rows in tasks.items()}
+
+
+def service_processes(run: Path) -> list[str]:
+    """Processes whose command line names this run's folder (services and task runners)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and str(run) in cmdline:
+            found.append(f"{proc.name}: {cmdline[:200]}")
+    return found
+
+
+def test_rl_as_slurm_arrays_trains_contiguous_steps(slurm_env, tiny_model, tmp_path):
+    config = run_config(tmp_path, tiny_model, NUM_REPLICAS)
+    result = subprocess.run([sys.executable, "-m", "services.cli", "rl", "@", str(config), "--slurm"], cwd=ROOT,
+                            env=slurm_env, capture_output=True, text=True, timeout=1500, check=False)  # fmt: skip
+    run = tmp_path / "run"
+    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-4000:]
+
+    tasks = controller_tasks(slurm_env, run)
+    assert {s: len(rows) for s, rows in tasks.items()} == arrays(NUM_REPLICAS), tasks
+    assert tasks["orchestrator"] == [("0", "COMPLETED")], tasks
+    assert all(state in ("COMPLETED", "CANCELLED") for rows in tasks.values() for _, state in rows), tasks
+    assert service_processes(run) == []
+
+    metrics = read_jsonl(run / "metrics.jsonl")
+    trainer_steps = sorted({m["step"] for m in metrics if m["service"] == "trainer" and "loss/mean" in m})
+    assert trainer_steps == list(range(1, MAX_STEPS + 1)), trainer_steps
+    rewards = sorted({m["step"] for m in metrics if m["service"] == "orchestrator" and "reward/all/mean" in m})
+    assert rewards == list(range(1, MAX_STEPS + 1)), rewards
+
+    # Both replicas (array tasks on ports port+i) served the trained policy to the orchestrator.
+    events = read_jsonl(run / "events.jsonl")
+    loaded = {e["replica_id"] for e in events if e["kind"] == "policy_loaded" and "step 1" in e["message"]}
+    assert loaded == {f"inference-{i}" for i in range(NUM_REPLICAS)}, loaded
+    # Each task filled in its peers' addresses on its node, and the keys travelled with the script.
+    worker = (run / "configs" / "slurm" / "env-worker-1.toml").read_text()
+    assert "{" not in worker and "tcp://127.0.0.1:" in worker and str(tmp_path / "keys") in worker
+    assert worker.count("http://127.0.0.1:") == NUM_REPLICAS
+    # Every task's console was streamed back and copied next to the launcher's log.
+    for name in ("monitor", "orchestrator", "trainer", "inference-0", "inference-1", "env-worker-0", "env-worker-1"):
+        assert (run / "logs" / f"{name}.out").stat().st_size > 0, name
+    assert "[monitor]" in result.stdout and f"step {MAX_STEPS}" in result.stdout
+
+
+class Lines:
+    """A process's output lines, readable with a deadline."""
+
+    def __init__(self, popen: subprocess.Popen) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, args=(popen,), daemon=True).start()
+
+    def _read(self, popen: subprocess.Popen) -> None:
+        for line in popen.stdout:
+            self.lines.put(line)
+
+    def wait_for(self, *texts: str, timeout_s: float) -> None:
+        """Until one line holds every one of ``texts``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            self.seen.append(line)
+            if all(text in line for text in texts):
+                return
+        raise AssertionError(f"{texts!r} not seen in {timeout_s:g}s; last lines:\n{''.join(self.seen[-40:])}")
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "slurm-cancel"])
+def test_cancelling_ends_every_task(slurm_env, tiny_model, tmp_path, how):
+    config = run_config(tmp_path, tiny_model)
+    command = [sys.executable, "-m", "services.cli", "rl", "@", str(config)]
+    launcher = subprocess.Popen([*command, "--slurm"], cwd=ROOT, env=slurm_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        lines = Lines(launcher)
+        # Every task has started (the env-workers' array is submitted last).
+        lines.wait_for(f"env-worker-{NUM_ENV_WORKERS - 1} (job", "RUNNING", timeout_s=300)
+        if how == "ctrl-c":
+            launcher.send_signal(signal.SIGINT)
+            expected = 128 + signal.SIGINT
+        else:
+            cancel = subprocess.run([*command, "--slurm-cancel"], cwd=ROOT, env=slurm_env, capture_output=True,
+                                    text=True, timeout=300, check=False)  # fmt: skip
+            assert cancel.returncode == 0, cancel.stderr[-3000:]
+            expected = 1  # the launcher sees its services cancelled: the run failed
+        assert launcher.wait(timeout=300) == expected
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    run = tmp_path / "run"
+    tasks = controller_tasks(slurm_env, run)
+    assert {s: len(rows) for s, rows in tasks.items()} == arrays(1), tasks
+    assert all(state == "CANCELLED" for rows in tasks.values() for _, state in rows), tasks
+    assert service_processes(run) == []
