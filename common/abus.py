@@ -3,7 +3,7 @@
 Same sockets, options, framing, decode-error accounting and timeout messages
 (all shared through :class:`common.bus.BusCore`); only the waiting differs:
 ``send``, ``recv``, ``request``, ``Publisher.pump`` and ``wait_ready`` are
-coroutines. Telemetry needs no event loop: use :class:`common.bus.TelemetryClient`
+coroutines. Telemetry needs no event loop: use :class:`common.pubsub.TelemetryClient`
 with an :class:`AsyncBus` as well.
 """
 
@@ -16,8 +16,9 @@ import zmq
 import zmq.asyncio
 from loguru import logger
 
-from common.bus import MAX_PUMP_READS, BusCore, Expected, Received, SubscriberBase, remaining_ms, type_names
+from common.bus import MAX_PUMP_READS, BusCore, Expected, Received, remaining_ms, type_names
 from common.messages import Hello, Message
+from common.pubsub import SubscriberBase
 
 
 class AsyncBusSocket(zmq.asyncio.Socket):
@@ -85,7 +86,7 @@ class AsyncBus(BusCore):
 
 
 class AsyncPublisher:
-    """XPUB side of a pub/sub channel (see :class:`common.bus.Publisher`), for asyncio."""
+    """XPUB side of a pub/sub channel (see :class:`common.pubsub.Publisher`), for asyncio."""
 
     def __init__(self, bus: AsyncBus, address: str, sender: str, role: str = "announce") -> None:
         self.bus = bus
@@ -116,7 +117,7 @@ class AsyncPublisher:
 
 
 class AsyncSubscriber(SubscriberBase):
-    """SUB side of a pub/sub channel (see :class:`common.bus.Subscriber`), for asyncio."""
+    """SUB side of a pub/sub channel (see :class:`common.pubsub.Subscriber`), for asyncio."""
 
     bus: AsyncBus
 

@@ -34,8 +34,8 @@ from loguru import logger
 from zmq.utils.monitor import parse_monitor_message
 
 from common.abus import AsyncBus
-from common.bus import TelemetryClient
 from common.messages import ResultAck, Rollout, RolloutResult, RolloutTask, TaskRequest
+from common.pubsub import TelemetryClient
 from services.env_worker.config import EnvWorkerConfig
 from services.env_worker.environment import Environment
 from services.env_worker.inference import InferenceClient

@@ -29,8 +29,9 @@ from loguru import logger
 from zmq.utils.monitor import parse_monitor_message
 
 from common.abus import AsyncBus, AsyncSubscriber
-from common.bus import BusTimeout, TelemetryClient
+from common.bus import BusTimeout
 from common.messages import Ack, Hello, Refused, WeightsAnnounced, WeightsQuery
+from common.pubsub import TelemetryClient
 from services.inference.config import InferenceConfig
 from services.inference.gate import AdmissionGate
 from services.inference.policy import BASE_STEP, LoadReport, PolicyReporter, PolicyTracker, ServedPolicy

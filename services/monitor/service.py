@@ -1,6 +1,6 @@
 """The monitor's loop: owns the telemetry PULL and the live-view ROUTER, feeds :class:`Monitor`.
 
-Services PUSH telemetry without ever blocking (``common.bus.TelemetryClient``);
+Services PUSH telemetry without ever blocking (``common.pubsub.TelemetryClient``);
 while the monitor is down their messages queue up to the high-water mark and
 arrive once it binds again. SIGTERM (what the launcher sends) ends the loop
 after draining what already arrived, so the last steps still reach the files

@@ -26,8 +26,9 @@ from typing import Any
 import zmq
 from loguru import logger
 
-from common.bus import Bus, BusSocket, PeerUnreachable, TelemetryClient
+from common.bus import Bus, BusSocket, PeerUnreachable
 from common.messages import BatchAck, BatchRequest, Message, PolicyLoaded, RolloutResult, TaskRequest
+from common.pubsub import TelemetryClient
 from services.orchestrator.checkpoint import ProgressState, ProgressStore
 from services.orchestrator.config import OrchestratorConfig
 from services.orchestrator.core import Orchestrator, Outbox

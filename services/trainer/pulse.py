@@ -16,8 +16,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from common.bus import Bus, TelemetryClient
+from common.bus import Bus
 from common.config import BusConfig
+from common.pubsub import TelemetryClient
 
 
 class StepPulse:

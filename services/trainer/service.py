@@ -19,8 +19,9 @@ import time
 import zmq
 from loguru import logger
 
-from common.bus import Bus, TelemetryClient
+from common.bus import Bus
 from common.messages import BatchAck, BatchRequest, Refused, TrainBatch
+from common.pubsub import TelemetryClient
 from common.weights import WeightServer, WeightStore
 from services.trainer.batch import BadBatch, check_batch
 from services.trainer.config import TrainerConfig

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 import zmq
 
-from common.bus import Bus, BusTimeout, TelemetryClient
+from common.bus import Bus, BusTimeout
 from common.config.base import BusConfig
 from common.messages import BatchRequest, PolicyLoaded, RolloutResult, TaskRequest
+from common.pubsub import TelemetryClient
 from common.weights import WeightServer, WeightStore, query_latest
 from services.inference.worker_extension import pull_step
 from services.monitor.config import MonitorConfig, TailConfig

@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 import zmq
 
-from common.bus import Bus, Subscriber, TelemetryClient
+from common.bus import Bus
 from common.config.base import BusConfig, BusEndpoints
 from common.messages import (
     Event, Heartbeat, MetricsReport, RolloutSamples, ViewRequest, ViewSnapshot, WeightsAnnounced, WeightsFetch,
     WeightsQuery,
 )  # fmt: skip
+from common.pubsub import Subscriber, TelemetryClient
 from common.weights import WeightServer, WeightStore, fetch_step, query_latest
 from services.monitor.config import MonitorConfig
 from services.monitor.monitor import Monitor

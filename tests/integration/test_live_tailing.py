@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from common.bus import Bus, TelemetryClient
+from common.bus import Bus
 from common.config import BusConfig, BusEndpoints, write_toml
+from common.pubsub import TelemetryClient
 from services.launcher.config import RlConfig
 from tests.conftest import free_tcp_port
 

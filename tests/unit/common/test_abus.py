@@ -10,9 +10,10 @@ import pytest
 import zmq
 
 from common.abus import AsyncBus, AsyncPublisher, AsyncSubscriber
-from common.bus import BusTimeout, TelemetryClient
+from common.bus import BusTimeout
 from common.codec import encode
 from common.messages import Ack, Hello, TaskRequest, WeightsBucket, WeightsFetch
+from common.pubsub import TelemetryClient
 
 
 def run(coroutine_function, bus_config):

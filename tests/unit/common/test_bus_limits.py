@@ -11,10 +11,10 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from common.abus import AsyncBus, AsyncPublisher
-from common.bus import Bus, PeerUnreachable, Publisher, Subscriber, TelemetryClient, remaining_ms
+from common.bus import Bus, PeerUnreachable, remaining_ms
 from common.codec import encode
-from common.config.base import BusConfig
 from common.messages import Ack, Hello, MetricsReport, WeightsBucket
+from common.pubsub import Publisher, Subscriber, TelemetryClient
 
 DEADLINE_S = 30.0
 

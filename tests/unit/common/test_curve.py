@@ -12,10 +12,11 @@ import pytest
 import zmq
 
 from common.abus import AsyncBus
-from common.bus import Bus, Publisher, Subscriber, TelemetryClient
+from common.bus import Bus
 from common.config.base import BusConfig, CurveConfig
 from common.curve import check_bind_allowed, is_loopback
 from common.messages import Ack, Hello, TaskRequest
+from common.pubsub import Publisher, Subscriber, TelemetryClient
 from services.cli import main as rlbus
 from tests.curve_keys import Refusals, make_key_sets
 

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import zmq
 
-from common.bus import Bus, Subscriber
+from common.bus import Bus
 from common.config import BusConfig
 from common.messages import Refused, WeightsAnnounced, WeightsBucket
-from common.weights import WeightServer, WeightsCorrupt, WeightStore, checksum, fetch_step, query_latest
+from common.pubsub import Subscriber
+from common.weights import WeightsCorrupt, WeightServer, WeightStore, checksum, fetch_step, query_latest
 
 
 def params(scale: float = 1.0) -> list[tuple[str, np.ndarray, str]]:

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import zmq
 
-from common.bus import Bus, TelemetryClient
+from common.bus import Bus
 from common.config import BusConfig, BusEndpoints, write_toml
 from common.messages import Refused, ViewRequest, ViewSnapshot
+from common.pubsub import TelemetryClient
 from services.monitor.config import MonitorConfig
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -2,9 +2,10 @@
 
 import zmq
 
-from common.bus import Bus, TelemetryClient
+from common.bus import Bus
 from common.config.base import BusConfig, BusEndpoints
 from common.messages import Heartbeat
+from common.pubsub import TelemetryClient
 from services.trainer.pulse import StepPulse
 from tests.conftest import free_tcp_port
 

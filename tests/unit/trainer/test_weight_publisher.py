@@ -4,9 +4,10 @@ import numpy as np
 import torch
 import zmq
 
-from common.bus import Bus, Subscriber
+from common.bus import Bus
 from common.config.base import BusConfig, BusEndpoints
 from common.messages import WeightsAnnounced
+from common.pubsub import Subscriber
 from common.weights import fetch_step, query_latest
 from services.trainer.config import TrainerConfig
 from services.trainer.distributed import DistContext
