@@ -23,6 +23,7 @@ import pytest
 from services.cli import main as rlbus
 from services.models.tiny import TinyModelConfig, build_tiny_model
 from tests.integration.netns import NetnsLab, netns_unavailable
+from tests.integration.small_run import TRAINING_TOML
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -57,24 +58,7 @@ port = 8000
 api_key = "{API_KEY}"
 max_model_len = 512
 
-[trainer.optimizer]
-lr = 1e-5
-
-[orchestrator]
-batch_size = 8
-rollouts_per_example = 4
-seq_len = 512
-max_async_level = 0
-
-[orchestrator.sampling]
-max_tokens = 32
-
-[orchestrator.advantage]
-length_penalty = 0.5
-
-[[orchestrator.train.env]]
-id = "reverse-text"
-
+{TRAINING_TOML}
 [env_worker]
 inference_urls = ["http://{inference}:8000/v1"]
 """

@@ -11,6 +11,7 @@ import pytest
 
 from services.models.tiny import TinyModelConfig, build_tiny_model
 from tests.conftest import free_tcp_port
+from tests.integration.small_run import TRAINING_TOML, loopback_endpoints
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -20,11 +21,7 @@ MAX_STEPS = 3
 
 
 def run_config(tmp_path: Path, model: Path) -> Path:
-    endpoints = "\n".join(
-        f'{name} = "tcp://127.0.0.1:{free_tcp_port()}"'
-        for name in ("orchestrator_tasks", "orchestrator_batches", "orchestrator_policy", "trainer_weights",
-                     "trainer_announce", "monitor_telemetry", "monitor_view")
-    )
+    endpoints = loopback_endpoints()
     path = tmp_path / "rl.toml"
     path.write_text(f"""
 model = "{model}"
@@ -39,26 +36,7 @@ num_env_workers = 2
 port = {free_tcp_port()}
 max_model_len = 512
 
-[trainer.optimizer]
-lr = 1e-5
-
-[orchestrator]
-batch_size = 8
-rollouts_per_example = 4
-seq_len = 512
-max_async_level = 0
-
-[orchestrator.sampling]
-max_tokens = 32
-
-# The untrained model never earns reverse-text reward; a length penalty makes
-# rewards differ within each group, so every step has advantages to train on.
-[orchestrator.advantage]
-length_penalty = 0.5
-
-[[orchestrator.train.env]]
-id = "reverse-text"
-
+{TRAINING_TOML}
 [monitor]
 console = true
 """)

@@ -26,6 +26,7 @@ import pytest
 from services.launcher.slurm_ctl import expand_task_ids
 from services.models.tiny import TinyModelConfig, build_tiny_model
 from tests.conftest import free_tcp_port
+from tests.integration.small_run import TRAINING_TOML, loopback_endpoints
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -71,11 +72,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_config(tmp_path: Path, model: Path, num_replicas: int = 1) -> Path:
     subprocess.run([sys.executable, "-m", "services.cli", "keys", "--out", str(tmp_path / "keys")],
                    cwd=ROOT, check=True, capture_output=True)  # fmt: skip
-    endpoints = "\n".join(
-        f'{name} = "tcp://127.0.0.1:{free_tcp_port()}"'
-        for name in ("orchestrator_tasks", "orchestrator_batches", "orchestrator_policy", "trainer_weights",
-                     "trainer_announce", "monitor_telemetry", "monitor_view")
-    )
+    endpoints = loopback_endpoints()
     path = tmp_path / "rl.toml"
     path.write_text(f"""
 model = "{model}"
@@ -93,24 +90,7 @@ keys_dir = "{tmp_path / 'keys'}"
 port = {free_tcp_port()}
 max_model_len = 512
 
-[trainer.optimizer]
-lr = 1e-5
-
-[orchestrator]
-batch_size = 8
-rollouts_per_example = 4
-seq_len = 512
-max_async_level = 0
-
-[orchestrator.sampling]
-max_tokens = 32
-
-[orchestrator.advantage]
-length_penalty = 0.5
-
-[[orchestrator.train.env]]
-id = "reverse-text"
-
+{TRAINING_TOML}
 [slurm]
 output = "{tmp_path / 'node-out'}/%x-%A_%a.out"
 poll_interval_s = 1.0
