@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from loguru import logger
 
-from common.bus import Bus, TelemetryClient
+from common.bus import Bus
+from common.pubsub import TelemetryClient
 from services.trainer.data import reverse_text
 from services.trainer.data.loading import Row, read_rows
 from services.trainer.distributed import DistContext, shutdown_distributed
@@ -33,7 +34,7 @@ def load_examples(config: SftConfig) -> tuple[list[Row], list[Row]]:
     data = config.data
     if data.synthetic == "reverse-text":
         num_val = round(data.num_examples * data.val_fraction / (1 - data.val_fraction))
-        rows = reverse_text.generate(data.num_examples + num_val, seed=config.seed)
+        rows = reverse_text.generate(data.num_examples + num_val, config.seed, data.min_words, data.max_words)
         return rows[:data.num_examples], rows[data.num_examples:]
     assert data.path is not None
     rows = read_rows(data.path, data.split)

@@ -45,7 +45,8 @@ def test_dry_run_writes_each_service_config_and_each_loads_alone(tmp_path):
     folder = tmp_path / "configs"
     assert {p.stem for p in folder.glob("*.toml")} == SERVICE_FILES | {"rl"}
     merged = tomllib.loads((folder / "rl.toml").read_text())
-    assert merged["max_steps"] == 3 and merged["orchestrator"]["batch_size"] == 64
+    assert merged["max_steps"] == 3
+    assert merged["orchestrator"]["batch_size"] == tomllib.loads(QUICKSTART.read_text())["orchestrator"]["batch_size"]
     for service in SERVICE_FILES:
         written = folder / f"{service}.toml"
         again = tmp_path / "again"

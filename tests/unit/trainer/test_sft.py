@@ -48,3 +48,15 @@ def test_plan_is_a_function_of_the_step():
 def test_data_source_must_be_given_once():
     with pytest.raises(ConfigError, match="set exactly one of data.path"):
         load_config(SftConfig, ["--data.path", "x.jsonl", "--data.synthetic", "reverse-text"], env={})
+
+
+def test_synthetic_text_lengths_follow_min_and_max_words():
+    from services.trainer.sft import load_examples
+
+    argv = ["--data.synthetic", "reverse-text", "--data.num-examples", "50", "--data.min-words", "2",
+            "--data.max-words", "3"]  # fmt: skip
+    train, _ = load_examples(load_config(SftConfig, argv, env={}))
+    assert {len(row["prompt"][1]["content"].split()) for row in train} == {2, 3}
+    with pytest.raises(ConfigError, match=r"data.min_words \(3\) must not exceed data.max_words \(2\)"):
+        load_config(SftConfig, ["--data.synthetic", "reverse-text", "--data.min-words", "3", "--data.max-words", "2"],
+                    env={})  # fmt: skip
