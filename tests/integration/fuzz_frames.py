@@ -160,7 +160,9 @@ class SocketFuzzer:
         return self.num_sent
 
     def close(self) -> None:
-        self.sock.close()
+        # A finite linger, not 0: frames still queued here when the fuzzing ends must reach the
+        # service (a slow receiver would otherwise lose them and the rejection count fall short).
+        self.sock.close(linger=SEND_TIMEOUT_MS)
 
 
 def decode_oracle(expected: tuple[type[Message], ...], limits: dict[str, int]) -> Callable[[Frames], bool]:
