@@ -136,7 +136,7 @@ def test_compose_up_runs_quickstart_size_job_and_down_cleans_up(tmp_path):
             timed("up", lambda: compose("up", "--detach", "--scale", f"env-worker={NUM_ENV_WORKERS}", env=env,
                                         timeout_s=1200))  # fmt: skip
             timed("run", lambda: compose("wait", "orchestrator", "trainer", env=env, timeout_s=1200))
-            check_run(run_dir, containers(env))
+            check_run(run_dir, settled_containers(env))
         except Exception:
             logs = compose("logs", "--no-color", "--tail", "60", env=env, check=False, timeout_s=300)
             logger.error("compose logs:\n{}", logs.stdout[-20000:])  # pytest shows it with the failure
@@ -157,6 +157,18 @@ def timed(phase: str, action):
     result = action()
     logger.info("compose test: {} took {:.0f}s", phase, time.monotonic() - start)
     return result
+
+
+def settled_containers(env: dict[str, str], timeout_s: float = 300.0) -> list[dict]:
+    """Container states once no long-running service is still in its first healthcheck: a short
+    run can end before a late env-worker's probe (every 10 s) has passed for the first time."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = containers(env)
+        starting = [s for s in states if s["Service"] in ALWAYS_RUNNING and s.get("Health") == "starting"]
+        if not starting or time.monotonic() > deadline:
+            return states
+        time.sleep(2)  # polling docker's health state: there is no event to wait on here
 
 
 def check_run(run_dir: Path, states: list[dict]) -> None:
