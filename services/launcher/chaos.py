@@ -34,6 +34,7 @@ import httpx
 from loguru import logger
 
 from common.config import load_config
+from common.config.base import BusEndpoints
 from services.launcher.config import RlConfig
 from services.launcher.processes import Child, ProcessSpec, process_table, service_command
 from services.orchestrator.journal import read_records
@@ -280,9 +281,7 @@ def write_config(folder: Path, model: Path, max_steps: int, num_env_workers: int
     With ``extra_inference_port``, env-workers also list a replica there (started later, or never)."""
     inference_port = free_port()
     urls = [f"http://127.0.0.1:{port}/v1" for port in (inference_port, extra_inference_port) if port]
-    names = ("orchestrator_tasks", "orchestrator_batches", "orchestrator_policy", "trainer_weights",
-             "trainer_announce", "monitor_telemetry", "monitor_view")  # fmt: skip
-    endpoints = "\n".join(f'{name} = "tcp://127.0.0.1:{free_port()}"' for name in names)
+    endpoints = "\n".join(f'{name} = "tcp://127.0.0.1:{free_port()}"' for name in BusEndpoints.model_fields)
     path = folder / "rl.toml"
     path.write_text(f"""
 model = "{model}"

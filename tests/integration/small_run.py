@@ -8,10 +8,8 @@ so every step has advantages to train on.
 
 from __future__ import annotations
 
+from common.config.base import BusEndpoints
 from tests.conftest import free_tcp_port
-
-BUS_ENDPOINTS = ("orchestrator_tasks", "orchestrator_batches", "orchestrator_policy", "trainer_weights",
-                 "trainer_announce", "monitor_telemetry", "monitor_view")  # fmt: skip
 
 TRAINING_TOML = """
 [trainer.optimizer]
@@ -37,4 +35,4 @@ id = "reverse-text"
 
 def loopback_endpoints() -> str:
     """The ``[bus.endpoints]`` lines: every channel on a free loopback port."""
-    return "\n".join(f'{name} = "tcp://127.0.0.1:{free_tcp_port()}"' for name in BUS_ENDPOINTS)
+    return "\n".join(f'{name} = "tcp://127.0.0.1:{free_tcp_port()}"' for name in BusEndpoints.model_fields)
