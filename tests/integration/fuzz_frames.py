@@ -159,10 +159,16 @@ class SocketFuzzer:
         fuzz_once()
         return self.num_sent
 
+    def run_until_counted(self, strategy: st.SearchStrategy[Frames], counted: Callable[[], int], what: str) -> int:
+        """Send the examples, then wait until the receiver has counted every one, with the socket
+        still open: closing it starts the linger clock, and frames still queued when that runs out
+        are dropped (a receiver slowed by a loaded machine then falls short)."""
+        num_sent = self.run(strategy)
+        wait_for_count(counted, num_sent, what)
+        return num_sent
+
     def close(self) -> None:
-        # A finite linger, not 0: frames still queued here when the fuzzing ends must reach the
-        # service (a slow receiver would otherwise lose them and the rejection count fall short).
-        self.sock.close(linger=SEND_TIMEOUT_MS)
+        self.sock.close(linger=0)
 
 
 def decode_oracle(expected: tuple[type[Message], ...], limits: dict[str, int]) -> Callable[[Frames], bool]:
@@ -182,11 +188,14 @@ def subscription_oracle(frames: Frames) -> bool:
     return subscription_reason(frames) is not None
 
 
-def wait_for_count(read: Callable[[], int], expected: int, what: str, timeout_s: float = 120.0) -> None:
-    """Poll ``read()`` until it reaches ``expected`` (a condition with a deadline, not a timed assertion)."""
-    deadline = time.monotonic() + timeout_s
-    while read() < expected:
+def wait_for_count(read: Callable[[], int], expected: int, what: str, stall_s: float = 120.0) -> None:
+    """Poll ``read()`` until it reaches ``expected``; fails once the count has not moved for
+    ``stall_s`` (a condition with a deadline, not a timed assertion)."""
+    last, deadline = read(), time.monotonic() + stall_s
+    while last < expected:
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: counted {read()} of {expected} rejections within {timeout_s}s")
+            raise AssertionError(f"{what}: counted {last} of {expected} rejections, none for {stall_s}s")
         time.sleep(0.01)  # polling a counter owned by another thread; no message to wait on
+        if (count := read()) != last:
+            last, deadline = count, time.monotonic() + stall_s
     assert read() == expected, f"{what}: counted {read()} rejections, expected {expected}"

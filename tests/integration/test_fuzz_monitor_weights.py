@@ -32,7 +32,6 @@ from services.monitor.service import MonitorService
 
 from .fuzz_frames import (
     NUM_EXAMPLES, SocketFuzzer, decode_oracle, malformed_frames, not_subscriptions, subscription_oracle,
-    wait_for_count,
 )  # fmt: skip
 from .orchestrator_peers import ipc_bus_config, remove_folder, short_folder
 
@@ -71,10 +70,13 @@ class MonitorThread(threading.Thread):
         assert not self.is_alive() and self.error is None, self.error
 
 
-def fuzz(bus: Bus, socket_type: int, address: str, expected: tuple, max_frames: int) -> int:
+def fuzz(bus: Bus, socket_type: int, address: str, expected: tuple, max_frames: int, role: str, what: str) -> int:
+    """Fuzz one socket until ``bus`` has counted every rejection under ``role``."""
     fuzzer = SocketFuzzer(socket_type, address, decode_oracle(expected, bus._limits))
     try:
-        return fuzzer.run(malformed_frames(expected, max_frames))
+        return fuzzer.run_until_counted(
+            malformed_frames(expected, max_frames), lambda: bus.stats.decode_errors[role], what
+        )
     finally:
         fuzzer.close()
 
@@ -89,8 +91,7 @@ def test_fuzzed_monitor_socket_rejects_everything_and_still_records(role, bus_co
             "telemetry": (zmq.PUSH, monitor.service.telemetry_in.address, TELEMETRY),
             "view": (zmq.DEALER, monitor.service.view_requests.address, (ViewRequest,)),
         }[role]
-        num_sent = fuzz(monitor.bus, socket_type, address, expected, bus_config.max_frames)
-        wait_for_count(lambda: monitor.bus.stats.decode_errors[role], num_sent, f"monitor {role}")
+        num_sent = fuzz(monitor.bus, socket_type, address, expected, bus_config.max_frames, role, f"monitor {role}")
         assert monitor.is_alive(), monitor.error
 
         with Bus(bus_config) as bus:
@@ -133,8 +134,9 @@ def test_fuzzed_weights_router_rejects_everything_and_still_serves(weight_server
     bus, server = weight_server
     server.publish(1, tensors(1))
     expected = (WeightsQuery, WeightsFetch)
-    num_sent = fuzz(bus, zmq.DEALER, server.fetch_address, expected, bus_config.max_frames)
-    wait_for_count(lambda: bus.stats.decode_errors["weights"], num_sent, "trainer weights")
+    num_sent = fuzz(
+        bus, zmq.DEALER, server.fetch_address, expected, bus_config.max_frames, "weights", "trainer weights"
+    )
     assert server._thread.is_alive()
     with Bus(bus_config) as client:
         sock = client.connect(zmq.DEALER, server.fetch_address, "weights-client")
@@ -150,10 +152,11 @@ def test_fuzzed_announce_xpub_rejects_everything_and_still_announces(weight_serv
     bus, server = weight_server
     fuzzer = SocketFuzzer(zmq.XSUB, server.announce_address, subscription_oracle)
     try:
-        num_sent = fuzzer.run(not_subscriptions())
+        num_sent = fuzzer.run_until_counted(
+            not_subscriptions(), lambda: bus.stats.decode_errors["announce"], "trainer announce"
+        )
     finally:
         fuzzer.close()
-    wait_for_count(lambda: bus.stats.decode_errors["announce"], num_sent, "trainer announce")
     with Bus(bus_config) as client:
         subscriber = Subscriber(client, server.announce_address)
         subscriber.wait_ready(TIMEOUT_S)
@@ -168,4 +171,3 @@ def test_every_bound_endpoint_is_fuzzed():
     fuzzed = {"orchestrator_tasks", "orchestrator_batches", "orchestrator_policy", "trainer_weights",
               "trainer_announce", "monitor_telemetry", "monitor_view"}  # fmt: skip
     assert set(BusEndpoints.model_fields) == fuzzed
-

@@ -24,7 +24,7 @@ from services.orchestrator.config import OrchestratorConfig
 from services.orchestrator.service import OrchestratorService
 from tests.unit.orchestrator.fakes import stub_loader
 
-from .fuzz_frames import NUM_EXAMPLES, SocketFuzzer, decode_oracle, malformed_frames, wait_for_count
+from .fuzz_frames import NUM_EXAMPLES, SocketFuzzer, decode_oracle, malformed_frames
 from .orchestrator_peers import (
     FakeTrainer, FakeWorker, MonitorSink, OrchestratorThread, PolicyClock, ipc_bus_config, remove_folder, short_folder,
 )  # fmt: skip
@@ -82,10 +82,13 @@ def test_fuzzed_socket_rejects_everything_and_the_run_still_finishes(role, folde
         limits = bus._limits  # the same config, so the same limits as the orchestrator's bus
         fuzzer = SocketFuzzer(zmq.DEALER, address, decode_oracle(expected, limits))
         try:
-            num_sent = fuzzer.run(malformed_frames(expected, config.bus.max_frames))
+            num_sent = fuzzer.run_until_counted(
+                malformed_frames(expected, config.bus.max_frames),
+                lambda: rejected_on(orchestrator, role),
+                f"orchestrator {role}",
+            )
         finally:
             fuzzer.close()
-        wait_for_count(lambda: rejected_on(orchestrator, role), num_sent, f"orchestrator {role}")
         assert orchestrator.is_alive(), orchestrator.error
 
         policy = PolicyClock()
