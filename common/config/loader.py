@@ -23,6 +23,9 @@ from pydantic import BaseModel, ValidationError
 from common.config.errors import ConfigError, format_validation_error, unknown_key_message
 
 ENV_PREFIX = "RLBUS_"
+# Variables under the prefix that belong to the scripts, not to any config: scripts/setup_env.sh
+# (which venv, which extras) and the fuzz tests. Every other RLBUS_ name must be a config key.
+TOOL_VARIABLES = frozenset({"RLBUS_VENV", "RLBUS_EXTRAS", "RLBUS_FUZZ_EXAMPLES"})
 C = TypeVar("C", bound=BaseModel)
 
 
@@ -105,7 +108,7 @@ def env_values(cls: type[BaseModel], environ: Mapping[str, str], prefix: str = E
     """Nested values from ``PREFIX<SECTION>__<KEY>`` variables; unknown names are errors."""
     values: dict[str, Any] = {}
     for name, value in environ.items():
-        if not name.upper().startswith(prefix) or name.upper() == prefix:
+        if not name.upper().startswith(prefix) or name.upper() == prefix or name.upper() in TOOL_VARIABLES:
             continue
         parts = name[len(prefix):].lower().split("__")
         try:

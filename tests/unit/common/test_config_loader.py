@@ -94,6 +94,12 @@ def test_unknown_environment_variable_is_an_error():
         env_values(Example, {"RLBUS_BATCH_SIZ": "3"})
 
 
+def test_the_scripts_own_variables_are_not_config_keys():
+    # scripts/setup_env.sh reads RLBUS_VENV and RLBUS_EXTRAS; quickstart.sh then runs rlbus with them set.
+    tools = {"RLBUS_VENV": "/opt/venv", "RLBUS_EXTRAS": "trainer", "RLBUS_FUZZ_EXAMPLES": "10"}
+    assert env_values(Example, tools | {"RLBUS_BATCH_SIZE": "7"}) == {"batch_size": "7"}
+
+
 def test_toml_dump_loads_back_equal(tmp_path):
     config = load_config(Example, ["--inner.depth", "4", "--max-steps", "3", "--names", '["q"]'], env={})
     path = write(tmp_path / "dump.toml", to_toml(config))
