@@ -108,7 +108,8 @@ def env_values(cls: type[BaseModel], environ: Mapping[str, str], prefix: str = E
     """Nested values from ``PREFIX<SECTION>__<KEY>`` variables; unknown names are errors."""
     values: dict[str, Any] = {}
     for name, value in environ.items():
-        if not name.upper().startswith(prefix) or name.upper() == prefix or name.upper() in TOOL_VARIABLES:
+        upper = name.upper()
+        if not upper.startswith(prefix) or upper == prefix or upper in TOOL_VARIABLES:
             continue
         parts = name[len(prefix):].lower().split("__")
         try:
