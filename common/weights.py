@@ -105,14 +105,19 @@ class WeightServer:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
+        self._bind_error: Exception | None = None
         self._thread = threading.Thread(target=self._run, name="weight-server", daemon=True)
         self.num_buckets_served = 0
         self.fetch_address = self.announce_address = ""
 
     def start(self, timeout_s: float = 10.0) -> WeightServer:
+        """Bind both sockets on the thread; raises what the bind raised (e.g. port in use)."""
         self._thread.start()
         if not self._ready.wait(timeout_s):
             raise BusError(f"weight server did not bind {self._fetch_address} within {timeout_s:g}s")
+        if self._bind_error is not None:
+            raise BusError(f"weight server could not bind {self._fetch_address} (fetch) and "
+                           f"{self._announce_address} (announce): {self._bind_error}") from self._bind_error
         return self
 
     def publish(self, step: int, tensors: Iterable[NamedArray]) -> WeightsAnnounced:
@@ -127,8 +132,13 @@ class WeightServer:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        router = self.bus.bind(zmq.ROUTER, self._fetch_address, "weights")
-        publisher = Publisher(self.bus, self._announce_address, self._sender, role="announce")
+        try:
+            router = self.bus.bind(zmq.ROUTER, self._fetch_address, "weights")
+            publisher = Publisher(self.bus, self._announce_address, self._sender, role="announce")
+        except Exception as exc:  # noqa: BLE001 - start() raises it again on the caller's thread
+            self._bind_error = exc
+            self._ready.set()
+            return
         self.fetch_address, self.announce_address = router.address, publisher.address
         self._ready.set()
         poller = zmq.Poller()

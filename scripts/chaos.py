@@ -25,13 +25,13 @@ from pathlib import Path
 import httpx
 from loguru import logger
 
+from common.ports import free_loopback_port
 from services.launcher.chaos import (
     Audit,
     ChaosRun,
     Recovery,
     accepted_by,
     audit,
-    free_port,
     requests_served,
     write_config,
 )  # fmt: skip
@@ -61,7 +61,7 @@ def join_and_leave(folder: Path, model: Path) -> Audit:
     """An env-worker and an inference replica join at step 2; once the new replica served, the
     original one is killed for good: the run must go on, routed around it, and finish."""
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = free_loopback_port()
     run = ChaosRun(write_config(folder, model, JOIN_MAX_STEPS, extra_inference_port=port), timeout_s=900)
     try:
         run.start_all()

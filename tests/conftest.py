@@ -4,7 +4,6 @@ over tcp and ipc chosen at runtime, and a way to wait until peers are connected.
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from common.bus import Bus, remaining_ms
 from common.config.base import BusConfig
+from common.ports import free_loopback_port
 
 
 @pytest.fixture
@@ -31,9 +31,8 @@ def bus(bus_config: BusConfig) -> Iterator[Bus]:
 
 
 def free_tcp_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A free loopback port no other process takes by chance before a service binds it."""
+    return free_loopback_port()
 
 
 @pytest.fixture(params=["tcp", "ipc"])

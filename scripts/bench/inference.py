@@ -43,6 +43,7 @@ from common.bus import Bus
 from common.config.base import BusConfig, BusEndpoints, to_toml
 from common.logging import setup_logging
 from common.messages import Ack, Heartbeat, MetricsReport, PolicyLoaded
+from common.ports import free_loopback_port
 from common.weights import WeightServer, WeightStore
 from services.inference.config import InferenceConfig
 from services.inference.policy import policy_ref
@@ -50,14 +51,6 @@ from services.inference.policy import policy_ref
 STARTUP_S = 900.0
 ENGINE = {"dtype": "float32", "max_model_len": 1024, "gpu_memory_utilization": 0.2, "enforce_eager": True}
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "2"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def make_prompts(num_prompts: int, prompt_len: int) -> list[list[int]]:
@@ -126,14 +119,14 @@ class Service:
     """``rlbus inference`` in a subprocess; this process is its trainer, orchestrator and monitor."""
 
     def __init__(self, model: str, workdir: Path, max_num_seqs: int) -> None:
-        endpoints = {name: f"tcp://127.0.0.1:{free_port()}" for name in BusEndpoints.model_fields}
+        endpoints = {name: f"tcp://127.0.0.1:{free_loopback_port()}" for name in BusEndpoints.model_fields}
         self.bus_config = BusConfig(endpoints=BusEndpoints(**endpoints), linger_ms=0, heartbeat_interval_s=1)
         self.bus = Bus(self.bus_config)
         self.trainer = WeightServer(self.bus, endpoints["trainer_weights"], endpoints["trainer_announce"],
                                     WeightStore(bucket_bytes=64 << 20)).start()  # fmt: skip
         self.monitor = self.bus.bind(zmq.PULL, endpoints["monitor_telemetry"], "telemetry")
         self.orchestrator = self.bus.bind(zmq.ROUTER, endpoints["orchestrator_policy"], "policy")
-        self.port = free_port()
+        self.port = free_loopback_port()
         config = InferenceConfig(model=model, output_dir=workdir / "out", port=self.port, max_num_seqs=max_num_seqs,
                                  startup_weights_timeout_s=5, bus=self.bus_config, **ENGINE)  # fmt: skip
         (workdir / "inference.toml").write_text(to_toml(config))
@@ -174,7 +167,7 @@ class VllmServe:
     """Plain ``vllm serve`` with the same engine settings: the HTTP baseline without rlbus."""
 
     def __init__(self, model: str, max_num_seqs: int, log: Path) -> None:
-        self.port = free_port()
+        self.port = free_loopback_port()
         # vLLM's API server entry itself (the `vllm` CLI needs a `vllm` dist, vllm-cpu is named otherwise).
         argv = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", model,
                 "--port", str(self.port),

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,22 +37,18 @@ import tomllib
 from pathlib import Path
 from statistics import mean
 
+from common.ports import free_loopback_port
+
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "configs" / "quickstart"
 ENDPOINTS = ("orchestrator_tasks", "orchestrator_batches", "orchestrator_policy", "trainer_weights",
              "trainer_announce", "monitor_telemetry", "monitor_view")  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def overlay(folder: Path, async_level: int, length_penalty: float) -> Path:
     """Fresh ports (other jobs may hold the quickstart's) and the run's async level."""
-    port = free_port()
-    lines = ["[bus.endpoints]"] + [f'{name} = "tcp://127.0.0.1:{free_port()}"' for name in ENDPOINTS]
+    port = free_loopback_port()
+    lines = ["[bus.endpoints]"] + [f'{name} = "tcp://127.0.0.1:{free_loopback_port()}"' for name in ENDPOINTS]
     lines += ["[inference]", f"port = {port}", "[env_worker]", f'inference_urls = ["http://127.0.0.1:{port}/v1"]']
     lines += ["[orchestrator]", f"max_async_level = {async_level}"]
     lines += ["[orchestrator.advantage]", f"length_penalty = {length_penalty}"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from loguru import logger
 
 from common.config import load_config
 from common.config.base import BusEndpoints
+from common.ports import free_loopback_port
 from services.launcher.config import RlConfig
 from services.launcher.processes import Child, ProcessSpec, process_table, service_command
 from services.orchestrator.journal import read_records
@@ -269,19 +269,13 @@ def audit(run: ChaosRun) -> Audit:
     )  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def write_config(folder: Path, model: Path, max_steps: int, num_env_workers: int = 2,
                  extra_inference_port: int | None = None) -> Path:
     """A quickstart-size ``rl`` config on free local ports: checkpoints every step, resume from the latest.
     With ``extra_inference_port``, env-workers also list a replica there (started later, or never)."""
-    inference_port = free_port()
+    inference_port = free_loopback_port()
     urls = [f"http://127.0.0.1:{port}/v1" for port in (inference_port, extra_inference_port) if port]
-    endpoints = "\n".join(f'{name} = "tcp://127.0.0.1:{free_port()}"' for name in BusEndpoints.model_fields)
+    endpoints = "\n".join(f'{name} = "tcp://127.0.0.1:{free_loopback_port()}"' for name in BusEndpoints.model_fields)
     path = folder / "rl.toml"
     path.write_text(f"""
 model = "{model}"

@@ -1,10 +1,13 @@
 """Weight transfer: store bucketing, serving over real sockets, corruption detection."""
 
+import socket
+import time
+
 import numpy as np
 import pytest
 import zmq
 
-from common.bus import Bus
+from common.bus import Bus, BusError
 from common.config import BusConfig
 from common.messages import Refused, WeightsAnnounced, WeightsBucket
 from common.pubsub import Subscriber
@@ -42,6 +45,19 @@ def served():
     server = WeightServer(bus, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", WeightStore(bucket_bytes=6000)).start()
     yield bus, server
     server.stop()
+    bus.close()
+
+
+def test_a_taken_port_is_reported_at_once_with_the_reason():
+    bus = Bus(BusConfig())
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = f"tcp://127.0.0.1:{holder.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(BusError, match=r"could not bind .*Address already in use"):
+            WeightServer(bus, taken, "tcp://127.0.0.1:*", WeightStore(bucket_bytes=64)).start(timeout_s=30)
+        assert time.monotonic() - started < 30  # the bind error itself, not the wait running out
     bus.close()
 
 
