@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -39,10 +40,24 @@ def wandb_records(path: Path):
             break
 
 
+def finished_records(path: Path, timeout_s: float = 60.0) -> list:
+    """The records of a finished run's file. ``run.finish()`` can return before wandb-core (a
+    separate process) has flushed the file's tail, so wait for its last record, ``exit``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = list(wandb_records(path))
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        if time.monotonic() > deadline:
+            kinds = [r.WhichOneof("record_type") for r in records]
+            raise AssertionError(f"{path} has no exit record after {timeout_s:g}s: {kinds}")
+        time.sleep(0.05)  # polling a file another process writes; no event to wait on
+
+
 def history_rows(run_dir: Path) -> list[dict]:
     (path,) = run_dir.glob("run-*.wandb")
     rows = []
-    for record in wandb_records(path):
+    for record in finished_records(path):
         if record.WhichOneof("record_type") == "history":
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                          for item in record.history.item})  # fmt: skip
