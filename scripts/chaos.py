@@ -39,6 +39,8 @@ from services.models.tiny import TinyModelConfig, build_tiny_model
 
 SERVICES = ("trainer", "inference", "env-worker-0", "orchestrator", "monitor")
 FIRST_KILL_STEP, STEPS_BETWEEN_KILLS = 2, 2
+STEPS_AFTER_LAST_KILL = 7
+"""Room for the last killed service to come back and the run to make a step after it."""
 JOIN_MAX_STEPS = 40
 """Enough steps for a second vLLM replica to start on a CPU while the run goes on."""
 
@@ -123,7 +125,7 @@ def main() -> int:
     plans = [[name] for name in services] if args.separate else [services] if services else []
     rows = []
     for plan in plans:
-        max_steps = args.max_steps or FIRST_KILL_STEP + STEPS_BETWEEN_KILLS * len(plan) + 1
+        max_steps = args.max_steps or FIRST_KILL_STEP + STEPS_BETWEEN_KILLS * (len(plan) - 1) + STEPS_AFTER_LAST_KILL
         recoveries, result = run_once(folder / "-".join(plan), model, plan, max_steps)
         rows += [(recovery, result) for recovery in recoveries]
     if rows:

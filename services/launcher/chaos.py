@@ -176,6 +176,21 @@ class ChaosRun:
             time.sleep(POLL_S)  # polling files and /health of other processes, not a synchronisation
         return time.monotonic()
 
+    def wait_during_run(self, done: Callable[[], bool], what: str) -> float:
+        """:meth:`wait_until`, failing at once when the run ends first: after the last step
+        nothing that is waited for here can happen any more."""
+        orchestrator = self.children["orchestrator"]
+
+        def done_or_run_over() -> bool:
+            if done():
+                return True
+            if orchestrator.poll() is not None:
+                raise ChaosFailure(f"the run ended (trainer at step {self.trainer_step()} of "
+                                   f"{self.config.max_steps}) before {what}: kill earlier or raise max_steps")  # fmt: skip
+            return False
+
+        return self.wait_until(done_or_run_over, what)
+
     def _check_alive(self) -> None:
         for name, child in self.children.items():
             code = child.poll()
@@ -203,10 +218,10 @@ class ChaosRun:
         self.kill(name)
         restarted_at = time.time()
         self.start(name)
-        ready_at = self.wait_until(lambda: self._ready(name, restarted_at), f"{name} to be ready again")
+        ready_at = self.wait_during_run(lambda: self._ready(name, restarted_at), f"{name} to be ready again")
         step_at_ready = self.trainer_step()
-        progressed_at = self.wait_until(lambda: self.trainer_step() > step_at_ready,
-                                        f"a trainer step after {name} came back")  # fmt: skip
+        progressed_at = self.wait_during_run(lambda: self.trainer_step() > step_at_ready,
+                                             f"a trainer step after {name} came back")  # fmt: skip
         recovery.ready_s, recovery.recovery_s = ready_at - killed_at, progressed_at - killed_at
         logger.info("chaos: {} (killed at trainer step {}) ready after {:.1f}s, run progressing after {:.1f}s", name,
                     recovery.kill_step, recovery.ready_s, recovery.recovery_s)  # fmt: skip
