@@ -28,6 +28,8 @@ def wandb_records(path: Path):
             pos += BLOCK_BYTES - pos % BLOCK_BYTES  # block trailer too small for a header: padding
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + RECORD_HEADER_BYTES])
+        if pos + RECORD_HEADER_BYTES + length > len(data):
+            break  # a chunk still being written (finished_records waits for the rest)
         pos += RECORD_HEADER_BYTES
         pending += data[pos:pos + length]
         pos += length
