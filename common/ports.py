@@ -52,9 +52,10 @@ def is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 def free_loopback_port(host: str = "127.0.0.1") -> int:
     """A port free on ``host`` now, outside the ephemeral range, not handed out before."""
-    candidates = candidate_ports(ephemeral_range())
+    ephemeral = ephemeral_range()
+    candidates = candidate_ports(ephemeral)
     if not candidates:
-        raise RuntimeError(f"no ports outside the ephemeral range {ephemeral_range()} to choose from")
+        raise RuntimeError(f"no ports outside the ephemeral range {ephemeral} to choose from")
     rng = random.SystemRandom()  # independent of any seed a test or run has set
     for _ in range(MAX_TRIES):
         port = rng.choice(candidates)

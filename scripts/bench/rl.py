@@ -37,18 +37,17 @@ import tomllib
 from pathlib import Path
 from statistics import mean
 
+from common.config.base import BusEndpoints
 from common.ports import free_loopback_port
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "configs" / "quickstart"
-ENDPOINTS = ("orchestrator_tasks", "orchestrator_batches", "orchestrator_policy", "trainer_weights",
-             "trainer_announce", "monitor_telemetry", "monitor_view")  # fmt: skip
 
 
 def overlay(folder: Path, async_level: int, length_penalty: float) -> Path:
     """Fresh ports (other jobs may hold the quickstart's) and the run's async level."""
     port = free_loopback_port()
-    lines = ["[bus.endpoints]"] + [f'{name} = "tcp://127.0.0.1:{free_loopback_port()}"' for name in ENDPOINTS]
+    lines = ["[bus.endpoints]"] + [f'{name} = "tcp://127.0.0.1:{free_loopback_port()}"' for name in BusEndpoints.model_fields]
     lines += ["[inference]", f"port = {port}", "[env_worker]", f'inference_urls = ["http://127.0.0.1:{port}/v1"]']
     lines += ["[orchestrator]", f"max_async_level = {async_level}"]
     lines += ["[orchestrator.advantage]", f"length_penalty = {length_penalty}"]
