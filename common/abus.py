@@ -1,9 +1,9 @@
-"""asyncio twin of :mod:`common.bus`, for services built around an event loop.
+"""asyncio twin of :mod:`rlbus.bus`, for services built around an event loop.
 
 Same sockets, options, framing, decode-error accounting and timeout messages
-(all shared through :class:`common.bus.BusCore`); only the waiting differs:
+(all shared through :class:`rlbus.bus.BusCore`); only the waiting differs:
 ``send``, ``recv``, ``request``, ``Publisher.pump`` and ``wait_ready`` are
-coroutines. Telemetry needs no event loop: use :class:`common.pubsub.TelemetryClient`
+coroutines. Telemetry needs no event loop: use :class:`rlbus.pubsub.TelemetryClient`
 with an :class:`AsyncBus` as well.
 """
 
@@ -16,9 +16,9 @@ import zmq
 import zmq.asyncio
 from loguru import logger
 
-from common.bus import MAX_PUMP_READS, BusCore, Expected, Received, remaining_ms, type_names
-from common.messages import Hello, Message
-from common.pubsub import SubscriberBase
+from rlbus.bus import MAX_PUMP_READS, BusCore, Expected, Received, remaining_ms, type_names
+from rlbus.messages import Hello, Message
+from rlbus.pubsub import SubscriberBase
 
 
 class AsyncBusSocket(zmq.asyncio.Socket):
@@ -86,7 +86,7 @@ class AsyncBus(BusCore):
 
 
 class AsyncPublisher:
-    """XPUB side of a pub/sub channel (see :class:`common.pubsub.Publisher`), for asyncio."""
+    """XPUB side of a pub/sub channel (see :class:`rlbus.pubsub.Publisher`), for asyncio."""
 
     def __init__(self, bus: AsyncBus, address: str, sender: str, role: str = "announce") -> None:
         self.bus = bus
@@ -117,7 +117,7 @@ class AsyncPublisher:
 
 
 class AsyncSubscriber(SubscriberBase):
-    """SUB side of a pub/sub channel (see :class:`common.pubsub.Subscriber`), for asyncio."""
+    """SUB side of a pub/sub channel (see :class:`rlbus.pubsub.Subscriber`), for asyncio."""
 
     bus: AsyncBus
 

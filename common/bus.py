@@ -1,13 +1,13 @@
 """Sockets of the rlbus bus: created by role, typed send/receive, handshakes.
 
 A :class:`Bus` owns a ZeroMQ context and the :class:`BusConfig` every socket is
-configured from, CurveZMQ keys included (:mod:`common.curve`: bound sockets are
+configured from, CurveZMQ keys included (:mod:`rlbus.curve`: bound sockets are
 Curve servers behind a ZAP allow list, the others Curve clients). Frames that do
 not decode are logged, counted in ``bus.stats`` and skipped, so one bad peer
 cannot stall a receiver. Every wait has a deadline and ends in :class:`BusTimeout`
 saying what was awaited, where, for how long.
-Pub/sub channels and telemetry build on it in :mod:`common.pubsub`;
-:mod:`common.abus` mirrors both for asyncio, reusing their helpers.
+Pub/sub channels and telemetry build on it in :mod:`rlbus.pubsub`;
+:mod:`rlbus.abus` mirrors both for asyncio, reusing their helpers.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import Any
 import zmq
 from loguru import logger
 
-from common.codec import DecodeError, Frame, decode, encode
-from common.config.base import BusConfig
-from common.curve import CurveGuard, check_bind_allowed
-from common.messages import Message
+from rlbus.codec import DecodeError, Frame, decode, encode
+from rlbus.config.base import BusConfig
+from rlbus.curve import CurveGuard, check_bind_allowed
+from rlbus.messages import Message
 
 Expected = type[Message] | tuple[type[Message], ...] | None
 Received = Message | tuple[bytes, Message]
@@ -177,7 +177,7 @@ class BusCore:
         """A socket bound at ``address`` (tcp host replaced by ``config.bind_host``; port may be ``*``)."""
         endpoint = bind_address(address, self.config.bind_host)
         check_bind_allowed(endpoint, self.config.curve, role or zmq.SocketType(socket_type).name.lower())
-        sock = self._open(socket_type, role, server=True)
+        sock = self.open_socket(socket_type, role, server=True)
         sock.bind(endpoint)
         sock.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         logger.debug("{} {} bound at {}", sock.role, zmq.SocketType(socket_type).name, sock.address)
@@ -185,15 +185,27 @@ class BusCore:
 
     def connect(self, socket_type: int, address: str, role: str | None = None) -> Any:
         """A socket connected to ``address``; zmq reconnects on its own if the peer restarts."""
-        sock = self._open(socket_type, role)
+        return self.connect_socket(self.open_socket(socket_type, role), address)
+
+    def connect_socket(self, sock: Any, address: str) -> Any:
+        """Connect a socket from :meth:`open_socket` (after setting what it needs) to ``address``."""
         sock.connect(address)
         sock.address = address
-        logger.debug("{} {} connected to {}", sock.role, zmq.SocketType(socket_type).name, address)
+        logger.debug("{} {} connected to {}", sock.role, zmq.SocketType(sock.type).name, address)
         return sock
 
-    def _open(self, socket_type: int, role: str | None, socket_class: type[zmq.Socket] | None = None,
-              server: bool = False) -> Any:  # fmt: skip
-        """A configured socket, not yet bound (``server``) or connected; Curve options are set here."""
+    def watch_connections(self, sock: Any, events: int) -> Any:
+        """A zmq monitor socket reporting ``events`` of ``sock``, closed with the bus; call it
+        before connecting, so the first handshake is not missed."""
+        monitor = sock.get_monitor_socket(events)
+        self._sockets.append(monitor)
+        return monitor
+
+    def open_socket(self, socket_type: int, role: str | None = None, socket_class: type[zmq.Socket] | None = None,
+                    server: bool = False) -> Any:  # fmt: skip
+        """A configured socket owned by this bus (closed by :meth:`close`), not yet bound (``server``)
+        or connected; Curve options are set here. ``socket_class`` overrides the bus's (a plain
+        socket on an asyncio bus, for sends that never wait)."""
         sock = self.context.socket(socket_type, socket_class=socket_class or self.socket_class)
         configure_socket(sock, socket_type, self.config)
         sock.role = role or zmq.SocketType(socket_type).name.lower()

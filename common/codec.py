@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from common.messages import ALL_MESSAGES, Message
+from rlbus.messages import ALL_MESSAGES, Message
 
 ARRAY_KEY = "__ndarray__"
 ALLOWED_DTYPES = frozenset(
@@ -120,7 +120,7 @@ def encode(message: Message) -> list[Frame]:
     """Frames for ``message``: envelope, body, then raw array buffers (not copied)."""
     name = type(message).__name__
     if name not in MESSAGE_TYPES:
-        raise TypeError(f"{name} is not a bus message (see common.messages.ALL_MESSAGES)")
+        raise TypeError(f"{name} is not a bus message (see rlbus.messages.ALL_MESSAGES)")
     _state.buffers = []
     try:
         body = _encoder.encode(message)

@@ -1,6 +1,6 @@
 """CurveZMQ on the bus: key files, socket options, the loopback rule and the ZAP allow list.
 
-With ``bus.curve.keys_dir`` set, every socket of a :class:`common.bus.Bus` is a
+With ``bus.curve.keys_dir`` set, every socket of a :class:`rlbus.bus.Bus` is a
 Curve socket: bound sockets are servers holding the shared server secret,
 connecting sockets are clients presenting their own key pair. Curve encrypts
 every frame and proves the server's identity to the client; the ZAP handler
@@ -33,7 +33,7 @@ from loguru import logger
 from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
-from common.config.base import CurveConfig
+from rlbus.config.base import CurveConfig
 
 SERVER_NAME = "server"
 CLIENTS_DIR = "clients"

@@ -1,7 +1,7 @@
 """Every message that crosses the rlbus bus, for every channel.
 
 Each message is a typed msgspec struct with a schema ``VERSION``. The codec
-(:mod:`common.codec`) sends the type name and version in a small envelope
+(:mod:`rlbus.codec`) sends the type name and version in a small envelope
 frame, the fields as a plain msgpack map, and numpy arrays as raw extra
 frames. Adding, removing or retyping a field means bumping ``VERSION``:
 receivers refuse versions they do not speak instead of misreading them.
@@ -19,6 +19,9 @@ import msgspec
 import numpy as np
 
 Scalar = str | int | float | bool | None
+MAX_LOGPROB = 1e-3
+"""Highest sampling logprob a receiver accepts: logprobs are <= 0, up to the sampler's float noise.
+The orchestrator checks rollouts and the trainer checks batches against this one value."""
 
 
 class Message(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -59,11 +62,19 @@ class Refused(Message, kw_only=True):
 
     Sent instead of the normal reply, e.g. a ``WeightsFetch`` for a step the
     trainer no longer holds or a ``BatchRequest`` for an already trained step.
+    Version 2 added ``next_step``: what the requester acts on is a typed field,
+    never the wording of ``reason``.
     """
+
+    VERSION: ClassVar[int] = 2
 
     request: str
     """The type name of the refused request."""
     reason: str
+    """Why, for people (logs); programs read the typed fields."""
+    next_step: int | None = None
+    """Orchestrator -> trainer, refusing a ``BatchRequest`` for an acknowledged step: the first step
+    not trained yet, where the trainer continues. None in every other refusal."""
 
 
 # --------------------------------------------------------------------------
@@ -197,7 +208,7 @@ class Turn(Payload, kw_only=True):
     completion_ids: list[int]
     """[C] tokens sampled by the policy."""
     completion_logprobs: list[float]
-    """[C] sampling logprob of each completion token."""
+    """[C] sampling logprob of each completion token (finite, at most ``MAX_LOGPROB``)."""
     completion_mask: list[bool]
     """[C] True where the token is trained on (policy-produced and kept)."""
     policy_step: int

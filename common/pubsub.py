@@ -1,9 +1,9 @@
-"""Pub/sub channels and telemetry on top of :mod:`common.bus`.
+"""Pub/sub channels and telemetry on top of :mod:`rlbus.bus`.
 
 Pub/sub starts with a handshake, not sleeps: the :class:`Publisher`'s XPUB answers
 each subscription with a ``Hello``; after its first ``Hello`` a :class:`Subscriber`
 gets every message. :class:`TelemetryClient` pushes heartbeats, metrics and events
-to the monitor without ever blocking its service. :mod:`common.abus` has the
+to the monitor without ever blocking its service. :mod:`rlbus.abus` has the
 asyncio subscriber and publisher, built on :class:`SubscriberBase`.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 
 import zmq
 
-from common.bus import MAX_PUMP_READS, Bus, BusCore, BusSocket, Expected, log_sampled, remaining_ms
-from common.codec import encode
-from common.messages import Event, Heartbeat, Hello, Message, MetricsReport
+from rlbus.bus import MAX_PUMP_READS, Bus, BusCore, BusSocket, Expected, log_sampled, remaining_ms
+from rlbus.codec import encode
+from rlbus.messages import Event, Heartbeat, Hello, Message, MetricsReport
 
 
 class Publisher:
@@ -128,9 +128,8 @@ class TelemetryClient:
         self.bus = bus
         self.service, self.replica_id = service, replica_id
         self.host, self.pid, self.started_at = socket.gethostname(), os.getpid(), time.time()
-        self.sock: BusSocket = bus._open(zmq.PUSH, "telemetry", socket_class=BusSocket)
-        self.sock.address = address or bus.config.endpoints.monitor_telemetry
-        self.sock.connect(self.sock.address)
+        self.sock: BusSocket = bus.connect_socket(bus.open_socket(zmq.PUSH, "telemetry", socket_class=BusSocket),
+                                                  address or bus.config.endpoints.monitor_telemetry)  # fmt: skip
         self.num_dropped = 0
 
     def send(self, message: Message) -> bool:

@@ -25,9 +25,9 @@ import numpy as np
 import zmq
 from loguru import logger
 
-from common.bus import Bus, BusError, PeerUnreachable
-from common.messages import Refused, TensorMeta, WeightsAnnounced, WeightsBucket, WeightsFetch, WeightsQuery
-from common.pubsub import Publisher
+from rlbus.bus import Bus, BusError, PeerUnreachable
+from rlbus.messages import Refused, TensorMeta, WeightsAnnounced, WeightsBucket, WeightsFetch, WeightsQuery
+from rlbus.pubsub import Publisher
 
 NamedArray = tuple[str, np.ndarray, str]
 """(parameter name, array, logical dtype such as ``float32`` or ``bfloat16``)."""

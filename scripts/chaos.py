@@ -8,7 +8,7 @@
 Each killed service is started again with its own command (``rlbus <service> @
 <run>/configs/<service>.toml``). Columns: the trainer step when it was killed; seconds
 until the restarted service was ready and until the run completed a trainer step
-after that; then what the run's files say (services.launcher.chaos.audit): trainer
+after that; then what the run's files say (tests.integration.chaos_run.audit): trainer
 steps contiguous, steps trained twice or skipped, accepted rollouts lost. In a single
 run the last columns describe the whole run, so they repeat on every row.
 """
@@ -25,8 +25,12 @@ from pathlib import Path
 import httpx
 from loguru import logger
 
-from common.ports import free_loopback_port
-from services.launcher.chaos import (
+# The harness lives with the tests (tests/integration/chaos_run.py); run from a checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rlbus.ports import free_loopback_port  # noqa: E402
+from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model  # noqa: E402
+from tests.integration.chaos_run import (  # noqa: E402
     Audit,
     ChaosRun,
     Recovery,
@@ -35,7 +39,6 @@ from services.launcher.chaos import (
     requests_served,
     write_config,
 )  # fmt: skip
-from services.models.tiny import TinyModelConfig, build_tiny_model
 
 SERVICES = ("trainer", "inference", "env-worker-0", "orchestrator", "monitor")
 FIRST_KILL_STEP, STEPS_BETWEEN_KILLS = 2, 2

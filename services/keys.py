@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.curve import CLIENTS_DIR, SERVER_NAME, create_keys
+from rlbus.curve import CLIENTS_DIR, SERVER_NAME, create_keys
 
 LAYOUT = """\
 wrote {count} key files under {out}:

@@ -13,9 +13,9 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from common.bus import Bus, remaining_ms
-from common.config.base import BusConfig
-from common.ports import free_loopback_port
+from rlbus.bus import Bus, remaining_ms
+from rlbus.config.base import BusConfig
+from rlbus.ports import free_loopback_port
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from loguru import logger
 
-from common.config.base import BusConfig, CurveConfig
-from common.curve import create_keys
+from rlbus.config.base import BusConfig, CurveConfig
+from rlbus.curve import create_keys
 
 
 def make_key_sets(root: Path) -> dict[str, Path]:

@@ -1,7 +1,7 @@
 """Base classes of every rlbus config, and the fields all services share.
 
 Each service has one config class deriving from :class:`ServiceConfig`; the
-merged ``rl`` config (services/launcher/config.py) holds one section per
+merged ``rl`` config (services/run_config/rl.py) holds one section per
 service and propagates the shared fields into them. Field docstrings are the
 documentation: ``docs/config.md`` and ``--help`` are generated from them.
 """
@@ -139,7 +139,7 @@ class ServiceConfig(BaseSettings):
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: Any, **_: Any) -> tuple:
-        # Files, CLI and environment are merged by common.config.loader with one
+        # Files, CLI and environment are merged by rlbus.config.loader with one
         # precedence order and one set of error messages; only init values count.
         return (init_settings, _InitOnly(settings_cls))
 

@@ -6,7 +6,7 @@ import textwrap
 
 from pydantic import BaseModel
 
-from common.config.docs import field_rows
+from rlbus.config.docs import field_rows
 
 
 def usage_text(command: str, cls: type[BaseModel], summary: str) -> str:

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from common.config.errors import ConfigError, format_validation_error, unknown_key_message
+from rlbus.config.errors import ConfigError, format_validation_error, unknown_key_message
 
 ENV_PREFIX = "RLBUS_"
 # Variables under the prefix that belong to the scripts, not to any config: scripts/setup_env.sh

@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import zmq
 
-from common.bus import Bus
-from common.codec import encode
-from common.config.base import BusConfig
-from common.logging import setup_logging
-from common.messages import Hello, Message, Rollout, RolloutResult, Turn, WeightsBucket
+from rlbus.bus import Bus
+from rlbus.codec import encode
+from rlbus.config.base import BusConfig
+from rlbus.logging import setup_logging
+from rlbus.messages import Hello, Message, Rollout, RolloutResult, Turn, WeightsBucket
 
 CONFIG = BusConfig(linger_ms=5000)
 TIMEOUT_S = 60.0

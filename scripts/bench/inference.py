@@ -39,14 +39,14 @@ import numpy as np
 import zmq
 from safetensors.numpy import load_file
 
-from common.bus import Bus
-from common.config.base import BusConfig, BusEndpoints, to_toml
-from common.logging import setup_logging
-from common.messages import Ack, Heartbeat, MetricsReport, PolicyLoaded
-from common.ports import free_loopback_port
-from common.weights import WeightServer, WeightStore
-from services.inference.config import InferenceConfig
-from services.inference.policy import policy_ref
+from rlbus.bus import Bus
+from rlbus.config.base import BusConfig, BusEndpoints, to_toml
+from rlbus.logging import setup_logging
+from rlbus.messages import Ack, Heartbeat, MetricsReport, PolicyLoaded
+from rlbus.ports import free_loopback_port
+from rlbus.services.inference.config import InferenceConfig
+from rlbus.services.inference.policy import policy_ref
+from rlbus.weights import WeightServer, WeightStore
 
 STARTUP_S = 900.0
 ENGINE = {"dtype": "float32", "max_model_len": 1024, "gpu_memory_utilization": 0.2, "enforce_eager": True}
@@ -131,7 +131,7 @@ class Service:
                                  startup_weights_timeout_s=5, bus=self.bus_config, **ENGINE)  # fmt: skip
         (workdir / "inference.toml").write_text(to_toml(config))
         self.log = (workdir / "inference.log").open("wb")  # a subprocess writes it; closed with this process
-        self.process = subprocess.Popen([sys.executable, "-m", "services.inference", "@", str(workdir / "inference.toml")],
+        self.process = subprocess.Popen([sys.executable, "-m", "rlbus", "inference", "@", str(workdir / "inference.toml")],
                                         stdout=self.log, stderr=subprocess.STDOUT, env=os.environ | ENV,
                                         start_new_session=True)  # fmt: skip
         self.telemetry(Heartbeat, lambda m: m.status == "ready", STARTUP_S)
@@ -319,7 +319,7 @@ def main() -> None:
 
 
 def tiny_model(out: Path) -> Path:
-    from services.models.tiny import TinyModelConfig, build_tiny_model
+    from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 
     return build_tiny_model(out, TinyModelConfig(out=out))
 

@@ -37,8 +37,8 @@ import tomllib
 from pathlib import Path
 from statistics import mean
 
-from common.config.base import BusEndpoints
-from common.ports import free_loopback_port
+from rlbus.config.base import BusEndpoints
+from rlbus.ports import free_loopback_port
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "configs" / "quickstart"
@@ -58,7 +58,7 @@ def overlay(folder: Path, async_level: int, length_penalty: float) -> Path:
 
 def build_model(folder: Path) -> Path:
     out = folder / "model"
-    subprocess.run([sys.executable, "-m", "services.cli", "model", "tiny", "@", str(QUICKSTART / "model.toml"),
+    subprocess.run([sys.executable, "-m", "rlbus", "model", "tiny", "@", str(QUICKSTART / "model.toml"),
                     "--out", str(out)], cwd=ROOT, check=True, capture_output=True)  # fmt: skip
     return out
 
@@ -66,7 +66,7 @@ def build_model(folder: Path) -> Path:
 def run_rl(folder: Path, model: Path, async_level: int, args: argparse.Namespace) -> tuple[Path, float]:
     """One ``rlbus rl`` run; returns its output folder and wall seconds."""
     output = folder / f"async{async_level}"
-    command = [sys.executable, "-m", "services.cli", "rl", "@", str(QUICKSTART / "rl.toml"), "@",
+    command = [sys.executable, "-m", "rlbus", "rl", "@", str(QUICKSTART / "rl.toml"), "@",
                str(overlay(folder, async_level, args.length_penalty)), "--model", str(model),
                "--max-steps", str(args.steps), "--output-dir", str(output)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLBUS_")}

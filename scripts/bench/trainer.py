@@ -28,17 +28,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.logging import setup_logging
-from common.messages import MicroBatch, TrainBatch
-from services.models.tiny import TinyModelConfig, build_tiny_model
-from services.trainer.batch import check_batch
-from services.trainer.config import LossConfig, OptimizerConfig, SchedulerConfig
-from services.trainer.distributed import DistContext
-from services.trainer.logprobs import RowTensors
-from services.trainer.model import load_model
-from services.trainer.perf import FlopsModel, measure_peak_flops
-from services.trainer.schedule import LRSchedule
-from services.trainer.train_step import TrainStep, build_optimizer
+from rlbus.logging import setup_logging
+from rlbus.messages import MicroBatch, TrainBatch
+from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
+from rlbus.services.trainer.batch import check_batch
+from rlbus.services.trainer.config import LossConfig, OptimizerConfig, SchedulerConfig
+from rlbus.services.trainer.distributed import DistContext
+from rlbus.services.trainer.logprobs import RowTensors
+from rlbus.services.trainer.model import load_model
+from rlbus.services.trainer.perf import FlopsModel, measure_peak_flops
+from rlbus.services.trainer.schedule import LRSchedule
+from rlbus.services.trainer.train_step import TrainStep, build_optimizer
 
 CTX = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

@@ -6,10 +6,28 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from common.config import ServiceConfig
+from rlbus.config import ConfigModel, ServiceConfig
 
 
-class EnvWorkerConfig(ServiceConfig):
+class InferenceClientSettings(ConfigModel):
+    """How rollouts talk to an OpenAI-compatible inference API (the env-worker's, and ``rlbus eval``'s
+    ``[client]``): one definition, so both behave the same."""
+
+    api_key: str | None = None
+    """Key sent to inference as a bearer token."""
+    max_concurrent_requests: int = Field(64, ge=1)
+    """HTTP requests in flight to inference at once."""
+    request_timeout_s: float = Field(300.0, gt=0)
+    """Timeout of one inference request."""
+    max_retries: int = Field(5, ge=0)
+    """Retries of a request after connection errors and 5xx answers, with backoff."""
+    retry_backoff_s: float = Field(0.5, gt=0)
+    """First wait before retrying a failed inference request; doubles with each retry."""
+    max_backoff_s: float = Field(30.0, gt=0)
+    """Longest wait between retries, and longest time a failing replica is set aside before its /health is probed."""
+
+
+class EnvWorkerConfig(ServiceConfig, InferenceClientSettings):
     """Runs rollouts of leased tasks against one or several inference replicas."""
 
     SERVICE: ClassVar[str] = "env-worker"
@@ -18,16 +36,8 @@ class EnvWorkerConfig(ServiceConfig):
     """Name of this worker on the bus; None derives one from host and pid."""
     inference_urls: list[str] = ["http://127.0.0.1:8000/v1"]
     """Base URLs of the inference replicas' OpenAI-compatible APIs."""
-    api_key: str | None = None
-    """Key sent to inference as a bearer token."""
     max_concurrent_tasks: int = Field(8, ge=1)
     """Tasks this worker runs at once."""
-    max_concurrent_requests: int = Field(64, ge=1)
-    """HTTP requests in flight to inference at once."""
-    request_timeout_s: float = Field(300.0, gt=0)
-    """Timeout of one inference request."""
-    max_retries: int = Field(5, ge=0)
-    """Retries of a request after connection errors and 5xx answers, with backoff."""
     env_timeout_s: float = Field(600.0, gt=0)
     """Time one rollout may spend in environment code (setup, replies, tools, rewards) before it is
     marked errored; generation time does not count."""
@@ -35,7 +45,3 @@ class EnvWorkerConfig(ServiceConfig):
     """Environments this worker runs (sent to the orchestrator with each TaskRequest); empty means any installed."""
     result_ack_timeout_s: float = Field(30.0, gt=0)
     """A result not acknowledged by the orchestrator within this many seconds is sent again."""
-    retry_backoff_s: float = Field(0.5, gt=0)
-    """First wait before retrying a failed inference request; doubles with each retry."""
-    max_backoff_s: float = Field(30.0, gt=0)
-    """Longest wait between retries, and longest time a failing replica is set aside before its /health is probed."""

@@ -25,9 +25,10 @@ from typing import Any
 import httpx
 from loguru import logger
 
-from common.messages import SamplingParams
-from services.env_worker.environment import Message
-from services.env_worker.tokens import TokenizedChat
+from rlbus.environments import Message
+from rlbus.messages import SamplingParams
+from rlbus.services.env_worker.config import InferenceClientSettings
+from rlbus.services.env_worker.tokens import TokenizedChat
 
 HEALTH_TIMEOUT_S = 5.0
 
@@ -119,6 +120,14 @@ class InferenceClient:
         )
         timeout = httpx.Timeout(request_timeout_s, connect=min(10.0, request_timeout_s))
         self.http = httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout)
+
+    @classmethod
+    def from_settings(cls, urls: list[str], settings: InferenceClientSettings, model: str | None = None
+                      ) -> InferenceClient:  # fmt: skip
+        """A client for ``urls`` configured by ``settings`` (an env-worker's config, or eval's ``[client]``)."""
+        return cls(urls, api_key=settings.api_key, max_concurrent_requests=settings.max_concurrent_requests,
+                   request_timeout_s=settings.request_timeout_s, max_retries=settings.max_retries,
+                   backoff_s=settings.retry_backoff_s, max_backoff_s=settings.max_backoff_s, model=model)  # fmt: skip
 
     async def close(self) -> None:
         await self.http.aclose()

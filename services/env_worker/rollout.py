@@ -26,10 +26,10 @@ from typing import Any, Protocol
 
 from loguru import logger
 
-from common.messages import Rollout, RolloutTask, SamplingParams, Turn
-from services.env_worker.environment import Environment, Message, RolloutState, checked_reward
-from services.env_worker.inference import Completion, InferenceError
-from services.env_worker.tokens import TemplateError, TokenizedChat, TurnRenderer
+from rlbus.environments import Environment, Message, RolloutState, checked_reward
+from rlbus.messages import Rollout, RolloutTask, SamplingParams, Turn
+from rlbus.services.env_worker.inference import Completion, InferenceError
+from rlbus.services.env_worker.tokens import TemplateError, TokenizedChat, TurnRenderer
 
 
 class Sampler(Protocol):

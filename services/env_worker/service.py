@@ -20,28 +20,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import signal
-import socket
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 import zmq
 from loguru import logger
 from zmq.utils.monitor import parse_monitor_message
 
-from common.abus import AsyncBus
-from common.messages import ResultAck, Rollout, RolloutResult, RolloutTask, TaskRequest
-from common.pubsub import TelemetryClient
-from services.env_worker.config import EnvWorkerConfig
-from services.env_worker.environment import Environment
-from services.env_worker.inference import InferenceClient
-from services.env_worker.registry import load_environment
-from services.env_worker.rollout import RolloutRunner, failed_rollout, num_completion_tokens
-from services.env_worker.tokens import TurnRenderer
+from rlbus.abus import AsyncBus
+from rlbus.environments import EnvironmentCache
+from rlbus.identity import service_id
+from rlbus.messages import ResultAck, Rollout, RolloutResult, RolloutTask, TaskRequest
+from rlbus.pubsub import TelemetryClient
+from rlbus.services.env_worker.config import EnvWorkerConfig
+from rlbus.services.env_worker.inference import InferenceClient
+from rlbus.services.env_worker.rollout import RolloutRunner, failed_rollout, num_completion_tokens
+from rlbus.services.env_worker.tokens import TurnRenderer
 
 # How often the loop does its housekeeping (heartbeats, resends) while no message arrives.
 TICK_S = 0.25
@@ -54,30 +50,6 @@ COUNTERS = ("tasks", "rollouts", "errored_rollouts", "empty_rollouts", "results_
             "duplicate_tasks")  # fmt: skip
 
 
-class EnvironmentCache:
-    """Loads each (env id, args) once per process; a load that failed keeps failing with its reason."""
-
-    def __init__(self, loader: Callable[[str, dict[str, Any]], Environment] = load_environment) -> None:
-        self.loader = loader
-        self._loaded: dict[str, Environment | Exception] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-
-    async def get(self, env_id: str, args: dict[str, Any]) -> Environment:
-        key = json.dumps([env_id, args], sort_keys=True)
-        async with self._locks.setdefault(key, asyncio.Lock()):
-            if key not in self._loaded:
-                try:
-                    self._loaded[key] = await asyncio.to_thread(self.loader, env_id, args)
-                    logger.info("loaded environment {} {}", env_id, args)
-                except Exception as exc:  # noqa: BLE001 - reported in every rollout of its tasks
-                    logger.error("cannot load environment {} {}: {}", env_id, args, exc)
-                    self._loaded[key] = exc
-        loaded = self._loaded[key]
-        if isinstance(loaded, Exception):
-            raise loaded
-        return loaded
-
-
 class EnvWorker:
     """Takes tasks over the bus, runs them with a :class:`RolloutRunner`, returns acknowledged results."""
 
@@ -87,16 +59,14 @@ class EnvWorker:
         self.config, self.runner, self.bus = config, runner, bus
         self.inference = inference
         """Asked for a ready replica before the first task; None takes tasks at once."""
-        self.worker_id = config.worker_id or default_worker_id()
+        self.worker_id = config.worker_id or service_id("env-worker")
         self.environments = environments or EnvironmentCache()
         self.inference_stats = inference_stats
         # Connection events say when the orchestrator (re)appears, so credit and results go out at once;
         # the monitor is attached before connecting so that the first handshake is not missed.
-        self.tasks_out = bus._open(zmq.DEALER, "tasks")
-        self.connections = self.tasks_out.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        bus._sockets.append(self.connections)  # closed with the bus, like its other sockets
-        self.tasks_out.address = config.bus.endpoints.orchestrator_tasks
-        self.tasks_out.connect(self.tasks_out.address)
+        self.tasks_out = bus.open_socket(zmq.DEALER, "tasks")
+        self.connections = bus.watch_connections(self.tasks_out, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        bus.connect_socket(self.tasks_out, config.bus.endpoints.orchestrator_tasks)
         self.connected = False
         self.telemetry = TelemetryClient(bus, "env-worker", self.worker_id)
         self.running: dict[str, asyncio.Task[None]] = {}
@@ -288,17 +258,9 @@ class EnvWorker:
         self.telemetry.metrics(self.policy_step, metrics)
 
 
-def default_worker_id() -> str:
-    return f"env-worker-{socket.gethostname()}-{os.getpid()}"
-
-
 async def serve(config: EnvWorkerConfig) -> None:
     """Run an env-worker until SIGINT or SIGTERM."""
-    client = InferenceClient(
-        config.inference_urls, api_key=config.api_key, max_concurrent_requests=config.max_concurrent_requests,
-        request_timeout_s=config.request_timeout_s, max_retries=config.max_retries,
-        backoff_s=config.retry_backoff_s, max_backoff_s=config.max_backoff_s,
-    )  # fmt: skip
+    client = InferenceClient.from_settings(config.inference_urls, config)
     runner = RolloutRunner(client, TurnRenderer(client), config.env_timeout_s)
     try:
         with AsyncBus(config.bus) as bus:

@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from services.env_worker.environment import Message
+from rlbus.environments import Message
 
 _STAND_IN_USER: Message = {"role": "user", "content": "."}
 

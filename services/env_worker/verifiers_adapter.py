@@ -23,12 +23,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.messages import Rollout, RolloutTask, Turn
-from services.env_worker.environment import Environment, Message, Rubric
-from services.env_worker.inference import InferenceError
-from services.env_worker.rollout import Sampler, check_continuity, failed_rollout, turn_of
-from services.env_worker.tokens import TurnRenderer
-from services.env_worker.tools import parse_hermes_tool_calls
+from rlbus.environments import Environment, Message, Rubric, parse_hermes_tool_calls
+from rlbus.messages import Rollout, RolloutTask, Turn
+from rlbus.services.env_worker.inference import InferenceError
+from rlbus.services.env_worker.rollout import Sampler, check_continuity, failed_rollout, turn_of
+from rlbus.services.env_worker.tokens import TurnRenderer
 
 
 def load_verifiers_environment(env_id: str, args: dict[str, Any]) -> VerifiersEnvironment:

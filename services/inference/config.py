@@ -7,7 +7,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from common.config import ServiceConfig
+from rlbus.config import ServiceConfig
+from rlbus.identity import service_id
 
 
 class InferenceConfig(ServiceConfig):
@@ -61,7 +62,7 @@ class InferenceConfig(ServiceConfig):
     """Extra ``vllm serve`` command-line arguments, e.g. ``["--max-num-batched-tokens", "4096"]``."""
 
     def resolved_replica_id(self) -> str:
-        return self.replica_id or f"inference-{socket.gethostname()}-{self.port}"
+        return self.replica_id or service_id("inference", self.port)
 
     def resolved_advertise_url(self) -> str:
         host = socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host

@@ -14,9 +14,9 @@ from typing import Any
 import msgspec
 from loguru import logger
 
-from common.config.base import BusConfig
-from common.messages import WeightsAnnounced
-from services.inference.policy import BASE_STEP, LoadReport
+from rlbus.config.base import BusConfig
+from rlbus.messages import WeightsAnnounced
+from rlbus.services.inference.policy import BASE_STEP, LoadReport
 
 
 class EngineWeightLoader:

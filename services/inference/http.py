@@ -24,8 +24,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.middleware import Middleware
 
-from services.inference.gate import AdmissionGate
-from services.inference.policy import LoadReport, PolicyTracker
+from rlbus.services.inference.gate import AdmissionGate
+from rlbus.services.inference.policy import LoadReport, PolicyTracker
 
 ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
 CONTROL_PREFIX = "/rlbus/"
@@ -34,7 +34,7 @@ STEP_HEADER = b"x-policy-step"
 
 
 class ReplicaControl(Protocol):
-    """What the routes need from the running replica (see services.inference.sync)."""
+    """What the routes need from the running replica (see rlbus.services.inference.sync)."""
 
     replica_id: str
     tracker: PolicyTracker

@@ -1,6 +1,6 @@
 """Which policy a replica serves, which one it should load next, and whom it has told.
 
-No sockets and no vLLM here: the weight-sync loop (:mod:`services.inference.sync`)
+No sockets and no vLLM here: the weight-sync loop (:mod:`rlbus.services.inference.sync`)
 feeds announcements in and acts on the answers.
 
 Ordering rule: the *newest publication* wins, compared by ``published_at`` (the
@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from common.messages import PolicyLoaded, WeightsAnnounced
+from rlbus.messages import PolicyLoaded, WeightsAnnounced
 
 BASE_STEP = 0
 """Policy step of the weights in the model directory (before any trainer update)."""

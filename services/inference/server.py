@@ -3,8 +3,8 @@
 The steps mirror ``vllm.entrypoints.launchers.api_server.entry.build_and_serve``
 (vLLM 0.32): parse ``vllm serve`` arguments built from our config, bind the
 port, start the engine client, ``build_app`` + ``init_app_state``, then
-``serve_http``. Between building and serving the app, :func:`services.inference.http.install`
-adds our routes and middleware, and :class:`services.inference.sync.WeightSync`
+``serve_http``. Between building and serving the app, :func:`rlbus.services.inference.http.install`
+adds our routes and middleware, and :class:`rlbus.services.inference.sync.WeightSync`
 starts on the same event loop. vLLM is imported only here, after the config parsed.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 from loguru import logger
 
-from services.inference.config import InferenceConfig
-from services.inference.worker_extension import WORKER_EXTENSION
+from rlbus.services.inference.config import InferenceConfig
+from rlbus.services.inference.worker_extension import WORKER_EXTENSION
 
 
 def vllm_argv(config: InferenceConfig) -> list[str]:
@@ -86,9 +86,9 @@ async def build_and_serve(engine: Any, args: Namespace, sock: Any, config: Infer
     from vllm.entrypoints.launchers.app import build_app
     from vllm.entrypoints.launchers.launcher import serve_http
 
-    from services.inference.engine import EngineWeightLoader
-    from services.inference.http import install
-    from services.inference.sync import WeightSync
+    from rlbus.services.inference.engine import EngineWeightLoader
+    from rlbus.services.inference.http import install
+    from rlbus.services.inference.sync import WeightSync
 
     supported_tasks = await engine.get_supported_tasks()
     app = build_app(args, supported_tasks, engine.model_config)

@@ -6,7 +6,7 @@ Sockets (all connect; the trainer, orchestrator and monitor bind):
   (re)appeared) also triggers a ``WeightsQuery``, as does a timer, so a missed
   announcement is caught up.
 * DEALER ``trainer_weights``: ``WeightsQuery`` from here; buckets are fetched by
-  the vLLM workers over their own sockets (:mod:`services.inference.worker_extension`).
+  the vLLM workers over their own sockets (:mod:`rlbus.services.inference.worker_extension`).
 * DEALER ``orchestrator_policy``: ``PolicyLoaded`` every heartbeat until an ``Ack``
   for the served step, and again whenever a connection to an orchestrator is
   (re)established. Sends never wait: no orchestrator must never slow serving.
@@ -28,14 +28,14 @@ import zmq
 from loguru import logger
 from zmq.utils.monitor import parse_monitor_message
 
-from common.abus import AsyncBus, AsyncSubscriber
-from common.bus import BusTimeout
-from common.messages import Ack, Hello, Refused, WeightsAnnounced, WeightsQuery
-from common.pubsub import TelemetryClient
-from services.inference.config import InferenceConfig
-from services.inference.gate import AdmissionGate
-from services.inference.policy import BASE_STEP, LoadReport, PolicyReporter, PolicyTracker, ServedPolicy
-from services.inference.telemetry import ThroughputMeter, read_engine_samples, weight_update_metrics
+from rlbus.abus import AsyncBus, AsyncSubscriber
+from rlbus.bus import BusTimeout
+from rlbus.messages import Ack, Hello, Refused, WeightsAnnounced, WeightsQuery
+from rlbus.pubsub import TelemetryClient
+from rlbus.services.inference.config import InferenceConfig
+from rlbus.services.inference.gate import AdmissionGate
+from rlbus.services.inference.policy import BASE_STEP, LoadReport, PolicyReporter, PolicyTracker, ServedPolicy
+from rlbus.services.inference.telemetry import ThroughputMeter, read_engine_samples, weight_update_metrics
 
 IDLE_WAIT_S = 3600.0  # receive loops wake up this often even when nothing arrives
 
@@ -109,11 +109,9 @@ class WeightSync:
     def _connect_immediate(self, address: str, role: str) -> zmq.Socket:
         # IMMEDIATE: queue only to a connected orchestrator, so a replica running
         # without one never piles up stale PolicyLoaded messages for it.
-        sock = self.bus._open(zmq.DEALER, role)
+        sock = self.bus.open_socket(zmq.DEALER, role)
         sock.setsockopt(zmq.IMMEDIATE, 1)
-        sock.connect(address)
-        sock.address = address
-        return sock
+        return self.bus.connect_socket(sock, address)
 
     async def _guarded(self, loop: Callable) -> None:
         try:

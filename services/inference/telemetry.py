@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from services.inference.policy import LoadReport
+from rlbus.services.inference.policy import LoadReport
 
 # Prometheus family name -> our metric name (families drop the ``_total`` suffix).
 ENGINE_GAUGES = {

@@ -3,7 +3,7 @@
 The API server process cannot hand tensors to the worker (``collective_rpc``
 arguments are small control values), so it passes only the announcement, the
 trainer's weight endpoint and the bus settings; the worker pulls the step
-itself over its own DEALER socket with :func:`common.weights.fetch_step`. Every
+itself over its own DEALER socket with :func:`rlbus.weights.fetch_step`. Every
 tensor's CRC32 and shape is checked, and every name and shape is compared with
 the checkpoint, before anything is loaded: a failed or corrupt transfer leaves
 the old weights untouched. With tensor parallelism every rank pulls the full
@@ -17,7 +17,7 @@ quantized GPU models transform theirs likewise). The reload processes a layer
 once all of its tensors arrived, so a step must carry every checkpoint tensor
 (partial updates would leave half-filled layers) — checked before loading.
 
-The methods return plain dicts (fields of :class:`services.inference.policy.LoadReport`)
+The methods return plain dicts (fields of :class:`rlbus.services.inference.policy.LoadReport`)
 rather than raising, so the server can tell "refused, old weights serve" from
 "loading failed half-way".
 """
@@ -36,15 +36,15 @@ import numpy as np
 import zmq
 from loguru import logger
 
-from common.bus import Bus, BusError
-from common.config.base import BusConfig
-from common.messages import TensorMeta, WeightsAnnounced
-from common.weights import fetch_step
+from rlbus.bus import Bus, BusError
+from rlbus.config.base import BusConfig
+from rlbus.messages import TensorMeta, WeightsAnnounced
+from rlbus.weights import fetch_step
 
 if TYPE_CHECKING:
     import torch
 
-WORKER_EXTENSION = "services.inference.worker_extension.RlbusWorkerExtension"
+WORKER_EXTENSION = "rlbus.services.inference.worker_extension.RlbusWorkerExtension"
 TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 
 

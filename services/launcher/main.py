@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.entry import run_config_command
-from services.launcher.config import RlConfig
+from rlbus.services.entry import run_config_command
+from rlbus.services.run_config import RlConfig
 
 SUMMARY = ("Start every service locally from one merged config; with --slurm, submit them as SLURM job "
            "arrays and follow them (--slurm-cancel cancels a run submitted from this host).")  # fmt: skip
@@ -13,16 +13,16 @@ ALIASES = {"--slurm": "--slurm.enabled", "--no-slurm": "--no-slurm.enabled"}
 
 
 def main(argv: Sequence[str]) -> int:
-    from services.launcher.run import run_rl
+    from rlbus.services.launcher.run import run_rl
 
     args = [ALIASES.get(arg, arg) for arg in argv]
     if "--slurm.enabled" in args and "--dry-run" in args:
-        from services.launcher.slurm import write_job_scripts
+        from rlbus.services.launcher.slurm import write_job_scripts
 
         args = [arg for arg in args if arg != "--dry-run"]
         return run_config_command("rl", RlConfig, args, SUMMARY, run=write_job_scripts)
     if "--slurm-cancel" in args:
-        from services.launcher.slurm import cancel_slurm
+        from rlbus.services.launcher.slurm import cancel_slurm
 
         args = [arg for arg in args if arg != "--slurm-cancel"]
         return run_config_command("rl", RlConfig, args, SUMMARY, run=cancel_slurm)

@@ -1,7 +1,7 @@
 """The launcher's process table: which services run, with which command, and how a child is kept.
 
 Every child runs exactly the command a user would type on another host
-(``python -m services.cli <service> @ <output_dir>/configs/<service>.toml``).
+(``python -m rlbus <service> @ <output_dir>/configs/<service>.toml``).
 Each gets its own process group, so the launcher can stop a service together
 with anything it spawned (vLLM's engine, torchrun's ranks), and on Linux a
 parent-death signal, so a launcher killed with -9 leaves no service behind.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
-from services.launcher.config import RlConfig
+from rlbus.services.run_config import RlConfig
 
 CleanExit = Literal["done", "finished", "failure"]
 """What exit code 0 of a service means: the run is done (orchestrator), this service's part is
@@ -52,7 +52,7 @@ CommandFor = Callable[[ProcessSpec], list[str]]
 
 def service_command(spec: ProcessSpec) -> list[str]:
     """The command a user would run by hand for ``spec``."""
-    return [sys.executable, "-m", "services.cli", spec.service, "@", str(spec.config_path), *spec.args]
+    return [sys.executable, "-m", "rlbus", spec.service, "@", str(spec.config_path), *spec.args]
 
 
 def process_table(config: RlConfig, config_dir: Path) -> list[ProcessSpec]:
@@ -76,7 +76,7 @@ class Child:
         self.spec, self.popen = spec, popen
         self.output_path = None if spec.to_console else logs_dir / f"{spec.name}.out"
         self.service_log = logs_dir / f"{spec.service}.log"
-        """The service's own log file (``common.logging``)."""
+        """The service's own log file (``rlbus.logging``)."""
         self.exit_code: int | None = None
 
     @property

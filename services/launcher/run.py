@@ -17,11 +17,11 @@ from pathlib import Path
 
 from loguru import logger
 
-from common.logging import setup_logging
-from services.entry import write_resolved
-from services.launcher.config import RlConfig, check_cleanable
-from services.launcher.processes import CommandFor, process_table, service_command
-from services.launcher.supervisor import Supervisor
+from rlbus.logging import setup_logging
+from rlbus.services.entry import write_resolved
+from rlbus.services.launcher.processes import CommandFor, process_table, service_command
+from rlbus.services.launcher.supervisor import Supervisor
+from rlbus.services.run_config import RlConfig, check_cleanable
 
 
 def run_rl(config: RlConfig, command_for: CommandFor = service_command) -> int:
@@ -33,7 +33,7 @@ def run_rl(config: RlConfig, command_for: CommandFor = service_command) -> int:
         write_resolved(config)
         logger.info("cleaned {}", config.output_dir)
     if config.slurm.enabled:
-        from services.launcher.slurm import run_slurm
+        from rlbus.services.launcher.slurm import run_slurm
 
         return run_slurm(config)
     specs = process_table(config, config.output_dir / "configs")

@@ -11,7 +11,7 @@ is streamed from its node by ``srun --overlap tail -F`` (SLURM's own I/O
 forwarding: no shared filesystem, and unlike ``sattach`` it works for batch
 scripts), printed with the task's name and copied to ``<output_dir>/logs/<task>.out``.
 What a task's end means is decided as for local processes
-(:class:`~services.launcher.supervisor.RunState`): the orchestrator ending with
+(:class:`~rlbus.services.launcher.supervisor.RunState`): the orchestrator ending with
 0 finishes the run, any other end fails it. Then, or on Ctrl-C / SIGTERM,
 every array is cancelled (the monitor last) and waited for: no task outlives
 the launcher, except when the launcher itself is killed with -9 (then
@@ -32,10 +32,9 @@ from typing import TextIO
 
 from loguru import logger
 
-from services.launcher.config import RlConfig
-from services.launcher.processes import CleanExit, ProcessSpec
-from services.launcher.slurm_ctl import SlurmCtl, TaskState, expand_output_pattern
-from services.launcher.slurm_jobs import (
+from rlbus.services.launcher.processes import CleanExit, ProcessSpec
+from rlbus.services.launcher.slurm_ctl import SlurmCtl, TaskState, expand_output_pattern
+from rlbus.services.launcher.slurm_jobs import (
     array_jobs,
     check_binds_allowed,
     job_name,
@@ -43,7 +42,8 @@ from services.launcher.slurm_jobs import (
     sbatch_args,
     workdir,
 )  # fmt: skip
-from services.launcher.supervisor import Phase, RunResult, RunState, _Wakeup
+from rlbus.services.launcher.supervisor import Phase, RunResult, RunState, _Wakeup
+from rlbus.services.run_config import RlConfig
 
 JOBS_FILE = "slurm_jobs.json"
 TAIL_JOIN_S = 10.0

@@ -26,8 +26,8 @@ from typing import Any
 import tomli_w
 from pydantic import BaseModel
 
-from services.launcher.config import RlConfig
-from services.launcher.processes import CleanExit
+from rlbus.services.launcher.processes import CleanExit
+from rlbus.services.run_config import RlConfig
 
 PLACEHOLDER = re.compile(r"\{(monitor|orchestrator|trainer|inference|self)(?:\.(\d+))?\}")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
@@ -155,7 +155,7 @@ def job_script(config: RlConfig, job: ArrayJob, peer_ids: Mapping[str, str]) -> 
         *config.slurm.setup,
         "export PYTHONUNBUFFERED=1",
         *key_lines(config),
-        f"exec {python} -m services.launcher.slurm_task {job.service}{peers}{timeout} <<'{CONFIG_END}'",
+        f"exec {python} -m rlbus.services.launcher.slurm_task {job.service}{peers}{timeout} <<'{CONFIG_END}'",
         job.config_text.rstrip("\n"),
         CONFIG_END,
     ]
@@ -187,8 +187,8 @@ def key_dir(config: RlConfig) -> Path | None:
 def check_binds_allowed(config: RlConfig) -> None:
     """Services bind ``bus.bind_host`` (0.0.0.0 unless set) on the nodes: refuse plain TCP there
     before anything is submitted, as each service would at start."""
-    from common.bus import bind_address
-    from common.curve import check_bind_allowed
+    from rlbus.bus import bind_address
+    from rlbus.curve import check_bind_allowed
 
     endpoint = bind_address(config.bus.endpoints.monitor_telemetry, config.bus.bind_host or "0.0.0.0")
     check_bind_allowed(endpoint, config.bus.curve, "bus")

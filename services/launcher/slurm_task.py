@@ -1,6 +1,6 @@
 """One task of an ``rlbus rl --slurm`` array, on its node: rendezvous, then ``exec`` the service.
 
-    python -m services.launcher.slurm_task <service> [--peer SECTION=ARRAY_JOB_ID ...] < config.toml
+    python -m rlbus.services.launcher.slurm_task <service> [--peer SECTION=ARRAY_JOB_ID ...] < config.toml
 
 The config (TOML, from the job script) names peers' hosts by placeholder
 (services/launcher/slurm_jobs.py). Each one is filled in with the address of
@@ -25,8 +25,8 @@ from typing import Any
 import tomli_w
 from loguru import logger
 
-from services.launcher.slurm_ctl import SlurmCtl, TaskState
-from services.launcher.slurm_jobs import PLACEHOLDER
+from rlbus.services.launcher.slurm_ctl import SlurmCtl, TaskState
+from rlbus.services.launcher.slurm_jobs import PLACEHOLDER
 
 WAIT_POLL_S = 2.0
 """How often a task asks the controller whether a peer runs yet (it cannot be notified)."""
@@ -115,7 +115,7 @@ def write_config(values: Mapping[str, Any], service: str, task_id: int) -> Path:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m services.launcher.slurm_task", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m rlbus.services.launcher.slurm_task", description=__doc__)
     parser.add_argument("service", help="the rlbus command to run: monitor, trainer, env-worker, ...")
     parser.add_argument("--peer", action="append", default=[], metavar="SECTION=ARRAY_JOB_ID",
                         help="array job id of a service whose placeholder the config uses")  # fmt: skip
@@ -133,7 +133,7 @@ def main(argv: list[str]) -> int:
                 sorted(peers) or "none")  # fmt: skip
     values = tomllib.loads(fill_placeholders(text, finder.address_of))
     path = write_config(values, args.service, task_id)
-    argv_service = [sys.executable, "-m", "services.cli", args.service, "@", str(path),
+    argv_service = [sys.executable, "-m", "rlbus", args.service, "@", str(path),
                     *task_args(args.service, values, task_id, finder.own_address)]  # fmt: skip
     logger.info("exec {}", " ".join(argv_service))
     sys.stdout.flush()

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from services.launcher.processes import Child, CommandFor, ProcessSpec, describe_exit
+from rlbus.services.launcher.processes import Child, CommandFor, ProcessSpec, describe_exit
 
 NUM_TAIL_LINES = 20
 SAFETY_POLL_S = 1.0

@@ -13,13 +13,13 @@ from typing import TextIO
 
 from loguru import logger
 
-from common.config import ConfigError, ConfigModel, load_config
-from common.config.docs import field_rows
-from common.logging import setup_logging
+from rlbus.config import ConfigError, ConfigModel, load_config
+from rlbus.config.docs import field_rows
+from rlbus.logging import setup_logging
 
 # These modules import torch and transformers only inside their functions.
-from services.models.smollm2 import SmolLM2Config, convert_smollm2
-from services.models.tiny import TinyModelConfig, build_tiny_model
+from rlbus.services.models.smollm2 import SmolLM2Config, convert_smollm2
+from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 
 USAGE = "usage: rlbus model {tiny,smollm2} [@ file.toml] [--key value ...] [--help]\n"
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from common.config import ConfigModel
+from rlbus.config import ConfigModel
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

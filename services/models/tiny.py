@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 from loguru import logger
 from pydantic import Field, model_validator
 
-from common.config import ConfigModel
-from services.models.tokenizer import ENDOFTEXT, IM_END, build_tokenizer
+from rlbus.config import ConfigModel
+from rlbus.services.models.tokenizer import ENDOFTEXT, IM_END, build_tokenizer
 
 if TYPE_CHECKING:
     import torch

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from common.config import BusConfig, ConfigModel, ServiceConfig
+from rlbus.config import BusConfig, ConfigModel, ServiceConfig
 
 DEFAULT_SUMMARY_METRICS = [
     "reward/all/mean", "loss/mean", "entropy/mean", "mismatch_kl/mean", "off_policy/mean",

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.messages import Heartbeat, ServiceHealth
+from rlbus.messages import Heartbeat, ServiceHealth
 
 
 @dataclass(frozen=True)

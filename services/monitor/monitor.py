@@ -2,7 +2,7 @@
 
 :class:`Monitor` takes decoded messages and the time, and writes the JSONL
 files, the console summary, W&B rows, the health table and the log lines of
-the live view. :mod:`services.monitor.service` owns the sockets and feeds it.
+the live view. :mod:`rlbus.services.monitor.service` owns the sockets and feeds it.
 
 Log lines of the live view are the events services send (started, failed,
 warnings ...) and the monitor's own notices (step summaries, dead services),
@@ -19,7 +19,7 @@ from typing import Protocol
 
 from loguru import logger
 
-from common.messages import (
+from rlbus.messages import (
     Event,
     Heartbeat,
     Message,
@@ -30,9 +30,9 @@ from common.messages import (
     ViewRequest,
     ViewSnapshot,
 )  # fmt: skip
-from services.monitor.config import MonitorConfig
-from services.monitor.health import HealthNotice, HealthTable
-from services.monitor.records import (
+from rlbus.services.monitor.config import MonitorConfig
+from rlbus.services.monitor.health import HealthNotice, HealthTable
+from rlbus.services.monitor.records import (
     RunFiles,
     event_line,
     metrics_line,
@@ -40,7 +40,7 @@ from services.monitor.records import (
     reserved_names,
     sample_lines,
 )  # fmt: skip
-from services.monitor.steps import StepAggregator, StepRow, format_summary
+from rlbus.services.monitor.steps import StepAggregator, StepRow, format_summary
 
 MAX_VIEW_LINES = 500
 """Log lines in one ViewSnapshot; a tail further behind skips the older ones."""

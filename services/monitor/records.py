@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 
 import msgspec
 
-from common.messages import Event, MetricsReport, RolloutSamples
+from rlbus.messages import Event, MetricsReport, RolloutSamples
 
 METRICS_FILE, SAMPLES_FILE, EVENTS_FILE = "metrics.jsonl", "samples.jsonl", "events.jsonl"
 _RESERVED_METRIC_KEYS = frozenset({"step", "service", "replica_id", "time"})

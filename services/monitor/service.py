@@ -1,6 +1,6 @@
 """The monitor's loop: owns the telemetry PULL and the live-view ROUTER, feeds :class:`Monitor`.
 
-Services PUSH telemetry without ever blocking (``common.pubsub.TelemetryClient``);
+Services PUSH telemetry without ever blocking (``rlbus.pubsub.TelemetryClient``);
 while the monitor is down their messages queue up to the high-water mark and
 arrive once it binds again. SIGTERM (what the launcher sends) ends the loop
 after draining what already arrived, so the last steps still reach the files
@@ -9,18 +9,17 @@ and W&B.
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import time
 
 import zmq
 from loguru import logger
 
-from common.bus import Bus, BusSocket, PeerUnreachable
-from common.messages import Event, Heartbeat, MetricsReport, RolloutSamples, ViewRequest
-from services.monitor.config import MonitorConfig
-from services.monitor.monitor import Monitor
+from rlbus.bus import Bus, BusSocket, PeerUnreachable
+from rlbus.identity import service_id
+from rlbus.messages import Event, Heartbeat, MetricsReport, RolloutSamples, ViewRequest
+from rlbus.services.monitor.config import MonitorConfig
+from rlbus.services.monitor.monitor import Monitor
 
 TELEMETRY = (Heartbeat, MetricsReport, Event, RolloutSamples)
 TICK_S = 0.5
@@ -42,7 +41,7 @@ class MonitorService:
         self.poller.register(self.telemetry_in, zmq.POLLIN)
         self.poller.register(self.view_requests, zmq.POLLIN)
         self.stopping = False
-        self.replica_id = f"monitor-{socket.gethostname()}-{os.getpid()}"
+        self.replica_id = service_id("monitor")
         self._reported_bus_metrics: dict[str, float] = {}
         logger.info("monitor: telemetry at {}, live view at {}", self.telemetry_in.address, self.view_requests.address)
 
@@ -103,7 +102,7 @@ def run_monitor(config: MonitorConfig) -> int:
     """``rlbus monitor``: run until SIGTERM or Ctrl-C, then close files and the W&B run."""
     sink = None
     if config.wandb.enabled:
-        from services.monitor.wandb_sink import WandbSink
+        from rlbus.services.monitor.wandb_sink import WandbSink
 
         sink = WandbSink(config)
     monitor = Monitor(config, sink)

@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
-from common.messages import MetricsReport, Sample
+from rlbus.messages import MetricsReport, Sample
 
 
 @dataclass

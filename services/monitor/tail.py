@@ -18,10 +18,10 @@ from typing import TextIO
 import msgspec
 import zmq
 
-from common.bus import Bus, BusSocket
-from common.messages import Refused, ServiceHealth, ViewRequest, ViewSnapshot
-from services.monitor.config import DEFAULT_SUMMARY_METRICS, TailConfig
-from services.monitor.steps import format_value
+from rlbus.bus import Bus, BusSocket
+from rlbus.messages import Refused, ServiceHealth, ViewRequest, ViewSnapshot
+from rlbus.services.monitor.config import DEFAULT_SUMMARY_METRICS, TailConfig
+from rlbus.services.monitor.steps import format_value
 
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
 RED, RESET = "\x1b[31m", "\x1b[0m"

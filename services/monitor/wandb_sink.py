@@ -15,9 +15,9 @@ from typing import Any
 
 from loguru import logger
 
-from common.config import read_toml
-from common.messages import Sample
-from services.monitor.config import MonitorConfig
+from rlbus.config import read_toml
+from rlbus.messages import Sample
+from rlbus.services.monitor.config import MonitorConfig
 
 RUN_ID_FILE = "wandb-run-id"
 SAMPLE_COLUMNS = ["step", "env_id", "prompt", "completion", "reward", "advantage"]

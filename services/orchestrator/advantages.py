@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from services.orchestrator.config import AdvantageConfig
+from rlbus.services.orchestrator.config import AdvantageConfig
 
 # Rewards are floats from arbitrary scorers: anything this close to the
 # baseline is treated as equal, so round-off does not turn into "signal".

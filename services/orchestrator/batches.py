@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.messages import TrainBatch
+from rlbus.messages import TrainBatch
 
 
 @dataclass
@@ -45,6 +45,15 @@ class BatchStore:
         for key, _ in answered:
             del self.waiting[key]
         return [(identity, batches[rank]) for (identity, rank), _ in answered]
+
+    @property
+    def num_held(self) -> int:
+        """Built steps not acknowledged yet."""
+        return len(self.built)
+
+    def holds(self, step: int) -> bool:
+        """``step`` is built and not acknowledged yet."""
+        return step in self.built
 
     def get(self, step: int, rank: int) -> TrainBatch | None:
         batches = self.built.get(step)
@@ -93,3 +102,17 @@ class BatchStore:
                 self.acked.discard(self.acked_below)
                 self.acked_below += 1
         return released
+
+    def renumber(self, from_step: int) -> list[tuple[int, int]]:
+        """Give the held steps consecutive numbers from ``from_step`` on, in their order, batches
+        included; returns (old step, new step) of each. Requests waiting for a step from
+        ``from_step`` on are forgotten: that number now names another batch, or none yet."""
+        self.waiting = {key: s for key, s in self.waiting.items() if s < from_step}
+        moves = [(old_step, new_step) for new_step, old_step in enumerate(sorted(self.built), start=from_step)]
+        renumbered: dict[int, list[TrainBatch]] = {}
+        for old_step, new_step in moves:
+            for batch in self.built[old_step]:
+                batch.step = new_step
+            renumbered[new_step] = self.built[old_step]
+        self.built = renumbered
+        return moves

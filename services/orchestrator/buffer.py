@@ -16,12 +16,12 @@ Batch ``step`` (counted from 1) is on-policy when sampled by policy
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from common.messages import PolicyLoaded, Rollout
-from services.orchestrator.rollouts import oldest_policy_step
-from services.orchestrator.sampler import Draw
+from rlbus.messages import PolicyLoaded, Rollout
+from rlbus.services.orchestrator.rollouts import oldest_policy_step
+from rlbus.services.orchestrator.sampler import Draw
 
 
 @dataclass
@@ -77,6 +77,17 @@ class GroupBuffer:
             for group in stale:
                 self._count_stale(group)
         return stale
+
+    def restore(self, groups: Iterable[Group]) -> None:
+        """Put back groups accepted before a restart, in their order; :meth:`take` drops any
+        that are stale by then."""
+        self.groups.extend(groups)
+
+    def take_stale_counts(self) -> tuple[int, int]:
+        """(groups, rollouts) dropped as stale since the previous call."""
+        counts = self.num_stale_groups, self.num_stale_rollouts
+        self.num_stale_groups = self.num_stale_rollouts = 0
+        return counts
 
     def take(self, step: int, count: int) -> list[Group] | None:
         """The ``count`` oldest groups fresh enough for ``step``, or None if there are fewer."""

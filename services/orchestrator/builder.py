@@ -1,7 +1,7 @@
 """One training step's batch from scored groups: advantages, samples, packing, metrics.
 
 Within each group: errored rollouts are left out (and counted), the others
-get advantages from their rewards (:mod:`services.orchestrator.advantages`).
+get advantages from their rewards (:mod:`rlbus.services.orchestrator.advantages`).
 A group whose advantages are all zero is dropped and counted; so is a
 rollout without a trained token (e.g. an empty completion). What is left
 is packed into one ``TrainBatch`` per trainer rank.
@@ -18,12 +18,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.messages import RolloutSamples, Sample, TrainBatch
-from services.orchestrator.advantages import group_advantages, has_signal, penalised_rewards
-from services.orchestrator.buffer import Group
-from services.orchestrator.config import OrchestratorConfig
-from services.orchestrator.packing import pack_batch
-from services.orchestrator.rollouts import PackSample, length_fraction, num_completion_tokens, num_tokens, to_sample
+from rlbus.messages import RolloutSamples, Sample, TrainBatch
+from rlbus.services.orchestrator.advantages import group_advantages, has_signal, penalised_rewards
+from rlbus.services.orchestrator.buffer import Group
+from rlbus.services.orchestrator.config import OrchestratorConfig
+from rlbus.services.orchestrator.packing import pack_batch
+from rlbus.services.orchestrator.rollouts import (
+    PackSample,
+    length_fraction,
+    num_completion_tokens,
+    num_tokens,
+    to_sample,
+)
 
 
 @dataclass

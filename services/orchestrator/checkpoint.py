@@ -18,7 +18,7 @@ from pathlib import Path
 import msgspec
 from loguru import logger
 
-from services.orchestrator.sampler import Draw, SamplerState
+from rlbus.services.orchestrator.sampler import Draw, SamplerState
 
 FORMAT_VERSION = 1
 _FILE = re.compile(r"step_(\d+)\.json")

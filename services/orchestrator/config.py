@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field, model_validator
 
-from common.config import ConfigModel, ServiceConfig
+from rlbus.config import ConfigModel, ServiceConfig
 
 Scalar = str | int | float | bool
 

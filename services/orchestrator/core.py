@@ -2,7 +2,7 @@
 
 :class:`Orchestrator` takes the messages of its three channels (tasks,
 batches, policy) as method calls and puts what must be sent into an
-:class:`Outbox`; :mod:`services.orchestrator.service` owns the sockets and
+:class:`Outbox`; :mod:`rlbus.services.orchestrator.service` owns the sockets and
 calls :meth:`Orchestrator.tick` after every burst of messages. Tests drive
 this class directly.
 
@@ -24,20 +24,31 @@ from typing import Any
 import msgspec
 from loguru import logger
 
-from common.messages import (
-    Ack, BatchAck, BatchRequest, PolicyLoaded, Refused, ResultAck, RolloutResult, RolloutSamples, RolloutTask,
-    SamplingParams, TaskRequest, TrainBatch,
+from rlbus.messages import (
+    Ack,
+    BatchAck,
+    BatchRequest,
+    PolicyLoaded,
+    Refused,
+    ResultAck,
+    RolloutResult,
+    RolloutSamples,
+    RolloutTask,
+    SamplingParams,
+    TaskRequest,
+    TrainBatch,
 )  # fmt: skip
-from services.orchestrator.batches import BatchStore
-from services.orchestrator.buffer import Group, GroupBuffer, PolicyGate
-from services.orchestrator.builder import BuiltStep, build_step
-from services.orchestrator.checkpoint import ProgressState, ProgressStore
-from services.orchestrator.config import OrchestratorConfig
-from services.orchestrator.evaluation import EvalScheduler
-from services.orchestrator.journal import Journal, Replay
-from services.orchestrator.leases import Completion, TaskLedger, WorkerPool, dispatch
-from services.orchestrator.rollouts import result_problem
-from services.orchestrator.sampler import Draw, TaskSampler, existing_draws
+from rlbus.services.orchestrator.batches import BatchStore
+from rlbus.services.orchestrator.buffer import Group, GroupBuffer, PolicyGate
+from rlbus.services.orchestrator.builder import BuiltStep, build_step
+from rlbus.services.orchestrator.checkpoint import ProgressState, ProgressStore
+from rlbus.services.orchestrator.config import OrchestratorConfig
+from rlbus.services.orchestrator.evaluation import EvalScheduler
+from rlbus.services.orchestrator.journal import Journal, Replay
+from rlbus.services.orchestrator.leases import Completion, TaskLedger, WorkerPool, dispatch
+from rlbus.services.orchestrator.rollouts import result_problem
+from rlbus.services.orchestrator.sampler import Draw, TaskSampler, existing_draws
+from rlbus.services.orchestrator.step_metrics import StepMetrics
 
 
 @dataclass
@@ -85,19 +96,13 @@ class Orchestrator:
         self.progress = progress
         self.snapshots: dict[int, ProgressState] = {}
         self.draw_of: dict[str, Draw] = {}
-        self.dropped: Counter[str] = Counter()
-        """Counts since the last built step, reported as ``dropped/<reason>``."""
-        self.num_errored_dropped = 0
-        """Rollouts of dropped all-errored groups since the last built step (in ``errored_rollouts``)."""
+        self.step_metrics = StepMetrics(clock())
         self.outbox = Outbox()
         self.sampling = SamplingParams(temperature=config.sampling.temperature, top_p=config.sampling.top_p,
                                        max_tokens=config.sampling.max_tokens)  # fmt: skip
         # Task ids must never repeat across restarts: workers may still hold old ones.
         self.run_id = os.urandom(4).hex()
         self._num_tasks = 0
-        self._last_build = clock()
-        self._gate_closed_at: float | None = None
-        self._wait_for_policy_s = 0.0
         self.step_tasks: dict[int, list[str]] = {}
         """Task ids of each built step not acknowledged yet (journaled again when renumbered)."""
         self.journal = journal
@@ -107,7 +112,7 @@ class Orchestrator:
     def _restore(self, replay: Replay) -> None:
         """Rebuild the steps built after progress ``replay.step`` and put the other journaled
         groups back into the buffer."""
-        self.ledger.finished |= replay.accepted_task_ids
+        self.ledger.mark_finished(replay.accepted_task_ids)
         groups: dict[str, Group] = {}
         for result in replay.results:
             draw = self._adopt(result)
@@ -120,7 +125,7 @@ class Orchestrator:
             if step != self.step or not all(t in groups for t in task_ids):
                 break  # cannot happen with an intact journal; the groups go back to the buffer
             self._rebuild(step, [groups.pop(t) for t in task_ids])
-        self.buffer.groups.extend(groups.values())
+        self.buffer.restore(groups.values())
         if self.journal is not None:
             self.journal.resumed(replay.step, len(self.buffer) + sum(map(len, self.step_tasks.values())))
         if replay.results:
@@ -153,12 +158,12 @@ class Orchestrator:
             return None
         if self._all_trained:
             return f"results of {sum(len(r.pending) for r in self.evals.rounds)} eval tasks"
-        if self._building and not self.gate.allows(self.step):
+        if self._gate_closed:
             need = self.step - 1 - self.config.max_async_level
             return f"inference to load policy step {need} (serving {self.gate.policy_step})"
-        if not self._building or self.store.built:
+        if not self._building or self.store.num_held:
             return f"trainer to train step {self.store.acked_below}"
-        return f"results of {len(self.ledger.open)} tasks from env-workers ({self.workers.num_credits} credits)"
+        return f"results of {self.ledger.num_open()} tasks from env-workers ({self.workers.num_credits} credits)"
 
     def next_deadline(self) -> float | None:
         """Monotonic time at which :meth:`tick` must run even without messages (a lease expiry)."""
@@ -167,6 +172,11 @@ class Orchestrator:
     @property
     def _building(self) -> bool:
         return self.max_steps is None or self.step <= self.max_steps
+
+    @property
+    def _gate_closed(self) -> bool:
+        """The next step waits for inference to load a newer policy."""
+        return self._building and not self.gate.allows(self.step)
 
     # --------------------------------------------------------------- inputs
 
@@ -183,7 +193,7 @@ class Orchestrator:
 
     def on_worker_gone(self, identity: bytes) -> None:
         """A send to ``identity`` failed: forget its credits and re-issue its tasks."""
-        name = self.workers.workers[identity].name if identity in self.workers.workers else repr(identity)
+        name = self.workers.name_of(identity)
         lost = self.ledger.release_worker(identity)
         self.workers.forget(identity)
         logger.warning("env-worker {} is gone; re-issuing its {} task(s)", name, len(lost))
@@ -197,7 +207,7 @@ class Orchestrator:
         """Store a result (or refuse it, saying why); the ack tells the worker to forget it."""
         status, task = self.ledger.complete(result.task_id)
         if status is Completion.DUPLICATE:
-            self.dropped["duplicate_results"] += 1
+            self.step_metrics.drop("duplicate_results")
             return self._refuse(result, "duplicate: this task already has a result")
         if result.is_eval:
             return self._on_eval_result(result, status)
@@ -206,14 +216,13 @@ class Orchestrator:
         if task is not None and (task.env_id, task.example_id) != (result.env_id, result.example_id):
             problem = f"result is for {result.env_id}#{result.example_id}, the task for {task.env_id}#{task.example_id}"
         if problem is not None:
-            self.dropped["invalid_results"] += 1
+            self.step_metrics.drop("invalid_results")
             logger.warning("refused result {} from {}: {}", result.task_id, result.worker_id, problem)
             return self._refuse(result, problem)
         if all(r.error is not None for r in result.rollouts):
             # Infrastructure failures (inference down, environment crash) must not use up a training
             # step: the group is dropped and a fresh example takes its place.
-            self.dropped["errored_groups"] += 1
-            self.num_errored_dropped += len(result.rollouts)
+            self.step_metrics.drop_errored_group(len(result.rollouts))
             return self._refuse(result, f"every rollout errored: {result.rollouts[0].error}")
         group = Group(result.task_id, result.env_id, draw, result.rollouts)  # type: ignore[arg-type]
         if not self.buffer.add(group, self.step):
@@ -233,13 +242,13 @@ class Orchestrator:
         if self.store.is_acked(request.step) and self.store.replay(request.step):
             logger.warning("trainer asks for step {} again (restarted from its checkpoint): steps {}..{} are "
                            "trained again with the same batches", request.step, request.step,
-                           self.store.acked_below + len(self.store.built) - 1)  # fmt: skip
+                           self.store.acked_below + self.store.num_held - 1)  # fmt: skip
             self._event("replay", f"trainer restarted at step {request.step}: acknowledged steps replayed",
                         "warning", step=request.step)  # fmt: skip
         if self.store.is_acked(request.step):
-            return Refused(request="BatchRequest", reason=(
+            return Refused(request="BatchRequest", next_step=self.store.acked_below, reason=(
                 f"step {request.step} is already trained (acknowledged); the next step is {self.store.acked_below}"))
-        if request.step < self.step and request.step not in self.store.built:
+        if request.step < self.step and not self.store.holds(request.step):
             self._rewind(request.step)
         batch = self.store.get(request.step, request.rank)
         if batch is not None:
@@ -254,7 +263,7 @@ class Orchestrator:
         if ack.step < 1 or (self.max_steps is not None and ack.step > self.max_steps):
             raise ValueError(f"BatchAck from {ack.trainer_id!r} for step {ack.step}, outside 1..{self.max_steps}")
         if not ack.ok:
-            self.dropped["rejected_batches"] += 1
+            self.step_metrics.drop("rejected_batches")
             self._event("batch_rejected", f"trainer rejected step {ack.step}: {ack.reason}", "warning", step=ack.step)
         self._fast_forward(ack.step + 1)
         if self.store.ack(ack.step):
@@ -266,16 +275,17 @@ class Orchestrator:
         """Expire leases, start evals, build ready steps, issue and dispatch tasks."""
         now = self.clock()
         for identity in self.workers.silent(now, self.config.worker_timeout_s):
-            logger.warning("env-worker {} silent for {:g}s", self.workers.workers[identity].name,
+            logger.warning("env-worker {} silent for {:g}s", self.workers.name_of(identity),
                            self.config.worker_timeout_s)  # fmt: skip
             self.on_worker_gone(identity)
         expired = self.ledger.expire(now)
         if expired:
             logger.warning("{} task lease(s) expired after {}s; issued again", len(expired), self.config.task_lease_s)
         self._start_due_eval()
-        self._track_gate(now)
+        self.step_metrics.track_gate(self._gate_closed, now)
         self._build_ready_steps(now)
-        self._track_gate(now)  # a build can close the gate: its wait starts now, not at the next tick
+        # A build can close the gate: its wait starts now, not at the next tick.
+        self.step_metrics.track_gate(self._gate_closed, now)
         self._issue_training_tasks()
         self.outbox.tasks += dispatch(self.ledger, self.workers, now, time.time())
         outbox, self.outbox = self.outbox, Outbox()
@@ -300,48 +310,13 @@ class Orchestrator:
         self.step = step + 1
         self.snapshots[step] = self._snapshot(built_steps=step)
         self.outbox.batches += self.store.add(step, built.batches)
-        metrics = built.metrics | self._step_metrics(step, now)
-        metrics["errored_rollouts"] = built.metrics["errored_rollouts"] + metrics.pop("errored_rollouts_dropped")
+        metrics = self.step_metrics.report(built, now, self.buffer, self.ledger, self.totals, self.gate.policy_step)
         self.outbox.metrics.append((step, metrics))
         if step % self.config.samples_interval == 0 and built.samples:
             self.outbox.samples.append(RolloutSamples(step=step, samples=built.samples))
         reward = metrics.get("reward/all/mean")
         logger.info("built step {}: {} samples, {} tokens, reward {}", step, built.num_samples, built.num_tokens,
                     "n/a" if reward is None else f"{reward:.3f}")  # fmt: skip
-
-    def _step_metrics(self, step: int, now: float) -> dict[str, float]:
-        metrics = {f"dropped/{reason}": float(count) for reason, count in self.dropped.items()}
-        metrics |= {
-            "dropped/stale_rollouts": float(self.buffer.num_stale_rollouts),
-            "dropped/stale_groups": float(self.buffer.num_stale_groups),
-            "tasks/reissued": float(self.ledger.num_reissued),
-            "errored_rollouts_dropped": float(self.num_errored_dropped),
-            # Not "time/step": that is the trainer's; this is the time since the previous batch was built.
-            "time/batch_interval": now - self._last_build,
-            "time/wait_for_ckpt": self._wait_for_policy_s,
-            # The rest of the interval: rollouts of this batch were being generated and scored
-            # (tasks are issued only while the policy gate is open). scripts/bench/rl.py divides by it.
-            "time/generate": max(0.0, now - self._last_build - self._wait_for_policy_s),
-            "progress/step": float(step),
-            "progress/total_samples": float(self.totals["samples"]),
-            "progress/total_tokens": float(self.totals["tokens"]),
-            "progress/total_problems": float(self.totals["problems"]),
-            "policy/loaded_step": float(self.gate.policy_step),
-        }
-        self.dropped.clear()
-        self.num_errored_dropped = 0
-        self.buffer.num_stale_rollouts = self.buffer.num_stale_groups = self.ledger.num_reissued = 0
-        self._last_build, self._wait_for_policy_s = now, 0.0
-        return metrics
-
-    def _track_gate(self, now: float) -> None:
-        """Accumulate the time spent waiting for inference to load a newer policy."""
-        closed = self._building and not self.gate.allows(self.step)
-        if closed and self._gate_closed_at is None:
-            self._gate_closed_at = now
-        elif not closed and self._gate_closed_at is not None:
-            self._wait_for_policy_s += now - self._gate_closed_at
-            self._gate_closed_at = None
 
     def _issue_training_tasks(self) -> None:
         if not self._building or not self.gate.allows(self.step):
@@ -419,24 +394,17 @@ class Orchestrator:
         """The trainer asks for ``step``, below what this orchestrator built since it resumed: the
         trainer resumed from an older checkpoint, so those steps are not in its weights. Continue at
         its step; batches held for later steps are renumbered from it, none of their rollouts is lost."""
-        held = sorted(self.store.built)
         logger.warning("trainer is at step {}, this orchestrator at {}: continuing at the trainer's step",
                        step, self.step)  # fmt: skip
         self._event("rewind", f"went back from step {self.step} to the trainer's step {step}", "warning")
-        self.store.waiting = {key: s for key, s in self.store.waiting.items() if s < step}
-        renumbered, snapshots = {}, {}
-        for new_step, old_step in enumerate(held, start=step):
-            for batch in self.store.built[old_step]:
-                batch.step = new_step
-            renumbered[new_step] = self.store.built[old_step]
-            if old_step in self.snapshots:
-                snapshots[new_step] = msgspec.structs.replace(self.snapshots[old_step], step=new_step)
-        self.store.built, self.snapshots = renumbered, snapshots
-        self.step_tasks = {new: self.step_tasks.get(old, []) for new, old in enumerate(held, start=step)}
+        moves = self.store.renumber(step)
+        self.snapshots = {new: msgspec.structs.replace(self.snapshots[old], step=new)
+                          for old, new in moves if old in self.snapshots}  # fmt: skip
+        self.step_tasks = {new: self.step_tasks.get(old, []) for old, new in moves}
         if self.journal is not None:
             for new_step, task_ids in self.step_tasks.items():
                 self.journal.built(new_step, task_ids)
-        self.step = step + len(held)
+        self.step = step + len(moves)
 
     def _fast_forward(self, step: int) -> None:
         """The trainer is at ``step``, beyond what this orchestrator built (it restarted from an
@@ -471,7 +439,7 @@ class Orchestrator:
 
     def _undone_draws(self) -> list[Draw]:
         """Examples drawn but not in a built batch: in flight, buffered, or not issued yet."""
-        in_flight = [self.draw_of[t] for t in self.ledger.open if t in self.draw_of]
+        in_flight = [self.draw_of[t] for t in self.ledger.open_task_ids() if t in self.draw_of]
         return in_flight + [g.draw for g in self.buffer] + list(self.pending_draws)
 
     def _event(self, kind: str, message: str, level: str = "info", **fields: Any) -> None:

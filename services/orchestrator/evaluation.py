@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.messages import RolloutResult
-from services.orchestrator.config import EvalConfig, EvalEnvSpec
+from rlbus.messages import RolloutResult
+from rlbus.services.orchestrator.config import EvalConfig, EvalEnvSpec
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:

@@ -14,7 +14,7 @@
   progress ``K`` and put ``n`` journaled groups back into its buffer.
 - ``{"kind": "finished", "task_ids": [...]}``: groups still buffered when the run ended.
 
-Progress checkpoints (:mod:`services.orchestrator.checkpoint`) only say where the run
+Progress checkpoints (:mod:`rlbus.services.orchestrator.checkpoint`) only say where the run
 stood at a checkpoint step; the journal holds what happened since. A restarted
 orchestrator (``ckpt.resume_step = -1``) loads the latest progress ``K`` and replays the
 journal: steps built after ``K`` are rebuilt at once from the same groups (the same
@@ -39,7 +39,7 @@ from typing import Any
 import msgspec
 from loguru import logger
 
-from common.messages import RolloutResult
+from rlbus.messages import RolloutResult
 
 
 @dataclass

@@ -19,12 +19,13 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
 import msgspec
 
-from common.messages import RolloutTask, TaskRequest
+from rlbus.messages import RolloutTask, TaskRequest
 
 
 class Completion(Enum):
@@ -106,8 +107,22 @@ class TaskLedger:
             heapq.heappop(self._deadlines)
         return self._deadlines[0][0] if self._deadlines else None
 
-    def num_open(self, is_eval: bool) -> int:
-        return sum(entry.task.is_eval == is_eval for entry in self.open.values())
+    def num_open(self, is_eval: bool | None = None) -> int:
+        """Open tasks, of one kind unless ``is_eval`` is None."""
+        return sum(is_eval is None or entry.task.is_eval == is_eval for entry in self.open.values())
+
+    def open_task_ids(self) -> list[str]:
+        """Tasks queued or leased, oldest first."""
+        return list(self.open)
+
+    def mark_finished(self, task_ids: Iterable[str]) -> None:
+        """Tasks whose results were accepted before a restart: a result resent for one is a duplicate."""
+        self.finished.update(task_ids)
+
+    def take_num_reissued(self) -> int:
+        """Tasks put back in the queue (lease expired, worker gone) since the previous call."""
+        num_reissued, self.num_reissued = self.num_reissued, 0
+        return num_reissued
 
     def _requeue(self, task_ids: list[str]) -> None:
         for task_id in reversed(task_ids):
@@ -156,6 +171,11 @@ class WorkerPool:
         """The worker with the most credit that runs ``env_id`` (spreads load), or None."""
         candidates = [(w.credits, identity) for identity, w in self.workers.items() if w.accepts(env_id)]
         return max(candidates)[1] if candidates else None
+
+    def name_of(self, identity: bytes) -> str:
+        """The worker's name, for logs; the identity itself once the worker is forgotten."""
+        worker = self.workers.get(identity)
+        return worker.name if worker is not None else repr(identity)
 
     def spend(self, identity: bytes) -> None:
         self.workers[identity].credits -= 1

@@ -14,14 +14,14 @@ A sample longer than ``seq_len`` is cut to ``seq_len`` tokens (and counted).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from common.messages import MicroBatch, TrainBatch
-from services.orchestrator.rollouts import PackSample
+from rlbus.messages import MicroBatch, TrainBatch
+from rlbus.packing import deal_to_ranks, first_fit_decreasing
+from rlbus.services.orchestrator.rollouts import PackSample
 
 PAD_TOKEN_ID = 0
 
@@ -33,39 +33,6 @@ class PackStats:
     num_truncated_samples: int = 0
     num_tokens: int = 0
     num_loss_tokens: int = 0
-
-
-def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Sample indices per bin; no bin's lengths sum above ``capacity``."""
-    if any(n > capacity or n < 0 for n in lengths):
-        raise ValueError(f"lengths must be in [0, {capacity}], got {list(lengths)}")
-    bins: list[list[int]] = []
-    room: list[int] = []
-    # Stable sort: equal lengths keep their order, so packing is deterministic.
-    for index in np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist():
-        length = lengths[index]
-        slot = next((b for b, free in enumerate(room) if free >= length), None)
-        if slot is None:
-            bins.append([])
-            room.append(capacity)
-            slot = len(bins) - 1
-        bins[slot].append(index)
-        room[slot] -= length
-    return bins
-
-
-def deal_to_ranks(row_tokens: Sequence[int], world_size: int) -> list[list[int]]:
-    """Row indices per rank: at most ``ceil(rows / world_size)`` each, balanced by tokens."""
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    per_rank = max(1, math.ceil(len(row_tokens) / world_size))
-    ranks: list[list[int]] = [[] for _ in range(world_size)]
-    load = [0] * world_size
-    for row in np.argsort(-np.asarray(row_tokens, dtype=np.int64), kind="stable").tolist():
-        rank = min((r for r in range(world_size) if len(ranks[r]) < per_rank), key=lambda r: (load[r], r))
-        ranks[rank].append(row)
-        load[rank] += row_tokens[row]
-    return ranks
 
 
 def micro_batch(samples: Sequence[PackSample]) -> MicroBatch:

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.messages import Rollout, RolloutResult
+from rlbus.messages import MAX_LOGPROB, Rollout, RolloutResult
 
 MAX_TOKEN_ID = 2**31 - 1  # token ids travel as int32
-MAX_LOGPROB = 1e-3  # sampling logprobs are <= 0, up to the sampler's float noise (the trainer checks the same)
 
 
 @dataclass

@@ -24,7 +24,7 @@ _ENV_STREAM = 0x5EED
 
 
 class Environment(Protocol):
-    """What the orchestrator needs of an environment (``services.env_worker.registry``)."""
+    """What the orchestrator needs of an environment (``rlbus.environments.registry``)."""
 
     num_examples: int
 

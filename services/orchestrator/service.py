@@ -14,9 +14,7 @@ the next heartbeat, so an idle orchestrator uses no CPU.
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import threading
 import time
 from collections import Counter
@@ -26,28 +24,21 @@ from typing import Any
 import zmq
 from loguru import logger
 
-from common.bus import Bus, BusSocket, PeerUnreachable
-from common.messages import BatchAck, BatchRequest, Message, PolicyLoaded, RolloutResult, TaskRequest
-from common.pubsub import TelemetryClient
-from services.orchestrator.checkpoint import ProgressState, ProgressStore
-from services.orchestrator.config import OrchestratorConfig
-from services.orchestrator.core import Orchestrator, Outbox
-from services.orchestrator.journal import Journal, Replay
-from services.orchestrator.sampler import Environment
+from rlbus.bus import Bus, BusSocket, PeerUnreachable
+from rlbus.environments import load_environment
+from rlbus.identity import service_id
+from rlbus.messages import BatchAck, BatchRequest, Message, PolicyLoaded, RolloutResult, TaskRequest
+from rlbus.pubsub import TelemetryClient
+from rlbus.services.orchestrator.checkpoint import ProgressState, ProgressStore
+from rlbus.services.orchestrator.config import OrchestratorConfig
+from rlbus.services.orchestrator.core import Orchestrator, Outbox
+from rlbus.services.orchestrator.journal import Journal, Replay
+from rlbus.services.orchestrator.sampler import Environment
 
 EnvLoader = Callable[[str, dict[str, Any]], Environment]
 MAX_MESSAGES_PER_SOCKET = 256  # per poll round, so one busy channel cannot starve the others
 MAX_POLL_S = 0.5  # also how quickly a stop request is noticed
 WAIT_LOG_S = 60.0  # a wait that lasts is logged this often, naming what it waits for and since when
-
-
-def load_environment(env_id: str, args: dict[str, Any]) -> Environment:
-    """The env-worker's registry (``services.env_worker.registry.load_environment``)."""
-    try:
-        from services.env_worker.registry import load_environment as load
-    except ImportError as exc:
-        raise RuntimeError(f"cannot load environment {env_id!r}: the environment registry is missing ({exc})") from exc
-    return load(env_id, args)
 
 
 def environment_sizes(config: OrchestratorConfig, loader: EnvLoader) -> tuple[list[int], list[int]]:
@@ -81,7 +72,7 @@ class OrchestratorService:
         self.tasks: BusSocket = self.bus.bind(zmq.ROUTER, endpoints.orchestrator_tasks, "tasks")
         self.batches: BusSocket = self.bus.bind(zmq.ROUTER, endpoints.orchestrator_batches, "batches")
         self.policy: BusSocket = self.bus.bind(zmq.ROUTER, endpoints.orchestrator_policy, "policy")
-        replica_id = f"orchestrator-{socket.gethostname()}-{os.getpid()}"
+        replica_id = service_id("orchestrator")
         self.telemetry = TelemetryClient(self.bus, "orchestrator", replica_id)
         self.poller = zmq.Poller()
         for sock in (self.tasks, self.batches, self.policy):

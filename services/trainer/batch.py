@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.messages import MicroBatch, TrainBatch
+from rlbus.messages import MAX_LOGPROB, MicroBatch, TrainBatch
 
 INTEGER_FIELDS = ("input_ids", "position_ids")
 FLOAT_FIELDS = ("advantages", "inference_logprobs", "temperatures")
-# Sampling logprobs are <= 0; allow float noise from the sampler's own arithmetic.
-MAX_LOGPROB = 1e-3
 
 
 class BadBatch(ValueError):

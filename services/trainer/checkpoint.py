@@ -32,9 +32,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from services.trainer.config import CheckpointConfig
-from services.trainer.distributed import DistContext
-from services.trainer.model import full_state_dict, load_state, read_hf_weights, save_hf_snapshot
+from rlbus.services.trainer.config import CheckpointConfig
+from rlbus.services.trainer.distributed import DistContext
+from rlbus.services.trainer.model import full_state_dict, load_state, read_hf_weights, save_hf_snapshot
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 PARTIAL = ".partial"

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from common.config import ConfigModel, ServiceConfig
+from rlbus.config import ConfigModel, ServiceConfig
 
 
 class OptimizerConfig(ConfigModel):

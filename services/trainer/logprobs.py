@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.messages import MicroBatch
+from rlbus.messages import MicroBatch
 
 
 @dataclass

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from services.trainer.config import LossConfig
+from rlbus.services.trainer.config import LossConfig
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""``rlbus trainer`` and ``rlbus sft``: entry points.
+"""``rlbus trainer`` and ``rlbus sft``: what runs once the entry has resolved the config.
 
-Both run alone or under ``torchrun`` (``torchrun --nproc-per-node 2 -m services.trainer @ cfg.toml``);
+Both run alone or under ``torchrun`` (``torchrun --nproc-per-node 2 -m rlbus trainer @ cfg.toml``);
 ranks other than 0 log to ``logs/<service>-rank<N>.log``. Torch is imported only
 once the config is valid.
 """
@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from loguru import logger
 
-from common.logging import setup_logging
-from services.entry import run_config_command
-from services.trainer.config import TrainerConfig
-from services.trainer.sft_config import SftConfig
+from rlbus.logging import setup_logging
+from rlbus.services.trainer.config import TrainerConfig
+from rlbus.services.trainer.sft_config import SftConfig
 
 
 def _rank_logging(config: TrainerConfig | SftConfig) -> None:
@@ -53,23 +52,15 @@ def _until_sigterm(config: TrainerConfig | SftConfig, run: Callable[[Any], int])
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run_trainer(config: TrainerConfig) -> int:
+def run(config: TrainerConfig) -> int:
     _rank_logging(config)
-    from services.trainer.service import run_trainer
+    from rlbus.services.trainer.service import run_trainer
 
     return _until_sigterm(config, run_trainer)
 
 
-def _run_sft(config: SftConfig) -> int:
+def run_sft(config: SftConfig) -> int:
     _rank_logging(config)
-    from services.trainer.sft import run_sft
+    from rlbus.services.trainer import sft
 
-    return _until_sigterm(config, run_sft)
-
-
-def main(argv: Sequence[str]) -> int:
-    return run_config_command("trainer", TrainerConfig, argv, "Train on batches and publish weights.", run=_run_trainer)
-
-
-def sft_main(argv: Sequence[str]) -> int:
-    return run_config_command("sft", SftConfig, argv, "Supervised fine-tuning.", run=_run_sft)
+    return _until_sigterm(config, sft.run_sft)

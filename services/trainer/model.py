@@ -17,8 +17,8 @@ import torch
 from loguru import logger
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-from common.weights import NamedArray
-from services.trainer.distributed import DistContext
+from rlbus.services.trainer.distributed import DistContext
+from rlbus.weights import NamedArray
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

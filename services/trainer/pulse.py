@@ -16,9 +16,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from common.bus import Bus
-from common.config import BusConfig
-from common.pubsub import TelemetryClient
+from rlbus.bus import Bus
+from rlbus.config import BusConfig
+from rlbus.pubsub import TelemetryClient
 
 
 class StepPulse:

@@ -11,13 +11,13 @@ from typing import Any
 import torch
 from loguru import logger
 
-from services.trainer.checkpoint import CheckpointManager
-from services.trainer.config import LossConfig, TrainingConfig
-from services.trainer.distributed import DistContext, init_distributed, shard_model
-from services.trainer.model import TORCH_DTYPES, load_model, load_tokenizer
-from services.trainer.perf import measure_peak_flops
-from services.trainer.schedule import LRSchedule
-from services.trainer.train_step import TrainStep, build_optimizer
+from rlbus.services.trainer.checkpoint import CheckpointManager
+from rlbus.services.trainer.config import LossConfig, TrainingConfig
+from rlbus.services.trainer.distributed import DistContext, init_distributed, shard_model
+from rlbus.services.trainer.model import TORCH_DTYPES, load_model, load_tokenizer
+from rlbus.services.trainer.perf import measure_peak_flops
+from rlbus.services.trainer.schedule import LRSchedule
+from rlbus.services.trainer.train_step import TrainStep, build_optimizer
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from services.trainer.config import SchedulerConfig
+from rlbus.services.trainer.config import SchedulerConfig
 
 
 class LRSchedule:

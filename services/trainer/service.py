@@ -13,26 +13,24 @@ already trained (a resend after a lost ack) is acknowledged again and skipped.
 
 from __future__ import annotations
 
-import re
 import time
 
 import zmq
 from loguru import logger
 
-from common.bus import Bus
-from common.messages import BatchAck, BatchRequest, Refused, TrainBatch
-from common.pubsub import TelemetryClient
-from common.weights import WeightServer, WeightStore
-from services.trainer.batch import BadBatch, check_batch
-from services.trainer.config import TrainerConfig
-from services.trainer.distributed import DistContext, shutdown_distributed
-from services.trainer.logprobs import RowTensors
-from services.trainer.model import named_arrays
-from services.trainer.pulse import StepPulse
-from services.trainer.runtime import Runtime, build_runtime
+from rlbus.bus import Bus
+from rlbus.messages import BatchAck, BatchRequest, Refused, TrainBatch
+from rlbus.pubsub import TelemetryClient
+from rlbus.services.trainer.batch import BadBatch, check_batch
+from rlbus.services.trainer.config import TrainerConfig
+from rlbus.services.trainer.distributed import DistContext, shutdown_distributed
+from rlbus.services.trainer.logprobs import RowTensors
+from rlbus.services.trainer.model import named_arrays
+from rlbus.services.trainer.pulse import StepPulse
+from rlbus.services.trainer.runtime import Runtime, build_runtime
+from rlbus.weights import WeightServer, WeightStore
 
 # How the orchestrator names the step to train after refusing an acknowledged one.
-NEXT_STEP = re.compile(r"the next step is (\d+)")
 
 
 class StepMoved(Exception):
@@ -71,7 +69,7 @@ class BatchClient:
                     self.bus.send(self.sock, request)
                     resend_at = time.monotonic() + config.request_timeout_s
             elif isinstance(reply, Refused):
-                self._refused(step, reply.reason)
+                self._refused(step, reply)
             elif reply.step < step:
                 self.num_duplicates += 1
                 logger.info("batch of step {} again: already trained, acknowledged and skipped", reply.step)
@@ -81,15 +79,14 @@ class BatchClient:
             else:
                 return reply
 
-    def _refused(self, step: int, reason: str) -> None:
-        moved = NEXT_STEP.search(reason)
-        if moved is not None and int(moved.group(1)) > step:
+    def _refused(self, step: int, refused: Refused) -> None:
+        if refused.next_step is not None and refused.next_step > step:
             # The orchestrator saw steps acknowledged that this trainer's weights lack (it was
             # resumed from an older checkpoint): go on where the orchestrator is, never train twice.
             logger.error("orchestrator: {}; continuing at step {} (updates since this trainer's checkpoint are "
-                         "lost: checkpoint more often to avoid this)", reason, moved.group(1))  # fmt: skip
-            raise StepMoved(int(moved.group(1)))
-        logger.error("orchestrator refused the batch of step {}: {}; asking again", step, reason)
+                         "lost: checkpoint more often to avoid this)", refused.reason, refused.next_step)  # fmt: skip
+            raise StepMoved(refused.next_step)
+        logger.error("orchestrator refused the batch of step {}: {}; asking again", step, refused.reason)
 
     def ack(self, step: int, ok: bool = True, reason: str = "") -> None:
         self.bus.send(self.sock, BatchAck(trainer_id=self.trainer_id, step=step, ok=ok, reason=reason))

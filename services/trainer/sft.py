@@ -17,16 +17,16 @@ from dataclasses import dataclass
 import numpy as np
 from loguru import logger
 
-from common.bus import Bus
-from common.pubsub import TelemetryClient
-from services.trainer.data import reverse_text
-from services.trainer.data.loading import Row, read_rows
-from services.trainer.distributed import DistContext, shutdown_distributed
-from services.trainer.logprobs import RowTensors, row_from_arrays
-from services.trainer.model import load_tokenizer
-from services.trainer.runtime import Runtime, build_runtime
-from services.trainer.sft_config import SftConfig
-from services.trainer.sft_data import Sample, SampleBuilder, pack, split_for_ranks
+from rlbus.bus import Bus
+from rlbus.pubsub import TelemetryClient
+from rlbus.services.trainer.data import reverse_text
+from rlbus.services.trainer.data.loading import Row, read_rows
+from rlbus.services.trainer.distributed import DistContext, shutdown_distributed
+from rlbus.services.trainer.logprobs import RowTensors, row_from_arrays
+from rlbus.services.trainer.model import load_tokenizer
+from rlbus.services.trainer.runtime import Runtime, build_runtime
+from rlbus.services.trainer.sft_config import SftConfig
+from rlbus.services.trainer.sft_data import Sample, SampleBuilder, pack, split_for_ranks
 
 
 def load_examples(config: SftConfig) -> tuple[list[Row], list[Row]]:

@@ -6,8 +6,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from common.config import ConfigModel
-from services.trainer.config import TrainingConfig
+from rlbus.config import ConfigModel
+from rlbus.services.trainer.config import TrainingConfig
 
 
 class SftDataConfig(ConfigModel):

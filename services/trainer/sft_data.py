@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from services.trainer.data.loading import Row
-from services.trainer.sft_config import SftDataConfig
+from rlbus.packing import deal_to_ranks, first_fit_decreasing
+from rlbus.services.trainer.data.loading import Row
+from rlbus.services.trainer.sft_config import SftDataConfig
 
 
 @dataclass
@@ -125,19 +126,9 @@ class PackedRow:
 
 
 def pack(samples: list[Sample], seq_len: int) -> list[PackedRow]:
-    """First-fit-decreasing: each sample (longest first) goes into the first row with room."""
-    bins: list[list[Sample]] = []
-    room: list[int] = []
-    for sample in sorted(samples, key=lambda s: len(s.input_ids), reverse=True):
-        size = len(sample.input_ids)
-        slot = next((i for i, free in enumerate(room) if free >= size), None)
-        if slot is None:
-            bins.append([])
-            room.append(seq_len)
-            slot = len(bins) - 1
-        bins[slot].append(sample)
-        room[slot] -= size
-    return [_row(group) for group in bins]
+    """First-fit-decreasing (:func:`rlbus.packing.first_fit_decreasing`): rows of at most ``seq_len`` tokens."""
+    bins = first_fit_decreasing([len(s.input_ids) for s in samples], seq_len)
+    return [_row([samples[i] for i in indices]) for indices in bins]
 
 
 def _row(group: list[Sample]) -> PackedRow:
@@ -150,12 +141,7 @@ def _row(group: list[Sample]) -> PackedRow:
 
 def split_for_ranks(rows: list[PackedRow], world_size: int, pad_id: int) -> list[list[PackedRow]]:
     """Rows per rank, balanced by tokens, the same count on every rank (padded with zero-loss rows)."""
-    shares: list[list[PackedRow]] = [[] for _ in range(world_size)]
-    tokens = [0] * world_size
-    for row in sorted(rows, key=lambda r: r.input_ids.size, reverse=True):
-        rank = min(range(world_size), key=lambda r: (len(shares[r]), tokens[r]))
-        shares[rank].append(row)
-        tokens[rank] += row.input_ids.size
+    shares = [[rows[i] for i in indices] for indices in deal_to_ranks([r.input_ids.size for r in rows], world_size)]
     count = max(len(share) for share in shares)
     padding = PackedRow(np.full(1, pad_id, np.int64), np.zeros(1, np.int64), np.zeros(1, bool))
     return [share + [padding] * (count - len(share)) for share in shares]

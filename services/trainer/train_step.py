@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from services.trainer.config import LossConfig, OptimizerConfig
-from services.trainer.distributed import DistContext
-from services.trainer.logprobs import RowTensors, row_logprobs, sample_ids, sample_lengths
-from services.trainer.losses import LossInputs, LossOutput, rl_loss, sft_loss
-from services.trainer.perf import FlopsModel, peak_memory_gib
-from services.trainer.schedule import LRSchedule
+from rlbus.services.trainer.config import LossConfig, OptimizerConfig
+from rlbus.services.trainer.distributed import DistContext
+from rlbus.services.trainer.logprobs import RowTensors, row_logprobs, sample_ids, sample_lengths
+from rlbus.services.trainer.losses import LossInputs, LossOutput, rl_loss, sft_loss
+from rlbus.services.trainer.perf import FlopsModel, peak_memory_gib
+from rlbus.services.trainer.schedule import LRSchedule
 
 # Order of the per-step sums reduced over ranks in one all_reduce.
 SUM_KEYS = ("loss", "loss_tokens", "entropy", "mismatch_kl", "masked_positive", "masked_negative", "tokens", "flops")

@@ -110,7 +110,7 @@ def make_handler(tokenizer: Any, policy: FakePolicy) -> type[BaseHTTPRequestHand
 @contextmanager
 def serve_fake_vllm(policy: FakePolicy) -> Iterator[str]:
     """Run the server on a free port; yields its ``/v1`` base URL."""
-    from services.models.tokenizer import build_tokenizer
+    from rlbus.services.models.tokenizer import build_tokenizer
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(build_tokenizer(), policy))
     server.daemon_threads = True  # a request held at the gate must not block shutdown

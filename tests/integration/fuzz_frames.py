@@ -26,9 +26,9 @@ import zmq
 from hypothesis import HealthCheck, assume, find, given, settings
 from hypothesis import strategies as st
 
-from common.bus import subscription_reason
-from common.codec import ALLOWED_DTYPES, DecodeError, decode, encode
-from common.messages import ALL_MESSAGES, Message, WeightsBucket
+from rlbus.bus import subscription_reason
+from rlbus.codec import ALLOWED_DTYPES, DecodeError, decode, encode
+from rlbus.messages import ALL_MESSAGES, Message, WeightsBucket
 from tests.unit.common.message_strategies import structs
 
 NUM_EXAMPLES = int(os.environ.get("RLBUS_FUZZ_EXAMPLES", "2000"))

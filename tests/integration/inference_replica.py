@@ -20,11 +20,11 @@ import numpy as np
 import zmq
 from safetensors.numpy import load_file
 
-from common.bus import Bus
-from common.config.base import BusConfig, BusEndpoints
-from common.messages import Ack, Event, Heartbeat, PolicyLoaded, WeightsBucket
-from common.weights import NamedArray, WeightServer, WeightStore
-from services.inference.policy import policy_ref
+from rlbus.bus import Bus
+from rlbus.config.base import BusConfig, BusEndpoints
+from rlbus.messages import Ack, Event, Heartbeat, PolicyLoaded, WeightsBucket
+from rlbus.services.inference.policy import policy_ref
+from rlbus.weights import NamedArray, WeightServer, WeightStore
 from tests.conftest import free_tcp_port
 
 STARTUP_S = 600  # vLLM on a loaded 2-core machine
@@ -125,8 +125,8 @@ class Replica:
         self._write_config(workdir)
 
     def _write_config(self, workdir: Path) -> None:
-        from common.config.base import to_toml
-        from services.inference.config import InferenceConfig
+        from rlbus.config.base import to_toml
+        from rlbus.services.inference.config import InferenceConfig
 
         config = InferenceConfig(model=str(self.model_dir), output_dir=workdir / "out", port=self.port,
                                  max_model_len=512, max_num_seqs=16, replica_id="replica-test",
@@ -140,7 +140,7 @@ class Replica:
         env |= {"VLLM_CPU_KVCACHE_SPACE": "1", "RLBUS_INFERENCE__API_KEY": API_KEY}
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "services.inference", "@", str(self.config_path)],
+                [sys.executable, "-m", "rlbus", "inference", "@", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,

@@ -25,15 +25,24 @@ from typing import Any
 
 import zmq
 
-from common.bus import Bus
-from common.codec import decode
-from common.config.base import BusConfig, BusEndpoints
-from common.messages import (
-    Ack, BatchAck, BatchRequest, Event, MetricsReport, PolicyLoaded, Refused, ResultAck, RolloutTask, TaskRequest,
+from rlbus.bus import Bus
+from rlbus.codec import decode
+from rlbus.config.base import BusConfig, BusEndpoints
+from rlbus.messages import (
+    Ack,
+    BatchAck,
+    BatchRequest,
+    Event,
+    MetricsReport,
+    PolicyLoaded,
+    Refused,
+    ResultAck,
+    RolloutTask,
+    TaskRequest,
     TrainBatch,
 )  # fmt: skip
-from services.orchestrator.config import OrchestratorConfig
-from services.orchestrator.service import OrchestratorService
+from rlbus.services.orchestrator.config import OrchestratorConfig
+from rlbus.services.orchestrator.service import OrchestratorService
 from tests.unit.orchestrator.fakes import roll_out, stub_loader
 
 TIMEOUT_S = 120  # generous: a loaded 2-core machine may be slow, a hang still fails

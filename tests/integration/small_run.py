@@ -8,7 +8,7 @@ so every step has advantages to train on.
 
 from __future__ import annotations
 
-from common.config.base import BusEndpoints
+from rlbus.config.base import BusEndpoints
 from tests.conftest import free_tcp_port
 
 TRAINING_TOML = """

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 import pytest
 import zmq
 
-from common.bus import Bus, BusTimeout, PeerUnreachable
-from common.config.base import BusConfig
-from common.messages import Ack, Hello, RolloutResult, RolloutTask, SamplingParams
+from rlbus.bus import Bus, BusTimeout, PeerUnreachable
+from rlbus.config.base import BusConfig
+from rlbus.messages import Ack, Hello, RolloutResult, RolloutTask, SamplingParams
 
 pytestmark = pytest.mark.slow
 

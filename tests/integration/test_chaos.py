@@ -1,7 +1,7 @@
 """Chaos: kill -9 the trainer, the inference replica and an env-worker of a real run (vLLM on CPU),
 one after the other, each restarted with its own command, and one more env-worker joins mid-run;
 the run finishes with every step trained exactly once and no accepted rollout lost (see
-services.launcher.chaos for how that is read)."""
+tests.integration.chaos_run for how that is read)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from services.launcher.chaos import ChaosRun, accepted_by, audit, write_config
-from services.models.tiny import TinyModelConfig, build_tiny_model
+from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
+from tests.integration.chaos_run import ChaosRun, accepted_by, audit, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

@@ -20,9 +20,9 @@ import pytest
 import tomli_w
 from loguru import logger
 
-from common.config import deep_merge
-from common.curve import create_keys
-from services.models.tiny import TinyModelConfig, build_tiny_model
+from rlbus.config import deep_merge
+from rlbus.curve import create_keys
+from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 from tests.integration.docker_engine import base_rootfs_tarball, docker_engine, ensure_installed, import_base_image, run
 
 ROOT = Path(__file__).resolve().parents[2]

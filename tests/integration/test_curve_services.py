@@ -20,20 +20,26 @@ import numpy as np
 import pytest
 import zmq
 
-from common.bus import Bus, BusTimeout
-from common.config.base import BusConfig
-from common.messages import BatchRequest, PolicyLoaded, RolloutResult, TaskRequest
-from common.pubsub import TelemetryClient
-from common.weights import WeightServer, WeightStore, query_latest
-from services.inference.worker_extension import pull_step
-from services.monitor.config import MonitorConfig, TailConfig
-from services.monitor.monitor import Monitor
-from services.monitor.service import MonitorService
-from services.monitor.tail import ViewClient, run_tail
-from services.orchestrator.config import OrchestratorConfig
+from rlbus.bus import Bus, BusTimeout
+from rlbus.config.base import BusConfig
+from rlbus.messages import BatchRequest, PolicyLoaded, RolloutResult, TaskRequest
+from rlbus.pubsub import TelemetryClient
+from rlbus.services.inference.worker_extension import pull_step
+from rlbus.services.monitor.config import MonitorConfig, TailConfig
+from rlbus.services.monitor.monitor import Monitor
+from rlbus.services.monitor.service import MonitorService
+from rlbus.services.monitor.tail import ViewClient, run_tail
+from rlbus.services.orchestrator.config import OrchestratorConfig
+from rlbus.weights import WeightServer, WeightStore, query_latest
 from tests.curve_keys import Refusals, make_key_sets, with_keys
 from tests.integration.orchestrator_peers import (
-    FakeTrainer, FakeWorker, OrchestratorThread, PolicyClock, ipc_bus_config, remove_folder, short_folder,
+    FakeTrainer,
+    FakeWorker,
+    OrchestratorThread,
+    PolicyClock,
+    ipc_bus_config,
+    remove_folder,
+    short_folder,
 )  # fmt: skip
 
 TIMEOUT_S = 120

@@ -1,7 +1,7 @@
 """Env-worker processes against a real inference replica (``rlbus inference``, vLLM on CPU).
 
 The orchestrator is a small fake with a real ROUTER; everything else is what
-users run: ``python -m services.env_worker @ cfg.toml`` processes, the tiny
+users run: ``rlbus env-worker @ cfg.toml`` processes, the tiny
 model served by ``rlbus inference``, built-in environments, and an environment
 package installed from a temporary folder and found through its entry point.
 """
@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 import zmq
 
-from common.bus import Bus
-from common.config.base import BusConfig
-from common.messages import Heartbeat, ResultAck, RolloutResult, RolloutTask, SamplingParams, TaskRequest
+from rlbus.bus import Bus
+from rlbus.config.base import BusConfig
+from rlbus.messages import Heartbeat, ResultAck, RolloutResult, RolloutTask, SamplingParams, TaskRequest
 from tests.conftest import free_tcp_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -52,7 +52,7 @@ ENV_PACKAGE = {
         echo = "echo_env:load_environment"
     """,
     "echo_env.py": """
-        from services.env_worker.environment import Environment, Rubric
+        from rlbus.environments import Environment, Rubric
 
 
         def said_something(completion: str) -> float:
@@ -83,7 +83,7 @@ def stop(process: subprocess.Popen) -> int:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from services.models.tiny import TinyModelConfig, build_tiny_model
+    from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny")
     return build_tiny_model(out, TinyModelConfig(out=out))
@@ -111,7 +111,7 @@ def inference_url(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
         telemetry = bus.bind(zmq.PULL, monitor, role="telemetry")
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
         log = (folder / "inference.log").open("w")
-        process = subprocess.Popen([sys.executable, "-m", "services.inference", "@", str(folder / "inference.toml")],
+        process = subprocess.Popen([sys.executable, "-m", "rlbus", "inference", "@", str(folder / "inference.toml")],
                                    cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         try:
             deadline = time.monotonic() + INFERENCE_START_S
@@ -157,7 +157,7 @@ def start_worker(folder: Path, name: str, tasks: str, inference_url: str, env_pa
     )
     env = {**os.environ, "PYTHONPATH": str(env_package)}
     log = (folder / f"{name}.log").open("w")
-    return subprocess.Popen([sys.executable, "-m", "services.env_worker", "@", str(config)], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "rlbus", "env-worker", "@", str(config)], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
 
@@ -197,7 +197,7 @@ def test_env_workers_roll_out_against_real_inference(inference_url: str, env_pac
                                                      tmp_path: Path) -> None:  # fmt: skip
     from transformers import AutoTokenizer
 
-    from services.env_worker.registry import load_environment
+    from rlbus.environments import load_environment
 
     tasks = [
         task(0, "reverse-text", {"num_examples": 10}), task(1, "reverse-text", {"num_examples": 10}),

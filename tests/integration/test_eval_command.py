@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from services.env_worker.registry import load_environment
+from rlbus.environments import load_environment
 
 from .fake_vllm import FakePolicy, even_length_answer, serve_fake_vllm
 
@@ -41,7 +41,7 @@ def test_rlbus_eval_reports_avg_and_pass_at_k_of_an_endpoint(fake_vllm, tmp_path
     path.write_text(tomli_w.dumps(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLBUS_")}
     result = subprocess.run(
-        [sys.executable, "-m", "services.cli", "eval", "@", str(path), "--client.base-url", fake_vllm],
+        [sys.executable, "-m", "rlbus", "eval", "@", str(path), "--client.base-url", fake_vllm],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

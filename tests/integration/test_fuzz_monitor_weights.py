@@ -18,20 +18,32 @@ import numpy as np
 import pytest
 import zmq
 
-from common.bus import Bus
-from common.config.base import BusConfig, BusEndpoints
-from common.messages import (
-    Event, Heartbeat, MetricsReport, RolloutSamples, ViewRequest, ViewSnapshot, WeightsAnnounced, WeightsFetch,
+from rlbus.bus import Bus
+from rlbus.config.base import BusConfig, BusEndpoints
+from rlbus.messages import (
+    Event,
+    Heartbeat,
+    MetricsReport,
+    RolloutSamples,
+    ViewRequest,
+    ViewSnapshot,
+    WeightsAnnounced,
+    WeightsFetch,
     WeightsQuery,
 )  # fmt: skip
-from common.pubsub import Subscriber, TelemetryClient
-from common.weights import WeightServer, WeightStore, fetch_step, query_latest
-from services.monitor.config import MonitorConfig
-from services.monitor.monitor import Monitor
-from services.monitor.service import MonitorService
+from rlbus.pubsub import Subscriber, TelemetryClient
+from rlbus.services.monitor.config import MonitorConfig
+from rlbus.services.monitor.monitor import Monitor
+from rlbus.services.monitor.service import MonitorService
+from rlbus.weights import WeightServer, WeightStore, fetch_step, query_latest
 
 from .fuzz_frames import (
-    NUM_EXAMPLES, SocketFuzzer, decode_oracle, malformed_frames, not_subscriptions, subscription_oracle,
+    NUM_EXAMPLES,
+    SocketFuzzer,
+    decode_oracle,
+    malformed_frames,
+    not_subscriptions,
+    subscription_oracle,
 )  # fmt: skip
 from .orchestrator_peers import ipc_bus_config, remove_folder, short_folder
 

@@ -18,15 +18,22 @@ import pytest
 import zmq
 from loguru import logger
 
-from common.bus import Bus
-from common.messages import BatchAck, BatchRequest, Message, PolicyLoaded, RolloutResult, TaskRequest
-from services.orchestrator.config import OrchestratorConfig
-from services.orchestrator.service import OrchestratorService
+from rlbus.bus import Bus
+from rlbus.messages import BatchAck, BatchRequest, Message, PolicyLoaded, RolloutResult, TaskRequest
+from rlbus.services.orchestrator.config import OrchestratorConfig
+from rlbus.services.orchestrator.service import OrchestratorService
 from tests.unit.orchestrator.fakes import stub_loader
 
 from .fuzz_frames import NUM_EXAMPLES, SocketFuzzer, decode_oracle, malformed_frames
 from .orchestrator_peers import (
-    FakeTrainer, FakeWorker, MonitorSink, OrchestratorThread, PolicyClock, ipc_bus_config, remove_folder, short_folder,
+    FakeTrainer,
+    FakeWorker,
+    MonitorSink,
+    OrchestratorThread,
+    PolicyClock,
+    ipc_bus_config,
+    remove_folder,
+    short_folder,
 )  # fmt: skip
 
 pytestmark = pytest.mark.slow

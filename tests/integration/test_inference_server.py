@@ -15,8 +15,8 @@ import httpx
 import pytest
 from safetensors.numpy import load_file
 
-from common.messages import MetricsReport
-from services.models.tiny import TinyModelConfig, build_tiny_model
+from rlbus.messages import MetricsReport
+from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 from tests.integration.inference_replica import API_KEY, Replica, seeded_weights, write_lora
 
 openai = pytest.importorskip("openai")

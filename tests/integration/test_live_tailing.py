@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from common.bus import Bus
-from common.config import BusConfig, BusEndpoints, write_toml
-from common.pubsub import TelemetryClient
-from services.launcher.config import RlConfig
+from rlbus.bus import Bus
+from rlbus.config import BusConfig, BusEndpoints, write_toml
+from rlbus.pubsub import TelemetryClient
+from rlbus.services.run_config import RlConfig
 from tests.conftest import free_tcp_port
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ SERVICES = ("monitor", "orchestrator", "trainer", "inference", "env-worker")
 
 
 def rlbus(*args: str) -> list[str]:
-    return [sys.executable, "-m", "services.cli", *args]
+    return [sys.executable, "-m", "rlbus", *args]
 
 
 def reachable_address() -> str:

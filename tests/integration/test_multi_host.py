@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from services.cli import main as rlbus
-from services.models.tiny import TinyModelConfig, build_tiny_model
+from rlbus.services.cli import main as rlbus
+from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 from tests.integration.netns import NetnsLab, netns_unavailable
 from tests.integration.small_run import TRAINING_TOML
 
@@ -126,7 +126,7 @@ def test_three_hosts_over_tcp_with_curve(tmp_path):
         for host, services in SERVICES.items():
             keys = host_keys(tmp_path / "keys", host, tmp_path / host / "keys")
             for service in services:
-                argv = [sys.executable, "-m", "services.cli", service, "@", str(configs / "configs" / f"{service}.toml"),
+                argv = [sys.executable, "-m", "rlbus", service, "@", str(configs / "configs" / f"{service}.toml"),
                         "--output-dir", str(tmp_path / host / "run"), "--bus.curve.keys-dir", str(keys),
                         "--bus.curve.client-name", host]  # fmt: skip
                 argv += ["--worker-id", "env-worker-0"] if service == "env-worker" else []

@@ -15,13 +15,20 @@ import pytest
 import tomli_w
 import zmq
 
-from common.bus import Bus
-from common.messages import RolloutTask, TaskRequest, TrainBatch
-from services.orchestrator.config import OrchestratorConfig
+from rlbus.bus import Bus
+from rlbus.messages import RolloutTask, TaskRequest, TrainBatch
+from rlbus.services.orchestrator.config import OrchestratorConfig
 from tests.unit.orchestrator.fakes import trained_policy_steps
 
 from .orchestrator_peers import (
-    TIMEOUT_S, FakeTrainer, FakeWorker, MonitorSink, OrchestratorThread, PolicyClock, ipc_bus_config, remove_folder,
+    TIMEOUT_S,
+    FakeTrainer,
+    FakeWorker,
+    MonitorSink,
+    OrchestratorThread,
+    PolicyClock,
+    ipc_bus_config,
+    remove_folder,
     short_folder,
 )  # fmt: skip
 
@@ -86,7 +93,7 @@ def test_no_batch_trains_on_a_rollout_older_than_the_bound(folder, tmp_path):
 
 def hoard_tasks(address: str, received: multiprocessing.Queue) -> None:
     """An env-worker that takes four tasks and never answers (until it is killed)."""
-    from common.config.base import BusConfig
+    from rlbus.config.base import BusConfig
 
     with Bus(BusConfig(linger_ms=0)) as bus:
         sock = bus.connect(zmq.DEALER, address, role="tasks")
@@ -164,7 +171,7 @@ def test_rlbus_orchestrator_runs_without_torch_and_writes_progress(folder, tmp_p
     path.write_text(tomli_w.dumps(config))
     # torch, vllm and transformers cannot be imported in this process: the orchestrator must not need them.
     code = ("import sys; sys.modules.update(torch=None, vllm=None, transformers=None); "
-            "from services.cli import main; sys.exit(main(sys.argv[1:]))")  # fmt: skip
+            "from rlbus.services.cli import main; sys.exit(main(sys.argv[1:]))")  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLBUS_")}
     process = subprocess.Popen([sys.executable, "-c", code, "orchestrator", "@", str(path)], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -203,7 +210,7 @@ def test_rlbus_orchestrator_stops_cleanly_on_sigterm(folder, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLBUS_")}
     with Bus(bus_config) as bus:
         monitor = MonitorSink(bus, bus_config.endpoints.monitor_telemetry)
-        process = subprocess.Popen([sys.executable, "-m", "services.cli", "orchestrator", "@", str(path)], cwd=ROOT,
+        process = subprocess.Popen([sys.executable, "-m", "rlbus", "orchestrator", "@", str(path)], cwd=ROOT,
                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
         try:
             monitor.wait_event("started")

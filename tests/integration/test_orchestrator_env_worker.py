@@ -13,11 +13,17 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from common.bus import Bus
+from rlbus.bus import Bus
 
 from .fake_vllm import FakePolicy, alternating_answer, serve_fake_vllm
 from .orchestrator_peers import (
-    TIMEOUT_S, FakeTrainer, MonitorSink, PolicyClock, ipc_bus_config, remove_folder, short_folder,
+    TIMEOUT_S,
+    FakeTrainer,
+    MonitorSink,
+    PolicyClock,
+    ipc_bus_config,
+    remove_folder,
+    short_folder,
 )  # fmt: skip
 
 pytestmark = pytest.mark.slow
@@ -30,7 +36,7 @@ def start(command: str, config: dict, folder: Path, name: str) -> subprocess.Pop
     path.write_text(tomli_w.dumps(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLBUS_")}
     log = open(folder / f"{name}.out", "w")  # noqa: SIM115 - closed with the process at teardown
-    return subprocess.Popen([sys.executable, "-m", "services.cli", command, "@", str(path)], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "rlbus", command, "@", str(path)], cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
 
 

@@ -9,8 +9,8 @@ import tomllib
 
 import pytest
 
-from services.cli import main as rlbus
-from services.models.tiny import TinyModelConfig, build_tiny_model
+from rlbus.services.cli import main as rlbus
+from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 from tests.integration.test_rl_end_to_end import ROOT, SERVICES, read_jsonl, run_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -22,7 +22,7 @@ def test_rl_run_with_curve_keys_on_all_interfaces(tmp_path):
     model = build_tiny_model(tmp_path / "tiny", TinyModelConfig(out=tmp_path / "tiny"))
     keys = tmp_path / "keys"
     assert rlbus(["keys", "--out", str(keys)]) == 0
-    command = [sys.executable, "-m", "services.cli", "rl", "@", str(run_config(tmp_path, model)),
+    command = [sys.executable, "-m", "rlbus", "rl", "@", str(run_config(tmp_path, model)),
                "--max-steps", str(MAX_STEPS), "--num-env-workers", "1",
                "--bus.bind-host", "0.0.0.0", "--bus.curve.keys-dir", str(keys)]  # fmt: skip
     result = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=1500)

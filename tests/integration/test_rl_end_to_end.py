@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.models.tiny import TinyModelConfig, build_tiny_model
+from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 from tests.conftest import free_tcp_port
 from tests.integration.small_run import TRAINING_TOML, loopback_endpoints
 
@@ -51,7 +51,7 @@ def test_rl_run_trains_contiguous_steps_and_exits_cleanly(tmp_path):
     model = build_tiny_model(tmp_path / "tiny", TinyModelConfig(out=tmp_path / "tiny"))
     config = run_config(tmp_path, model)
     result = subprocess.run(
-        [sys.executable, "-m", "services.cli", "rl", "@", str(config)],
+        [sys.executable, "-m", "rlbus", "rl", "@", str(config)],
         cwd=ROOT, capture_output=True, text=True, timeout=1500,
     )
     run = tmp_path / "run"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from services.launcher.chaos import write_config
-from services.models.tiny import TinyModelConfig, build_tiny_model
+from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
+from tests.integration.chaos_run import write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def rl(config: Path, *args: str) -> None:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    result = subprocess.run([sys.executable, "-m", "services.cli", "rl", "@", str(config), *args], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "rlbus", "rl", "@", str(config), *args], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=900, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from services.launcher.slurm_ctl import expand_task_ids
-from services.models.tiny import TinyModelConfig, build_tiny_model
+from rlbus.services.launcher.slurm_ctl import expand_task_ids
+from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 from tests.conftest import free_tcp_port
 from tests.integration.small_run import TRAINING_TOML, loopback_endpoints
 
@@ -70,7 +70,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_config(tmp_path: Path, model: Path, num_replicas: int = 1) -> Path:
-    subprocess.run([sys.executable, "-m", "services.cli", "keys", "--out", str(tmp_path / "keys")],
+    subprocess.run([sys.executable, "-m", "rlbus", "keys", "--out", str(tmp_path / "keys")],
                    cwd=ROOT, check=True, capture_output=True)  # fmt: skip
     endpoints = loopback_endpoints()
     path = tmp_path / "rl.toml"
@@ -134,7 +134,7 @@ def service_processes(run: Path) -> list[str]:
 
 def test_rl_as_slurm_arrays_trains_contiguous_steps(slurm_env, tiny_model, tmp_path):
     config = run_config(tmp_path, tiny_model, NUM_REPLICAS)
-    result = subprocess.run([sys.executable, "-m", "services.cli", "rl", "@", str(config), "--slurm"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "rlbus", "rl", "@", str(config), "--slurm"], cwd=ROOT,
                             env=slurm_env, capture_output=True, text=True, timeout=1500, check=False)  # fmt: skip
     run = tmp_path / "run"
     assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-4000:]
@@ -194,7 +194,7 @@ class Lines:
 @pytest.mark.parametrize("how", ["ctrl-c", "slurm-cancel"])
 def test_cancelling_ends_every_task(slurm_env, tiny_model, tmp_path, how):
     config = run_config(tmp_path, tiny_model)
-    command = [sys.executable, "-m", "services.cli", "rl", "@", str(config)]
+    command = [sys.executable, "-m", "rlbus", "rl", "@", str(config)]
     launcher = subprocess.Popen([*command, "--slurm"], cwd=ROOT, env=slurm_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:

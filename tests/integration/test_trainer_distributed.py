@@ -20,12 +20,12 @@ import pytest
 import torch
 import zmq
 
-from common.bus import Bus, BusTimeout
-from common.config.base import BusConfig, write_toml
-from common.messages import BatchRequest, TrainBatch
-from common.weights import fetch_step, query_latest
-from services.trainer.config import TrainerConfig
-from services.trainer.service import run_trainer
+from rlbus.bus import Bus, BusTimeout
+from rlbus.config.base import BusConfig, write_toml
+from rlbus.messages import BatchRequest, TrainBatch
+from rlbus.services.trainer.config import TrainerConfig
+from rlbus.services.trainer.service import run_trainer
+from rlbus.weights import fetch_step, query_latest
 from tests.conftest import free_tcp_port
 from tests.integration.test_trainer_service import endpoints
 from tests.integration.trainer_fakes import FakeMonitor, FakeOrchestrator
@@ -102,7 +102,7 @@ def test_two_ranks_match_one_rank(tiny_model_dir, tmp_path):  # noqa: F811
     two = config(tiny_model_dir, tmp_path / "two")
     path = write_toml(two, tmp_path / "two.toml")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", str(free_tcp_port()), "-m", "services.trainer", "@", str(path)]  # fmt: skip
+               "--master-port", str(free_tcp_port()), "-m", "rlbus", "trainer", "@", str(path)]  # fmt: skip
     two_losses, two_weights = run(two, command)
 
     assert sorted(one_losses) == sorted(two_losses) == [1, 2, 3]

@@ -10,11 +10,11 @@ import threading
 import numpy as np
 import pytest
 
-from common.config import write_toml
-from common.config.base import BusConfig, BusEndpoints
-from common.messages import BatchRequest, Refused, TrainBatch
-from services.trainer.config import TrainerConfig
-from services.trainer.service import run_trainer
+from rlbus.config import write_toml
+from rlbus.config.base import BusConfig, BusEndpoints
+from rlbus.messages import BatchRequest, Refused, TrainBatch
+from rlbus.services.trainer.config import TrainerConfig
+from rlbus.services.trainer.service import run_trainer
 from tests.conftest import free_tcp_port
 from tests.integration.trainer_fakes import FakeMonitor, FakeOrchestrator
 from tests.unit.trainer.batches import train_batch
@@ -83,12 +83,12 @@ def test_trains_acks_skips_duplicates_and_survives_a_bad_batch(tiny_model_dir, t
 
 
 def test_refusal_naming_the_next_step_moves_the_trainer_there(tiny_model_dir, tmp_path):  # noqa: F811
-    """A trainer resumed from an older checkpoint than the orchestrator's goes on where the orchestrator is."""
+    """A trainer resumed from an older checkpoint than the orchestrator's goes on where the orchestrator is:
+    the typed ``next_step`` says where, whatever the reason's wording."""
 
     def batch_for(request: BatchRequest) -> list:
         if request.step < 3:
-            reason = f"step {request.step} is already trained (acknowledged); the next step is 3"
-            return [Refused(request="BatchRequest", reason=reason)]
+            return [Refused(request="BatchRequest", reason="trained already", next_step=3)]
         return [train_batch(request.step)]
 
     bus = BusConfig(endpoints=endpoints(), request_timeout_s=5, linger_ms=2000)
@@ -115,7 +115,7 @@ def test_sigterm_stops_the_trainer_with_a_log_line_and_exit_143(tiny_model_dir, 
 
     with FakeMonitor(bus.endpoints.monitor_telemetry), FakeOrchestrator(bus.endpoints.orchestrator_batches, no_batch), \
             (tmp_path / "trainer.out").open("wb") as output:  # fmt: skip
-        trainer = subprocess.Popen([sys.executable, "-m", "services.cli", "trainer", "@", str(config_path)],
+        trainer = subprocess.Popen([sys.executable, "-m", "rlbus", "trainer", "@", str(config_path)],
                                    stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
         try:
             assert asked.wait(180), "the trainer never asked for a batch"

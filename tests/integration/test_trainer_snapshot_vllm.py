@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from services.trainer.config import CheckpointConfig, LossConfig, TrainerConfig
-from services.trainer.logprobs import RowTensors, row_from_arrays, row_logprobs
-from services.trainer.runtime import build_runtime
+from rlbus.services.trainer.config import CheckpointConfig, LossConfig, TrainerConfig
+from rlbus.services.trainer.logprobs import RowTensors, row_from_arrays, row_logprobs
+from rlbus.services.trainer.runtime import build_runtime
 from tests.unit.trainer.batches import train_batch
 from tests.unit.trainer.conftest import tiny_model_dir  # noqa: F401  (session fixture)
 

@@ -12,9 +12,9 @@ from typing import Self
 
 import zmq
 
-from common.bus import Bus
-from common.config.base import BusConfig
-from common.messages import BatchAck, BatchRequest, Message, MetricsReport, TrainBatch
+from rlbus.bus import Bus
+from rlbus.config.base import BusConfig
+from rlbus.messages import BatchAck, BatchRequest, Message, MetricsReport, TrainBatch
 
 BatchFor = Callable[[BatchRequest], list[TrainBatch]]
 """What the orchestrator answers a request with (several messages, e.g. a duplicate first)."""

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.jsonl import read_json_objects
+from rlbus.jsonl import read_json_objects
 
 Row = dict[str, Any]
 

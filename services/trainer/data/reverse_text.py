@@ -1,6 +1,6 @@
 """A synthetic reverse-text SFT set: the reverse-text environment's task, with answers.
 
-The examples come from the environment itself (``services/env_worker/envs/reverse_text.py``):
+The examples come from the environment itself (``common/environments/builtin/reverse_text.py``):
 same word list, same system prompt, same ``<reversed_text>`` tags, so a model
 warmed up here meets exactly the prompts it is later rewarded on. The SFT set
 uses its own seed (``seed + SEED_OFFSET``) so it does not repeat the RL examples
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.env_worker.envs.reverse_text import SYSTEM_PROMPT, make_examples, parse_reversed_text
+from rlbus.environments.builtin.reverse_text import SYSTEM_PROMPT, make_examples, parse_reversed_text
 
 OPEN_TAG, CLOSE_TAG = "<reversed_text>", "</reversed_text>"
 SEED_OFFSET = 1_000_003

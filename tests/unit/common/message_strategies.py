@@ -11,8 +11,8 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from common.codec import ALLOWED_DTYPES
-from common.messages import Message
+from rlbus.codec import ALLOWED_DTYPES
+from rlbus.messages import Message
 
 TEXT = st.text(max_size=12)
 ARRAY_DTYPES = st.sampled_from(sorted(ALLOWED_DTYPES))

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import zmq
 
-from common.abus import AsyncBus, AsyncPublisher, AsyncSubscriber
-from common.bus import BusTimeout
-from common.codec import encode
-from common.messages import Ack, Hello, TaskRequest, WeightsBucket, WeightsFetch
-from common.pubsub import TelemetryClient
+from rlbus.abus import AsyncBus, AsyncPublisher, AsyncSubscriber
+from rlbus.bus import BusTimeout
+from rlbus.codec import encode
+from rlbus.messages import Ack, Hello, TaskRequest, WeightsBucket, WeightsFetch
+from rlbus.pubsub import TelemetryClient
 
 
 def run(coroutine_function, bus_config):

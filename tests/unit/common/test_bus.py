@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import zmq
 
-from common.bus import Bus, BusTimeout, PeerUnreachable, bind_address
-from common.codec import encode
-from common.config.base import BusConfig
-from common.messages import Ack, Heartbeat, Hello, TaskRequest, WeightsBucket, WeightsFetch
-from common.pubsub import Publisher, Subscriber, TelemetryClient
+from rlbus.bus import Bus, BusTimeout, PeerUnreachable, bind_address
+from rlbus.codec import encode
+from rlbus.config.base import BusConfig
+from rlbus.messages import Ack, Heartbeat, Hello, TaskRequest, WeightsBucket, WeightsFetch
+from rlbus.pubsub import Publisher, Subscriber, TelemetryClient
 
 
 def test_bind_address_replaces_only_the_tcp_host():

@@ -10,11 +10,11 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from common.abus import AsyncBus, AsyncPublisher
-from common.bus import Bus, PeerUnreachable, remaining_ms
-from common.codec import encode
-from common.messages import Ack, Hello, MetricsReport, WeightsBucket
-from common.pubsub import Publisher, Subscriber, TelemetryClient
+from rlbus.abus import AsyncBus, AsyncPublisher
+from rlbus.bus import Bus, PeerUnreachable, remaining_ms
+from rlbus.codec import encode
+from rlbus.messages import Ack, Hello, MetricsReport, WeightsBucket
+from rlbus.pubsub import Publisher, Subscriber, TelemetryClient
 
 DEADLINE_S = 30.0
 

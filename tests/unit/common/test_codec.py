@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.codec import DecodeError, decode, encode, peek_type
-from common.messages import ALL_MESSAGES, Heartbeat, MicroBatch, TrainBatch, WeightsBucket
+from rlbus.codec import DecodeError, decode, encode, peek_type
+from rlbus.messages import ALL_MESSAGES, Heartbeat, MicroBatch, Refused, TrainBatch, WeightsBucket
 
 from .message_strategies import any_message, comparable, structs
 
@@ -78,6 +78,15 @@ def test_wrong_version_is_refused_by_name():
     frames[0] = msgpack.packb(["Heartbeat", 99, 0])
     with pytest.raises(DecodeError, match=r"Heartbeat: schema version 99 not supported \(this build reads version 1\)"):
         decode(frames)
+
+
+def test_a_refusal_from_a_version_1_peer_is_refused_loudly():
+    """Refused v2 carries ``next_step``; a v1 peer's refusal (reason text only) is not misread."""
+    frames = [msgpack.packb(["Refused", 1, 0]), msgpack.packb({"request": "BatchRequest", "reason": "the next step is 3"})]
+    with pytest.raises(DecodeError, match=r"Refused: schema version 1 not supported \(this build reads version 2\)"):
+        decode(frames)
+    refused = decode(encode(Refused(request="BatchRequest", reason="trained", next_step=3)))
+    assert isinstance(refused, Refused) and refused.next_step == 3
 
 
 def test_unknown_type_and_unexpected_type_are_named():

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, ConfigModel, ServiceConfig, env_values, load_config, to_toml
-from common.config.loader import parse_argv
+from rlbus.config import ConfigError, ConfigModel, ServiceConfig, env_values, load_config, to_toml
+from rlbus.config.loader import parse_argv
 
 
 class Inner(ConfigModel):

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import zmq
 
-from common.abus import AsyncBus
-from common.bus import Bus
-from common.config.base import BusConfig, CurveConfig
-from common.curve import check_bind_allowed, is_loopback
-from common.messages import Ack, Hello, TaskRequest
-from common.pubsub import Publisher, Subscriber, TelemetryClient
-from services.cli import main as rlbus
+from rlbus.abus import AsyncBus
+from rlbus.bus import Bus
+from rlbus.config.base import BusConfig, CurveConfig
+from rlbus.curve import check_bind_allowed, is_loopback
+from rlbus.messages import Ack, Hello, TaskRequest
+from rlbus.pubsub import Publisher, Subscriber, TelemetryClient
+from rlbus.services.cli import main as rlbus
 from tests.curve_keys import Refusals, make_key_sets
 
 TIMEOUT_S = 30.0  # generous for a loaded machine; a refused peer never gets through however long we wait

@@ -5,7 +5,7 @@ import logging
 
 from loguru import logger
 
-from common.logging import setup_logging
+from rlbus.logging import setup_logging
 
 
 def test_service_log_file_gets_loguru_and_stdlib_records(tmp_path):

@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from common import ports
+from rlbus import ports
 
 
 def test_ports_lie_outside_the_ephemeral_range_are_free_and_never_repeat():

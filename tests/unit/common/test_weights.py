@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import zmq
 
-from common.bus import Bus, BusError
-from common.config import BusConfig
-from common.messages import Refused, WeightsAnnounced, WeightsBucket
-from common.pubsub import Subscriber
-from common.weights import WeightsCorrupt, WeightServer, WeightStore, checksum, fetch_step, query_latest
+from rlbus.bus import Bus, BusError
+from rlbus.config import BusConfig
+from rlbus.messages import Refused, WeightsAnnounced, WeightsBucket
+from rlbus.pubsub import Subscriber
+from rlbus.weights import WeightsCorrupt, WeightServer, WeightStore, checksum, fetch_step, query_latest
 
 
 def params(scale: float = 1.0) -> list[tuple[str, np.ndarray, str]]:

@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 
-from common.messages import SamplingParams
-from services.env_worker.inference import Completion
-from services.env_worker.tokens import HFChatTokenizer, TurnRenderer
+from rlbus.messages import SamplingParams
+from rlbus.services.env_worker.inference import Completion
+from rlbus.services.env_worker.tokens import HFChatTokenizer, TurnRenderer
 
 
 @pytest.fixture(scope="session")
 def tokenizer() -> Any:
-    from services.models.tokenizer import build_tokenizer
+    from rlbus.services.models.tokenizer import build_tokenizer
 
     return build_tokenizer()
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from common.messages import SamplingParams
-from services.env_worker.inference import InferenceClient, InferenceError, InferenceRefused, InferenceUnavailable
+from rlbus.messages import SamplingParams
+from rlbus.services.env_worker.inference import InferenceClient, InferenceError, InferenceRefused, InferenceUnavailable
 from tests.conftest import free_tcp_port
 
 COMPLETION = {"choices": [{"text": "hi", "token_ids": [104, 105], "finish_reason": "stop",

@@ -10,12 +10,11 @@ from typing import Any
 
 import pytest
 
-from common.messages import RolloutTask, SamplingParams
-from services.env_worker.environment import Environment, RolloutState, Rubric
-from services.env_worker.inference import InferenceUnavailable
-from services.env_worker.registry import load_environment
-from services.env_worker.rollout import RolloutRunner
-from services.env_worker.tokens import TurnRenderer
+from rlbus.environments import Environment, RolloutState, Rubric, load_environment
+from rlbus.messages import RolloutTask, SamplingParams
+from rlbus.services.env_worker.inference import InferenceUnavailable
+from rlbus.services.env_worker.rollout import RolloutRunner
+from rlbus.services.env_worker.tokens import TurnRenderer
 
 
 def task(env_id: str = "test", example_id: int = 0, num_rollouts: int = 2, **sampling: Any) -> RolloutTask:

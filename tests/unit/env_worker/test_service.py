@@ -15,9 +15,10 @@ from typing import Any
 import msgspec
 import zmq
 
-from common.abus import AsyncBus
-from common.config.base import BusConfig, BusEndpoints
-from common.messages import (
+from rlbus.abus import AsyncBus
+from rlbus.config.base import BusConfig, BusEndpoints
+from rlbus.environments import Environment, RolloutState, Rubric
+from rlbus.messages import (
     Event,
     Heartbeat,
     MetricsReport,
@@ -27,11 +28,10 @@ from common.messages import (
     SamplingParams,
     TaskRequest,
 )  # fmt: skip
-from services.env_worker.config import EnvWorkerConfig
-from services.env_worker.environment import Environment, RolloutState, Rubric
-from services.env_worker.rollout import RolloutRunner
-from services.env_worker.service import EnvironmentCache, EnvWorker
-from services.env_worker.tokens import TurnRenderer
+from rlbus.services.env_worker.config import EnvWorkerConfig
+from rlbus.services.env_worker.rollout import RolloutRunner
+from rlbus.services.env_worker.service import EnvironmentCache, EnvWorker
+from rlbus.services.env_worker.tokens import TurnRenderer
 from tests.conftest import free_tcp_port
 
 DEADLINE_S = 120.0  # generous: a loaded 2-core machine
@@ -244,7 +244,7 @@ def test_bad_frames_and_a_broken_environment_do_not_stop_the_worker(scripted, re
 
 
 def test_no_task_is_asked_for_before_an_inference_replica_is_ready(scripted, renderer: TurnRenderer) -> None:
-    from services.env_worker.inference import InferenceClient
+    from rlbus.services.env_worker.inference import InferenceClient
     from tests.unit.env_worker.test_inference import ScriptedServer
 
     endpoint, server = f"tcp://127.0.0.1:{free_tcp_port()}", ScriptedServer()

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from services.env_worker.tokens import HFChatTokenizer, TemplateError, TurnRenderer
-from services.env_worker.tools import tool_schema
+from rlbus.environments import tool_schema
+from rlbus.services.env_worker.tokens import HFChatTokenizer, TemplateError, TurnRenderer
 
 
 def calculate(expression: str) -> str:
@@ -71,7 +71,7 @@ def test_a_template_that_never_closes_a_turn_is_refused(tokenizer: Any) -> None:
 
 
 def _with_template(tokenizer: Any, template: str) -> Any:
-    from services.models.tokenizer import build_tokenizer
+    from rlbus.services.models.tokenizer import build_tokenizer
 
     other = build_tokenizer()
     other.chat_template = template

@@ -53,11 +53,11 @@ def load_environment(num_examples: int = 4, multi_turn: bool = False):
 DRIVER = """
 import asyncio, json, sys, time
 sys.path.append(sys.argv[1]); sys.path.insert(0, sys.argv[2])
-from common.messages import RolloutTask, SamplingParams
-from services.env_worker.registry import load_environment
-from services.env_worker.rollout import RolloutRunner
-from services.env_worker.tokens import HFChatTokenizer, TurnRenderer
-from services.models.tokenizer import build_tokenizer
+from rlbus.messages import RolloutTask, SamplingParams
+from rlbus.environments import load_environment
+from rlbus.services.env_worker.rollout import RolloutRunner
+from rlbus.services.env_worker.tokens import HFChatTokenizer, TurnRenderer
+from rlbus.services.models.tokenizer import build_tokenizer
 from tests.unit.env_worker.conftest import ScriptedSampler
 
 tokenizer = build_tokenizer()
@@ -127,7 +127,7 @@ def test_without_verifiers_the_error_says_what_to_install() -> None:
         pass
     else:
         pytest.skip("verifiers is installed here")
-    from services.env_worker.registry import load_environment
+    from rlbus.environments import load_environment
 
     with pytest.raises(ValueError, match=r"needs the verifiers library: pip install 'rlbus\[verifiers\]'"):
         load_environment("verifiers:anything", {})

@@ -1,7 +1,7 @@
 """Reports of tensor-parallel workers merged into one (no engine needed)."""
 
-from services.inference.engine import merge_reports
-from services.inference.policy import LoadReport
+from rlbus.services.inference.engine import merge_reports
+from rlbus.services.inference.policy import LoadReport
 
 
 def ok(fetch_s: float) -> LoadReport:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from services.inference.gate import AdmissionGate
+from rlbus.services.inference.gate import AdmissionGate
 
 
 def run(coroutine):

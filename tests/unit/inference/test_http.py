@@ -10,9 +10,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from services.inference.gate import AdmissionGate
-from services.inference.http import install, tag_json, tag_sse
-from services.inference.policy import LoadReport, PolicyTracker
+from rlbus.services.inference.gate import AdmissionGate
+from rlbus.services.inference.http import install, tag_json, tag_sse
+from rlbus.services.inference.policy import LoadReport, PolicyTracker
 
 KEY = "sekret"
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from common.messages import WeightsAnnounced
-from services.inference.policy import BASE_STEP, LoadReport, PolicyReporter, PolicyTracker, policy_ref
+from rlbus.messages import WeightsAnnounced
+from rlbus.services.inference.policy import BASE_STEP, LoadReport, PolicyReporter, PolicyTracker, policy_ref
 
 
 def announced(step: int, published_at: float) -> WeightsAnnounced:

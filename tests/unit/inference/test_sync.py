@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import zmq
 
-from common.abus import AsyncBus
-from common.bus import Bus
-from common.config.base import BusEndpoints
-from common.messages import Ack, Event, Heartbeat, MetricsReport, PolicyLoaded, WeightsAnnounced
-from common.weights import WeightServer, WeightStore
-from services.inference.config import InferenceConfig
-from services.inference.policy import LoadReport, policy_ref
-from services.inference.sync import WeightSync
+from rlbus.abus import AsyncBus
+from rlbus.bus import Bus
+from rlbus.config.base import BusEndpoints
+from rlbus.messages import Ack, Event, Heartbeat, MetricsReport, PolicyLoaded, WeightsAnnounced
+from rlbus.services.inference.config import InferenceConfig
+from rlbus.services.inference.policy import LoadReport, policy_ref
+from rlbus.services.inference.sync import WeightSync
+from rlbus.weights import WeightServer, WeightStore
 
 WEIGHTS = [("w", np.ones((4, 4), np.float32), "float32")]
 

@@ -11,9 +11,14 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from common.bus import Bus
-from common.weights import WeightServer, WeightStore
-from services.inference.worker_extension import RlbusWorkerExtension, checkpoint_shapes, manifest_mismatch, to_torch
+from rlbus.bus import Bus
+from rlbus.services.inference.worker_extension import (
+    RlbusWorkerExtension,
+    checkpoint_shapes,
+    manifest_mismatch,
+    to_torch,
+)
+from rlbus.weights import WeightServer, WeightStore
 
 SHAPES = {"model.embed_tokens.weight": (8, 4), "model.layers.0.mlp.down_proj.weight": (4, 6), "model.norm.weight": (4,)}
 

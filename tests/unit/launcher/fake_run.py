@@ -6,11 +6,11 @@ of argv is an ``rl`` config; ``--missing NAME`` gives NAME a command that cannot
 
 import sys
 
-from common.config import load_config
-from common.logging import setup_logging
-from services.launcher.config import RlConfig
-from services.launcher.processes import ProcessSpec
-from services.launcher.run import run_rl
+from rlbus.config import load_config
+from rlbus.logging import setup_logging
+from rlbus.services.launcher.processes import ProcessSpec
+from rlbus.services.launcher.run import run_rl
+from rlbus.services.run_config import RlConfig
 
 
 def fake_command(control: str, missing: str | None, spec: ProcessSpec) -> list[str]:

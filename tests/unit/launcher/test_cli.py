@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.cli import COMMANDS
+from rlbus.services.cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[3]
 QUICKSTART = ROOT / "configs" / "quickstart" / "rl.toml"
@@ -18,7 +18,7 @@ SERVICE_FILES = {"inference", "trainer", "orchestrator", "env-worker", "monitor"
 def rlbus(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RLBUS_")}
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "rlbus", *args], capture_output=True, text=True, timeout=120,
         cwd=ROOT, env={**clean, **(env or {})},
     )
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from common.config import load_config
-from services.models.cli import COMMANDS as MODEL_COMMANDS
-from services.models.tiny import TinyModelConfig
+from rlbus.config import load_config
+from rlbus.services.models.cli import COMMANDS as MODEL_COMMANDS
+from rlbus.services.models.tiny import TinyModelConfig
 from tests.unit.launcher.test_cli import ROOT, rlbus
 
 CONFIGS = ROOT / "configs"

@@ -2,10 +2,10 @@
 
 import pytest
 
-from common.config import ConfigError, load_config, write_toml
-from services.launcher.config import SECTIONS, RlConfig, service_env
-from services.orchestrator.config import OrchestratorConfig
-from services.trainer.config import TrainerConfig
+from rlbus.config import ConfigError, load_config, write_toml
+from rlbus.services.orchestrator.config import OrchestratorConfig
+from rlbus.services.run_config import SECTIONS, RlConfig, service_env
+from rlbus.services.trainer.config import TrainerConfig
 
 
 def test_shared_fields_propagate_into_every_section(tmp_path):

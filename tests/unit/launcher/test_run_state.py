@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, load_config
-from services.launcher.config import RlConfig
-from services.launcher.processes import describe_exit, process_table, service_command
-from services.launcher.run import clean_output_dir
-from services.launcher.supervisor import Phase, RunState
+from rlbus.config import ConfigError, load_config
+from rlbus.services.launcher.processes import describe_exit, process_table, service_command
+from rlbus.services.launcher.run import clean_output_dir
+from rlbus.services.launcher.supervisor import Phase, RunState
+from rlbus.services.run_config import RlConfig
 
 SPECS = process_table(RlConfig(num_env_workers=2), Path("out/configs"))
 
@@ -26,7 +26,7 @@ def test_table_starts_the_monitor_first_and_gives_env_workers_distinct_ids():
 
 def test_service_command_is_what_a_user_runs_by_hand():
     worker = SPECS[-1]
-    assert service_command(worker) == [sys.executable, "-m", "services.cli", "env-worker", "@",
+    assert service_command(worker) == [sys.executable, "-m", "rlbus", "env-worker", "@",
                                        "out/configs/env-worker.toml", "--worker-id", "env-worker-1"]  # fmt: skip
 
 

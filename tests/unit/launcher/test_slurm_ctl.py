@@ -1,6 +1,6 @@
 """Parsing what SLURM's commands answer (formats as printed by slurm-wlm 22.05)."""
 
-from services.launcher.slurm_ctl import (
+from rlbus.services.launcher.slurm_ctl import (
     expand_output_pattern,
     expand_task_ids,
     parse_exit_code,

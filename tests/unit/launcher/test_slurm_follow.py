@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from services.launcher.config import RlConfig
-from services.launcher.slurm import RunFollower, SubmittedArray
-from services.launcher.slurm_ctl import TaskState
+from rlbus.services.launcher.slurm import RunFollower, SubmittedArray
+from rlbus.services.launcher.slurm_ctl import TaskState
+from rlbus.services.run_config import RlConfig
 
 ARRAYS = [
     SubmittedArray("monitor", "monitor", "1", 1, "j-monitor", "failure"),

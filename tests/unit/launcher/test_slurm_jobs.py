@@ -6,9 +6,8 @@ import tomllib
 
 import pytest
 
-from common.config import ConfigError, load_config
-from services.launcher.config import RlConfig
-from services.launcher.slurm_jobs import (
+from rlbus.config import ConfigError, load_config
+from rlbus.services.launcher.slurm_jobs import (
     CONFIG_END,
     CONNECTS_TO,
     array_jobs,
@@ -17,7 +16,8 @@ from services.launcher.slurm_jobs import (
     key_lines,
     sbatch_args,
 )  # fmt: skip
-from services.launcher.slurm_task import fill_placeholders
+from rlbus.services.launcher.slurm_task import fill_placeholders
+from rlbus.services.run_config import RlConfig
 
 PEER_IDS = {"monitor": "11", "orchestrator": "12", "trainer": "13", "inference": "14"}
 
@@ -84,7 +84,7 @@ def test_job_script_carries_the_config_and_execs_the_task_runner():
     lines = script.splitlines()
     assert lines[0] == "#!/bin/bash" and "module load cuda" in lines
     exec_line = next(line for line in lines if line.startswith("exec "))
-    assert exec_line.startswith("exec /opt/py/bin/python -m services.launcher.slurm_task env-worker")
+    assert exec_line.startswith("exec /opt/py/bin/python -m rlbus.services.launcher.slurm_task env-worker")
     assert "--peer inference=14 --peer monitor=11 --peer orchestrator=12" in exec_line
     body = script.split(f"<<'{CONFIG_END}'\n", 1)[1].rsplit(CONFIG_END, 1)[0]
     assert tomllib.loads(body) == tomllib.loads(job.config_text)
@@ -96,7 +96,7 @@ def test_filled_in_config_loads_as_the_services_own(tmp_path):
     text = fill_placeholders(job.config_text, lambda section, index: f"node-{section}-{index}")
     path = tmp_path / "env-worker.toml"
     path.write_text(text)
-    from services.env_worker.config import EnvWorkerConfig
+    from rlbus.services.env_worker.config import EnvWorkerConfig
 
     worker = load_config(EnvWorkerConfig, ["@", str(path)], env={})
     assert worker.bus.endpoints.orchestrator_tasks == "tcp://node-orchestrator-0:5550"
@@ -105,7 +105,7 @@ def test_filled_in_config_loads_as_the_services_own(tmp_path):
 
 def test_keys_travel_in_the_script_and_unpack_with_their_modes(tmp_path):
     keys = tmp_path / "keys"
-    subprocess.run(["python", "-m", "services.cli", "keys", "--out", str(keys)], check=True, capture_output=True,
+    subprocess.run(["python", "-m", "rlbus", "keys", "--out", str(keys)], check=True, capture_output=True,
                    env={**os.environ, "PATH": os.path.dirname(os.sys.executable) + ":" + os.environ["PATH"]})
     originals = {p.relative_to(keys): (p.read_bytes(), p.stat().st_mode & 0o777) for p in keys.rglob("*.key*")}
     lines = key_lines(RlConfig(bus={"curve": {"keys_dir": str(keys)}}))
@@ -134,7 +134,7 @@ def test_slurm_flags_parse(tmp_path):
 
 
 def test_slurm_dry_run_writes_submittable_scripts_and_submits_nothing(tmp_path, capsys):
-    from services.launcher.main import main
+    from rlbus.services.launcher.main import main
 
     code = main(["--slurm", "--dry-run", "--output-dir", str(tmp_path / "run"), "--bus.curve.allow-insecure-remote",
                  "--slurm.trainer.gpus", "2", "--num-env-workers", "3"])  # fmt: skip

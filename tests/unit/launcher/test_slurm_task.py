@@ -2,8 +2,8 @@
 
 import pytest
 
-from services.launcher.slurm_ctl import TaskState
-from services.launcher.slurm_task import PeerFinder, RendezvousError, fill_placeholders, task_args
+from rlbus.services.launcher.slurm_ctl import TaskState
+from rlbus.services.launcher.slurm_task import PeerFinder, RendezvousError, fill_placeholders, task_args
 
 
 def test_each_placeholder_is_looked_up_once_and_unknown_ones_stay():
@@ -43,7 +43,7 @@ class FakeCtl:
 
 
 def test_a_peer_is_found_once_it_runs(monkeypatch):
-    monkeypatch.setattr("services.launcher.slurm_task.WAIT_POLL_S", 0.0)
+    monkeypatch.setattr("rlbus.services.launcher.slurm_task.WAIT_POLL_S", 0.0)
     ctl = FakeCtl([[TaskState("7", 0, "7", "PENDING", "")], [TaskState("7", 0, "8", "RUNNING", "n3")]])
     finder = PeerFinder(ctl, "trainer", {"monitor": "7"}, timeout_s=60)
     assert finder.address_of("monitor", 0) == "addr-of-n3"
@@ -51,7 +51,7 @@ def test_a_peer_is_found_once_it_runs(monkeypatch):
 
 
 def test_a_peer_that_ended_or_never_ran_fails_the_task(monkeypatch):
-    monkeypatch.setattr("services.launcher.slurm_task.WAIT_POLL_S", 0.0)
+    monkeypatch.setattr("rlbus.services.launcher.slurm_task.WAIT_POLL_S", 0.0)
     ended = PeerFinder(FakeCtl([[TaskState("7", 0, "8", "FAILED", "n3")]]), "trainer", {"monitor": "7"}, 60)
     with pytest.raises(RendezvousError, match=r"monitor task 7_0 ended \(FAILED\)"):
         ended.address_of("monitor", 0)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from services.models import smollm2
-from services.models.cli import main
-from services.models.smollm2 import INSTALL_HINT, convert_smollm2, find_smollm2_gguf
+from rlbus.services.models import smollm2
+from rlbus.services.models.cli import main
+from rlbus.services.models.smollm2 import INSTALL_HINT, convert_smollm2, find_smollm2_gguf
 
 
 def _have_gguf_file() -> bool:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from common.config.docs import undocumented_fields
-from services.models.cli import main
-from services.models.tiny import TinyModelConfig, build_tiny_model
-from services.models.tokenizer import ENDOFTEXT, IM_END, IM_START, build_tokenizer
+from rlbus.config.docs import undocumented_fields
+from rlbus.services.models.cli import main
+from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
+from rlbus.services.models.tokenizer import ENDOFTEXT, IM_END, IM_START, build_tokenizer
 
 pytest.importorskip("transformers")
 
@@ -169,5 +169,5 @@ def test_cli_usage_and_help(capsys):
 
 
 def test_cli_module_does_not_import_torch():
-    code = "import sys, services.models.cli; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
+    code = "import sys, rlbus.services.models.cli; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -1,7 +1,7 @@
 """The monitor's health table, driven with explicit times (no sockets, no clocks)."""
 
-from common.messages import Heartbeat
-from services.monitor.health import HealthTable
+from rlbus.messages import Heartbeat
+from rlbus.services.monitor.health import HealthTable
 
 
 def beat(service="trainer", replica="trainer-0", sent_at=100.0, pid=11, started_at=1.0, **fields) -> Heartbeat:

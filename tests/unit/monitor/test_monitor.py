@@ -7,9 +7,9 @@ import sys
 import pytest
 from loguru import logger
 
-from common.messages import Event, Heartbeat, MetricsReport, Refused, RolloutSamples, Sample, ViewRequest
-from services.monitor.config import MonitorConfig
-from services.monitor.monitor import Monitor
+from rlbus.messages import Event, Heartbeat, MetricsReport, Refused, RolloutSamples, Sample, ViewRequest
+from rlbus.services.monitor.config import MonitorConfig
+from rlbus.services.monitor.monitor import Monitor
 
 
 class RecordingSink:
@@ -154,8 +154,8 @@ def test_non_finite_and_reserved_metric_names_are_counted_and_written_safely(tmp
 
 
 def test_wandb_enabled_without_the_package_names_the_extra(tmp_path, monkeypatch):
-    from services.monitor.config import WandbConfig
-    from services.monitor.wandb_sink import WandbSink
+    from rlbus.services.monitor.config import WandbConfig
+    from rlbus.services.monitor.wandb_sink import WandbSink
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # makes "import wandb" fail
     with pytest.raises(ValueError, match=r"pip install 'rlbus\[monitor\]'"):

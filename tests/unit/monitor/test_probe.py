@@ -1,4 +1,4 @@
-"""The healthcheck probe (services/monitor/probe.py) against a real monitor process."""
+"""The healthcheck probe (``rlbus probe``: services/entry.py, services/monitor/probe.py) against a real monitor process."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from common.messages import ServiceHealth
-from services.monitor.probe import EXIT_CONFIG, EXIT_HEALTHY, EXIT_UNHEALTHY, find_live_replica, probe
+from rlbus.messages import ServiceHealth
+from rlbus.services.entry import PROBE_EXIT_CONFIG as EXIT_CONFIG
+from rlbus.services.entry import probe
+from rlbus.services.monitor.probe import EXIT_HEALTHY, EXIT_UNHEALTHY, find_live_replica
 from tests.unit.monitor.test_service import DEADLINE_S, MonitorProcess
 
 HOST = socket.gethostname()

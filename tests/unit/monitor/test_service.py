@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import zmq
 
-from common.bus import Bus
-from common.config import BusConfig, BusEndpoints, write_toml
-from common.messages import Refused, ViewRequest, ViewSnapshot
-from common.pubsub import TelemetryClient
-from services.monitor.config import MonitorConfig
+from rlbus.bus import Bus
+from rlbus.config import BusConfig, BusEndpoints, write_toml
+from rlbus.messages import Refused, ViewRequest, ViewSnapshot
+from rlbus.pubsub import TelemetryClient
+from rlbus.services.monitor.config import MonitorConfig
 
 ROOT = Path(__file__).resolve().parents[3]
 API_KEY = "view-key"
@@ -28,7 +28,7 @@ DEADLINE_S = 60.0
 
 
 def rlbus(*args: str) -> list[str]:
-    return [sys.executable, "-m", "services.cli", *args]
+    return [sys.executable, "-m", "rlbus", *args]
 
 
 class MonitorProcess:

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from common.messages import MetricsReport, Sample
-from services.monitor.steps import StepAggregator, StepRow, format_summary, format_value
+from rlbus.messages import MetricsReport, Sample
+from rlbus.services.monitor.steps import StepAggregator, StepRow, format_summary, format_value
 
 
 def report(service: str, step: int, replica: str | None = None, **metrics: float) -> MetricsReport:

@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from common.config import ConfigError, write_toml
-from common.messages import ServiceHealth, ViewSnapshot
-from services.launcher.config import RlConfig
-from services.monitor.config import MonitorConfig
-from services.monitor.main import load_tail_config, tail_main
-from services.monitor.tail import CLEAR_SCREEN, RED, TailView, render_screen, status_line
+from rlbus.config import ConfigError, write_toml
+from rlbus.messages import ServiceHealth, ViewSnapshot
+from rlbus.services.entry import load_tail_config, tail_main
+from rlbus.services.monitor.config import MonitorConfig
+from rlbus.services.monitor.tail import CLEAR_SCREEN, RED, TailView, render_screen, status_line
+from rlbus.services.run_config import RlConfig
 
 
 def snapshot(**overrides) -> ViewSnapshot:

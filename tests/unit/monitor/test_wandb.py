@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from common.messages import MetricsReport, RolloutSamples, Sample
-from services.monitor.config import MonitorConfig, WandbConfig
-from services.monitor.monitor import Monitor
+from rlbus.messages import MetricsReport, RolloutSamples, Sample
+from rlbus.services.monitor.config import MonitorConfig, WandbConfig
+from rlbus.services.monitor.monitor import Monitor
 
 wandb = pytest.importorskip("wandb", reason="the monitor extra (wandb) is not installed")
 from wandb.proto import wandb_internal_pb2
@@ -71,7 +71,7 @@ def report(service: str, step: int, **metrics: float) -> MetricsReport:
 
 
 def run_monitor_with_wandb(output_dir: Path, steps: range) -> Monitor:
-    from services.monitor.wandb_sink import WandbSink
+    from rlbus.services.monitor.wandb_sink import WandbSink
 
     config = MonitorConfig(output_dir=output_dir, wandb=WandbConfig(enabled=True, samples_interval=2))
     monitor = Monitor(config, WandbSink(config))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.messages import Rollout, RolloutResult, RolloutTask, TrainBatch, Turn
+from rlbus.messages import Rollout, RolloutResult, RolloutTask, TrainBatch, Turn
 
 POLICY_TOKEN = 1000
 PROMPT = [1, 2, 3, 4]

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from services.orchestrator.advantages import group_advantages, has_signal, penalised_rewards
-from services.orchestrator.config import AdvantageConfig
+from rlbus.services.orchestrator.advantages import group_advantages, has_signal, penalised_rewards
+from rlbus.services.orchestrator.config import AdvantageConfig
 
 
 def test_default_is_reward_minus_group_mean():

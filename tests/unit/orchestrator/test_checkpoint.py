@@ -2,8 +2,8 @@
 
 import pytest
 
-from services.orchestrator.checkpoint import ProgressState, ProgressStore
-from services.orchestrator.sampler import Draw, SamplerState
+from rlbus.services.orchestrator.checkpoint import ProgressState, ProgressStore
+from rlbus.services.orchestrator.sampler import Draw, SamplerState
 
 
 def state(step: int) -> ProgressState:

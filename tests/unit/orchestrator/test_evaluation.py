@@ -2,9 +2,9 @@
 
 import pytest
 
-from common.messages import Rollout, RolloutResult
-from services.orchestrator.config import EvalConfig, EvalEnvSpec
-from services.orchestrator.evaluation import EvalScheduler, env_metrics, pass_at_k
+from rlbus.messages import Rollout, RolloutResult
+from rlbus.services.orchestrator.config import EvalConfig, EvalEnvSpec
+from rlbus.services.orchestrator.evaluation import EvalScheduler, env_metrics, pass_at_k
 
 
 def test_pass_at_k_hand_cases():

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from common.messages import BatchAck, BatchRequest
-from services.orchestrator.checkpoint import ProgressStore
-from services.orchestrator.journal import Journal, read_records, replay_records
+from rlbus.messages import BatchAck, BatchRequest
+from rlbus.services.orchestrator.checkpoint import ProgressStore
+from rlbus.services.orchestrator.journal import Journal, read_records, replay_records
 
 from .fakes import roll_out
 from .test_core import RecordingOrchestrator, make_config, request_tasks

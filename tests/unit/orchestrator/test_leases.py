@@ -1,7 +1,10 @@
 """Leases and credits: expired tasks come back, duplicates are recognised, credits are honoured."""
 
-from common.messages import RolloutTask, SamplingParams, TaskRequest
-from services.orchestrator.leases import Completion, TaskLedger, WorkerPool, dispatch
+import msgspec
+import pytest
+
+from rlbus.messages import RolloutTask, SamplingParams, TaskRequest
+from rlbus.services.orchestrator.leases import Completion, TaskLedger, WorkerPool, dispatch
 
 
 def task(task_id: str, env_id: str = "e") -> RolloutTask:
@@ -73,3 +76,41 @@ def test_unknown_result_is_remembered_as_finished():
     ledger = TaskLedger(lease_s=1)
     assert ledger.complete("old-run-7") == (Completion.UNKNOWN, None)
     assert ledger.complete("old-run-7") == (Completion.DUPLICATE, None)
+
+
+def test_reissued_count_is_reported_once_and_starts_again():
+    ledger, pool = TaskLedger(lease_s=1), WorkerPool()
+    for i in range(3):
+        ledger.add(task(f"t{i}"))
+    pool.grant(b"a", TaskRequest(worker_id="a", num_tasks=3))
+    dispatch(ledger, pool, 0, 0)
+    ledger.expire(now=2)
+    assert ledger.take_num_reissued() == 3 and ledger.take_num_reissued() == 0
+    ledger.release_worker(b"a")  # nothing leased any more: nothing re-issued
+    assert ledger.take_num_reissued() == 0
+
+
+def test_open_tasks_are_counted_by_kind_and_listed_oldest_first():
+    ledger = TaskLedger(lease_s=1)
+    ledger.add(task("t0"))
+    ledger.add(msgspec.structs.replace(task("e0"), is_eval=True))
+    ledger.add(task("t1"))
+    assert (ledger.num_open(), ledger.num_open(is_eval=False), ledger.num_open(is_eval=True)) == (3, 2, 1)
+    ledger.complete("t0")
+    assert ledger.open_task_ids() == ["e0", "t1"]
+
+
+def test_tasks_finished_before_a_restart_are_duplicates_and_cannot_be_added_again():
+    ledger = TaskLedger(lease_s=1)
+    ledger.mark_finished({"old-1", "old-2"})
+    assert ledger.complete("old-1") == (Completion.DUPLICATE, None)
+    with pytest.raises(ValueError, match="already used"):
+        ledger.add(task("old-2"))
+
+
+def test_worker_names_for_logs():
+    pool = WorkerPool()
+    pool.grant(b"id-1", TaskRequest(worker_id="worker-a", num_tasks=1))
+    assert pool.name_of(b"id-1") == "worker-a"
+    pool.forget(b"id-1")
+    assert pool.name_of(b"id-1") == "b'id-1'"

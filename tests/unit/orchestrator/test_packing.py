@@ -4,12 +4,11 @@ rows within seq_len, the same number of micro-batches on every rank."""
 import itertools
 
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.orchestrator.packing import deal_to_ranks, first_fit_decreasing, pack_batch
-from services.orchestrator.rollouts import PackSample
+from rlbus.services.orchestrator.packing import pack_batch
+from rlbus.services.orchestrator.rollouts import PackSample
 
 SETTINGS = settings(max_examples=150, deadline=None)
 
@@ -78,35 +77,6 @@ def test_packing_keeps_every_token_once_in_rows_of_at_most_seq_len(case):
 
 def _is_padding(mb) -> bool:
     return len(mb.input_ids) == 1 and not mb.loss_mask.any() and mb.advantages[0] == 0 and mb.input_ids[0] == 0
-
-
-@SETTINGS
-@given(st.lists(st.integers(0, 50), max_size=60), st.integers(50, 120))
-def test_first_fit_decreasing_respects_capacity_and_uses_each_index_once(lengths, capacity):
-    bins = first_fit_decreasing(lengths, capacity)
-    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
-    assert all(sum(lengths[i] for i in b) <= capacity for b in bins)
-    # First fit never opens a bin while an earlier one has room, so at most one bin is half full or less.
-    assert sum(sum(lengths[i] for i in b) <= capacity // 2 for b in bins) <= 1
-
-
-@SETTINGS
-@given(st.lists(st.integers(1, 100), max_size=40), st.integers(1, 6))
-def test_rows_are_dealt_evenly_and_balanced_by_tokens(row_tokens, world_size):
-    ranks = deal_to_ranks(row_tokens, world_size)
-    assert sorted(r for rank in ranks for r in rank) == list(range(len(row_tokens)))
-    per_rank = max(1, -(-len(row_tokens) // world_size))
-    assert all(len(rank) <= per_rank for rank in ranks)
-    loads = [sum(row_tokens[r] for r in rank) for rank in ranks]
-    if len(row_tokens) >= world_size:
-        assert max(loads) - min(loads) <= max(row_tokens)
-
-
-def test_hand_case_first_fit_decreasing():
-    # Longest first: 9 opens row 0, 6 opens row 1, 5 fits neither (1 and 4 left), 3 joins 6, 2 joins 5.
-    assert first_fit_decreasing([5, 9, 3, 6, 2], capacity=10) == [[1], [3, 2], [0, 4]]
-    with pytest.raises(ValueError, match=r"lengths must be in \[0, 10\]"):
-        first_fit_decreasing([11], capacity=10)
 
 
 def test_empty_batch_gives_every_rank_one_zero_loss_row():

@@ -5,7 +5,7 @@ from collections import Counter
 import msgspec
 import pytest
 
-from services.orchestrator.sampler import SamplerState, TaskSampler
+from rlbus.services.orchestrator.sampler import SamplerState, TaskSampler
 
 
 def test_same_seed_same_sequence_other_seed_differs():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.messages import MicroBatch, TrainBatch
+from rlbus.messages import MicroBatch, TrainBatch
 
 
 def micro_batch(rng: np.random.Generator, lengths=((5, 9), (4, 7)), vocab: int = 256) -> MicroBatch:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.models.tiny import TinyModelConfig, build_tiny_model
+from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 
 
 def tiny_config(out: Path) -> TinyModelConfig:

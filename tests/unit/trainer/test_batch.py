@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from services.trainer.batch import BadBatch, check_batch
+from rlbus.services.trainer.batch import BadBatch, check_batch
 from tests.unit.trainer.batches import train_batch
 
 

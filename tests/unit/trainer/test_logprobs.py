@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from services.trainer.logprobs import row_from_arrays, row_logprobs, sample_ids, sample_lengths
-from services.trainer.model import load_model
+from rlbus.services.trainer.logprobs import row_from_arrays, row_logprobs, sample_ids, sample_lengths
+from rlbus.services.trainer.model import load_model
 
 
 @pytest.fixture(scope="module")

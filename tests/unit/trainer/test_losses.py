@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from services.trainer.config import LossConfig
-from services.trainer.losses import LossInputs, rl_loss, sft_loss
+from rlbus.services.trainer.config import LossConfig
+from rlbus.services.trainer.losses import LossInputs, rl_loss, sft_loss
 
 LN = math.log
 

@@ -2,11 +2,11 @@
 
 import zmq
 
-from common.bus import Bus
-from common.config.base import BusConfig, BusEndpoints
-from common.messages import Heartbeat
-from common.pubsub import TelemetryClient
-from services.trainer.pulse import StepPulse
+from rlbus.bus import Bus
+from rlbus.config.base import BusConfig, BusEndpoints
+from rlbus.messages import Heartbeat
+from rlbus.pubsub import TelemetryClient
+from rlbus.services.trainer.pulse import StepPulse
 from tests.conftest import free_tcp_port
 
 

@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from services.trainer.config import SchedulerConfig
-from services.trainer.schedule import LRSchedule
+from rlbus.services.trainer.config import SchedulerConfig
+from rlbus.services.trainer.schedule import LRSchedule
 
 
 def test_constant_with_linear_warmup():

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from common.config import ConfigError, load_config
-from services.trainer.main import sft_main
-from services.trainer.sft import SftPlan
-from services.trainer.sft_config import SftConfig
+from rlbus.config import ConfigError, load_config
+from rlbus.services.cli import main as rlbus
+from rlbus.services.trainer.sft import SftPlan
+from rlbus.services.trainer.sft_config import SftConfig
 from tests.conftest import free_tcp_port
 from tests.integration.trainer_fakes import FakeMonitor
 
@@ -20,7 +20,7 @@ def test_sft_learns_reverse_text_validates_and_saves(tiny_model_dir, tmp_path):
             "--batch-size", "16", "--seq-len", "256", "--val-interval", "4", "--optimizer.lr", "3e-3",
             "--peak-flops", "1e11", "--bus.endpoints.monitor-telemetry", telemetry]  # fmt: skip
     with FakeMonitor(telemetry) as monitor:
-        assert sft_main(argv) == 0
+        assert rlbus(["sft", *argv]) == 0
         metrics = monitor.wait_for_metrics(steps=8)
     assert sorted(metrics) == list(range(1, 9))
     assert metrics[8]["loss/mean"] < 0.8 * metrics[1]["loss/mean"]
@@ -51,7 +51,7 @@ def test_data_source_must_be_given_once():
 
 
 def test_synthetic_text_lengths_follow_min_and_max_words():
-    from services.trainer.sft import load_examples
+    from rlbus.services.trainer.sft import load_examples
 
     argv = ["--data.synthetic", "reverse-text", "--data.num-examples", "50", "--data.min-words", "2",
             "--data.max-words", "3"]  # fmt: skip

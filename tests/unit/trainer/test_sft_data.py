@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from services.trainer.data import reverse_text
-from services.trainer.data.loading import read_rows
-from services.trainer.model import load_tokenizer
-from services.trainer.sft_config import SftDataConfig
-from services.trainer.sft_data import Sample, SampleBuilder, pack, split_for_ranks
+from rlbus.services.trainer.data import reverse_text
+from rlbus.services.trainer.data.loading import read_rows
+from rlbus.services.trainer.model import load_tokenizer
+from rlbus.services.trainer.sft_config import SftDataConfig
+from rlbus.services.trainer.sft_data import Sample, SampleBuilder, pack, split_for_ranks
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def trained_text(tokenizer, sample: Sample) -> str:
 
 
 def test_reverse_text_set_is_seeded_and_matches_the_environment():
-    from services.env_worker.envs.reverse_text import lcs_reward, load_environment
+    from rlbus.environments.builtin.reverse_text import lcs_reward, load_environment
 
     examples = reverse_text.generate(50, seed=3)
     assert examples == reverse_text.generate(50, seed=3) != reverse_text.generate(50, seed=4)
@@ -96,7 +96,7 @@ def test_pack_first_fit_decreasing_and_rank_split():
         starts = np.flatnonzero(row.position_ids == 0)
         assert not row.loss_mask[starts].any()
     shares = split_for_ranks(rows, world_size=2, pad_id=0)
-    # Rows go, longest first, to the rank with fewest rows, then fewest tokens: 10 | 8, 5 | padding.
+    # Rows go, longest first, to the rank with fewest tokens and room (2 rows each): 10 | 8, 5 | padding.
     assert [[r.input_ids.size for r in share] for share in shares] == [[10, 1], [8, 5]]
     padding = shares[0][-1]
     assert padding.input_ids.size == 1 and not padding.loss_mask.any()

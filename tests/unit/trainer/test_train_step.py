@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from services.trainer.config import CheckpointConfig, LossConfig, SchedulerConfig, TrainerConfig
-from services.trainer.logprobs import RowTensors, row_logprobs
-from services.trainer.runtime import build_runtime
+from rlbus.services.trainer.config import CheckpointConfig, LossConfig, SchedulerConfig, TrainerConfig
+from rlbus.services.trainer.logprobs import RowTensors, row_logprobs
+from rlbus.services.trainer.runtime import build_runtime
 from tests.unit.trainer.batches import train_batch
 
 METRICS = {"loss/mean", "entropy/mean", "mismatch_kl/mean", "mismatch_kl/max", "masked_advantage_positive/mean",

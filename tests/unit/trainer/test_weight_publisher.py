@@ -4,15 +4,15 @@ import numpy as np
 import torch
 import zmq
 
-from common.bus import Bus
-from common.config.base import BusConfig, BusEndpoints
-from common.messages import WeightsAnnounced
-from common.pubsub import Subscriber
-from common.weights import fetch_step, query_latest
-from services.trainer.config import TrainerConfig
-from services.trainer.distributed import DistContext
-from services.trainer.model import load_model, to_numpy
-from services.trainer.service import WeightPublisher
+from rlbus.bus import Bus
+from rlbus.config.base import BusConfig, BusEndpoints
+from rlbus.messages import WeightsAnnounced
+from rlbus.pubsub import Subscriber
+from rlbus.services.trainer.config import TrainerConfig
+from rlbus.services.trainer.distributed import DistContext
+from rlbus.services.trainer.model import load_model, to_numpy
+from rlbus.services.trainer.service import WeightPublisher
+from rlbus.weights import fetch_step, query_latest
 
 CTX = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

@@ -13,7 +13,7 @@ import operator
 import random
 import re
 
-from services.env_worker.environment import Environment, Rubric
+from rlbus.environments.base import Environment, Rubric
 
 SYSTEM_PROMPT = "Compute the value of the expression. Give only the final integer inside <answer></answer> tags."
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)

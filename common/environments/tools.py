@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from services.env_worker.environment import Environment, Message, RolloutState, Rubric
+from rlbus.environments.base import Environment, Message, RolloutState, Rubric
 
 ToolCall = dict[str, Any]
 """``{"id": ..., "type": "function", "function": {"name": ..., "arguments": <JSON string>}}``."""

@@ -5,46 +5,45 @@ plus a ``[client]`` table, builds the same eval tasks the orchestrator would
 (``[[eval.env]]``: first ``num_examples`` examples, ``rollouts_per_example``
 rollouts each), runs them with the env-worker's rollout code against
 ``client.base_url`` and reports ``eval/<env>/avg@k`` and ``pass@k``
-(:mod:`services.orchestrator.evaluation`). No bus, trainer or orchestrator
+(:mod:`rlbus.services.orchestrator.evaluation`). No bus, trainer or orchestrator
 state is involved. The endpoint must return token ids and logprobs and offer
 ``/tokenize`` (vLLM does), since rollouts stay token-in/token-out.
+
+A command beside the CLI, not part of any service: it joins the orchestrator's
+eval planning to the env-worker's rollout code in one process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar
 
 from loguru import logger
 from pydantic import Field
 
-from common.config import ConfigModel
-from common.messages import Rollout, RolloutResult, RolloutTask, SamplingParams
-from services.orchestrator.config import OrchestratorConfig
-from services.orchestrator.evaluation import EvalScheduler
+from rlbus.messages import Rollout, RolloutResult, RolloutTask, SamplingParams
+from rlbus.services.env_worker.config import InferenceClientSettings
+from rlbus.services.orchestrator.config import OrchestratorConfig
+from rlbus.services.orchestrator.evaluation import EvalScheduler
 
 RunTask = Callable[[RolloutTask], Awaitable[list[Rollout]]]
+SUMMARY = (
+    "Evaluate the [[eval.env]] environments once against an OpenAI-compatible endpoint (--client.base-url).\n"
+    "Takes the orchestrator's config, e.g. <output_dir>/configs/orchestrator.toml."
+)
 
 
-class ClientConfig(ConfigModel):
-    """The OpenAI-compatible endpoint ``rlbus eval`` samples from."""
+class ClientConfig(InferenceClientSettings):
+    """The OpenAI-compatible endpoint ``rlbus eval`` samples from (with the env-worker's client settings)."""
 
     base_url: str = "http://127.0.0.1:8000/v1"
     """Base URL of the API (ending in ``/v1``); ``/tokenize`` is expected at its root."""
-    api_key: str | None = None
-    """Key sent as a bearer token."""
     model: str | None = None
     """Model name sent with each request; None lets a single-model server choose."""
-    max_concurrent_requests: int = Field(32, ge=1)
-    """HTTP requests in flight at once."""
     max_concurrent_tasks: int = Field(16, ge=1)
     """Examples rolled out at once."""
-    request_timeout_s: float = Field(300.0, gt=0)
-    """Timeout of one request."""
-    max_retries: int = Field(3, ge=0)
-    """Retries of a request after connection errors and 5xx answers, with backoff."""
     rollout_timeout_s: float = Field(600.0, gt=0)
     """Seconds the environment may spend on one rollout before it counts as failed."""
 
@@ -89,16 +88,13 @@ async def evaluate(config: OrchestratorConfig, env_sizes: list[int], run_task: R
 
 async def _evaluate_endpoint(config: EvalRunConfig) -> dict[str, float]:
     # The env-worker's rollout code: the same prompts, token handling and scoring as training.
-    from services.env_worker.inference import InferenceClient
-    from services.env_worker.rollout import RolloutRunner
-    from services.env_worker.service import EnvironmentCache
-    from services.env_worker.tokens import TurnRenderer
+    from rlbus.environments import EnvironmentCache
+    from rlbus.services.env_worker.inference import InferenceClient
+    from rlbus.services.env_worker.rollout import RolloutRunner
+    from rlbus.services.env_worker.tokens import TurnRenderer
 
     client = config.client
-    inference = InferenceClient(
-        [client.base_url], api_key=client.api_key, model=client.model, max_retries=client.max_retries,
-        max_concurrent_requests=client.max_concurrent_requests, request_timeout_s=client.request_timeout_s,
-    )  # fmt: skip
+    inference = InferenceClient.from_settings([client.base_url], client, model=client.model)
     runner = RolloutRunner(inference, TurnRenderer(inference), client.rollout_timeout_s)
     environments = EnvironmentCache()
     sizes = [(await environments.get(spec.id, dict(spec.args))).num_examples for spec in config.eval.env]
@@ -124,3 +120,10 @@ def run_eval(config: EvalRunConfig) -> int:
     tmp.replace(path)
     logger.info("eval metrics written to {}", path)
     return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """``rlbus eval``: the orchestrator's config (``RLBUS_ORCHESTRATOR__*`` included) plus ``[client]``."""
+    from rlbus.services.entry import run_config_command
+
+    return run_config_command("eval", EvalRunConfig, argv, SUMMARY, run=run_eval)

@@ -1,16 +1,21 @@
 """docs/config.md is generated from the config classes and must stay in step with them."""
 
+import importlib.util
 from pathlib import Path
 
-from common.config.docs import undocumented_fields
-from services.launcher.config import RlConfig
-from services.launcher.docs import render_config_docs
-from services.models.smollm2 import SmolLM2Config
-from services.models.tiny import TinyModelConfig
-from services.monitor.config import TailConfig
-from services.orchestrator.eval_run import EvalRunConfig
+from rlbus.config.docs import undocumented_fields
+from rlbus.services.eval import EvalRunConfig
+from rlbus.services.models.smollm2 import SmolLM2Config
+from rlbus.services.models.tiny import TinyModelConfig
+from rlbus.services.monitor.config import TailConfig
+from rlbus.services.run_config import RlConfig
 
-DOC = Path(__file__).resolve().parents[3] / "docs" / "config.md"
+ROOT = Path(__file__).resolve().parents[3]
+DOC = ROOT / "docs" / "config.md"
+spec = importlib.util.spec_from_file_location("gen_config_docs", ROOT / "scripts" / "gen_config_docs.py")
+gen_config_docs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gen_config_docs)
+render_config_docs = gen_config_docs.render_config_docs
 
 
 def test_every_config_field_is_documented():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import re
 
-from services.env_worker.environment import Environment, Message, RolloutState, Rubric
+from rlbus.environments.base import Environment, Message, RolloutState, Rubric
 
 _GUESS = re.compile(r"<guess>\s*(-?\d+)\s*</guess>")
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import random
 
-from services.env_worker.environment import RolloutState, Rubric
-from services.env_worker.envs.arithmetic import correct_answer, random_expression, safe_eval
-from services.env_worker.tools import ToolEnvironment
+from rlbus.environments.base import RolloutState, Rubric
+from rlbus.environments.builtin.arithmetic import correct_answer, random_expression, safe_eval
+from rlbus.environments.tools import ToolEnvironment
 
 SYSTEM_PROMPT = (
     "Solve the problem. Use the calculate tool for arithmetic, then give only the final integer "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from common.config import ConfigModel
+from rlbus.config import ConfigModel
 
 
 class SlurmServiceConfig(ConfigModel):

@@ -9,8 +9,13 @@ Any installed package can add environments by declaring, in its
 where ``load_environment(**args)`` returns an :class:`Environment`. The
 orchestrator and the env-workers call :func:`load_environment` with the
 ``id`` and ``args`` of ``[[orchestrator.train.env]]`` and must get the same
-examples. Ids of the form ``verifiers:<name>`` load an environment written for
-the ``verifiers`` library instead (the ``verifiers`` extra).
+examples. An id with a prefix, ``<prefix>:<name>``, goes to the loader that a
+package registered for that prefix in the ``rlbus.environment_loaders`` group;
+the env-worker registers ``verifiers`` (environments written for the
+``verifiers`` library, its ``verifiers`` extra)::
+
+    [project.entry-points."rlbus.environment_loaders"]
+    verifiers = "rlbus.services.env_worker.verifiers_adapter:load_verifiers_environment"
 
 Importing this module imports no torch, vLLM or HTTP client.
 """
@@ -22,15 +27,20 @@ from collections.abc import Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from services.env_worker.environment import Environment
+from rlbus.environments.base import Environment
 
 ENTRY_POINT_GROUP = "rlbus.environments"
-VERIFIERS_PREFIX = "verifiers:"
+LOADER_GROUP = "rlbus.environment_loaders"
 
 
 def available_environments() -> dict[str, EntryPoint]:
     """Installed environments by name."""
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available_loaders() -> dict[str, EntryPoint]:
+    """Installed loaders of prefixed ids (``<prefix>:<name>``) by prefix."""
+    return {ep.name: ep for ep in entry_points(group=LOADER_GROUP)}
 
 
 def load_environment(env_id: str, args: Mapping[str, Any] | None = None) -> Environment:
@@ -40,11 +50,10 @@ def load_environment(env_id: str, args: Mapping[str, Any] | None = None) -> Envi
     TypeError for a loader that does not return an :class:`Environment`.
     """
     args = dict(args or {})
-    if env_id.startswith(VERIFIERS_PREFIX):
-        from services.env_worker.verifiers_adapter import load_verifiers_environment
-
-        return load_verifiers_environment(env_id.removeprefix(VERIFIERS_PREFIX), args)
     installed = available_environments()
+    prefix, colon, name = env_id.partition(":")
+    if colon and env_id not in installed:
+        return _load_prefixed(env_id, prefix, name, args)
     if env_id not in installed:
         raise ValueError(
             f"unknown environment {env_id!r}; installed ({ENTRY_POINT_GROUP} entry points): {sorted(installed)}"
@@ -55,6 +64,18 @@ def load_environment(env_id: str, args: Mapping[str, Any] | None = None) -> Envi
     if not isinstance(env, Environment):
         raise TypeError(f"environment {env_id!r}: {installed[env_id].value} returned {type(env).__name__}, "
                          "not an rlbus Environment")  # fmt: skip
+    return env
+
+
+def _load_prefixed(env_id: str, prefix: str, name: str, args: dict[str, Any]) -> Environment:
+    loaders = available_loaders()
+    if prefix not in loaders:
+        raise ValueError(f"unknown environment {env_id!r}: no loader for the prefix {prefix + ':'!r}; "
+                         f"installed ({LOADER_GROUP} entry points): {sorted(loaders)}")
+    env = loaders[prefix].load()(name, args)
+    if not isinstance(env, Environment):
+        raise TypeError(f"environment {env_id!r}: {loaders[prefix].value} returned {type(env).__name__}, "
+                        "not an rlbus Environment")
     return env
 
 

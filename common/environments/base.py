@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.jsonl import read_json_objects
+from rlbus.jsonl import read_json_objects
 
 Message = dict[str, Any]
 """One chat message in the OpenAI format: ``{"role": ..., "content": ...}`` (plus ``tool_calls``)."""

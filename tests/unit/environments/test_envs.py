@@ -7,9 +7,16 @@ import sys
 
 import pytest
 
-from services.env_worker.environment import Environment, RolloutState, Rubric, checked_reward, load_jsonl
-from services.env_worker.envs import arithmetic, calculator, guess_number, reverse_text
-from services.env_worker.registry import available_environments, load_environment
+from rlbus.environments import (
+    Environment,
+    RolloutState,
+    Rubric,
+    available_environments,
+    checked_reward,
+    load_environment,
+    load_jsonl,
+)
+from rlbus.environments.builtin import arithmetic, calculator, guess_number, reverse_text
 
 BUILT_INS = ("reverse-text", "arithmetic", "guess-number", "calculator")
 
@@ -174,8 +181,8 @@ def test_load_jsonl_reads_examples_and_names_bad_lines(tmp_path) -> None:
 def test_the_env_worker_needs_no_torch_vllm_or_transformers() -> None:
     code = (
         "import sys; sys.modules.update(torch=None, vllm=None, transformers=None)\n"
-        "import services.env_worker.main, services.env_worker.service\n"
-        "from services.env_worker.registry import load_environment\n"
+        "import rlbus.services.env_worker.main, rlbus.services.env_worker.service\n"
+        "from rlbus.environments import load_environment\n"
         "for name in ('reverse-text', 'arithmetic', 'guess-number', 'calculator'):\n"
         "    load_environment(name, {'num_examples': 2})\n"
         "print('ok')\n"

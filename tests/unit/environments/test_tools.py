@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from services.env_worker.environment import RolloutState, Rubric
-from services.env_worker.tools import ToolEnvironment, parse_hermes_tool_calls, tool_schema
+from rlbus.environments import RolloutState, Rubric, ToolEnvironment, parse_hermes_tool_calls, tool_schema
 
 
 def add(a: int, b: int = 0) -> int:

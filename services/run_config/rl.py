@@ -13,13 +13,13 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, model_validator
 
-from common.config import ConfigModel, ServiceConfig, deep_merge, env_values
-from services.env_worker.config import EnvWorkerConfig
-from services.inference.config import InferenceConfig
-from services.launcher.slurm_config import SlurmConfig
-from services.monitor.config import MonitorConfig
-from services.orchestrator.config import OrchestratorConfig
-from services.trainer.config import TrainerConfig
+from rlbus.config import ConfigModel, ServiceConfig, deep_merge, env_values
+from rlbus.services.env_worker.config import EnvWorkerConfig
+from rlbus.services.inference.config import InferenceConfig
+from rlbus.services.monitor.config import MonitorConfig
+from rlbus.services.orchestrator.config import OrchestratorConfig
+from rlbus.services.run_config.slurm import SlurmConfig
+from rlbus.services.trainer.config import TrainerConfig
 
 SECTIONS: dict[str, type[ServiceConfig]] = {
     "inference": InferenceConfig,

@@ -14,7 +14,7 @@ import random
 import re
 from difflib import SequenceMatcher
 
-from services.env_worker.environment import Environment, Rubric
+from rlbus.environments.base import Environment, Rubric
 
 SYSTEM_PROMPT = "Reverse the text character-by-character. Put your answer in <reversed_text> tags."
 

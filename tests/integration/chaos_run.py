@@ -6,20 +6,22 @@ service is started again with the same command. :class:`ChaosRun` measures how l
 the run took to recover and :func:`audit` checks, from the files the services leave
 behind, that nothing was lost or trained twice:
 
-- trainer steps: the ``step N | loss ...`` lines of ``logs/trainer.log`` (every trainer
-  process appends to it) must be 1..max_steps, each exactly once;
-- batches: the orchestrator's journal (:mod:`services.orchestrator.journal`) says which
+- trainer steps: the trainer's rows of the monitor's ``metrics.jsonl`` (one per trained step
+  and trainer process; a step trained twice shows twice) and the orchestrator journal's
+  ``acked`` records (a step is acknowledged only once trained and checkpointed) must cover
+  1..max_steps, each step trained exactly once. Typed records only: no log text is parsed;
+- batches: the orchestrator's journal (:mod:`rlbus.services.orchestrator.journal`) says which
   groups each step was built from; no group may be in two steps;
 - rollouts: every rollout id of an ``accepted`` journal record must be in a step that
   was trained, dropped as stale (counted, by design), or still buffered at the end.
 
-Used by ``tests/integration/test_chaos.py`` and ``scripts/chaos.py``.
+Used by ``tests/integration/test_chaos.py`` and ``scripts/chaos.py``: a test harness, so it
+may read every service's files (the journal through the orchestrator's own reader).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -32,14 +34,13 @@ from pathlib import Path
 import httpx
 from loguru import logger
 
-from common.config import load_config
-from common.config.base import BusEndpoints
-from common.ports import free_loopback_port
-from services.launcher.config import RlConfig
-from services.launcher.processes import Child, ProcessSpec, process_table, service_command
-from services.orchestrator.journal import read_records
+from rlbus.config import load_config
+from rlbus.config.base import BusEndpoints
+from rlbus.ports import free_loopback_port
+from rlbus.services.launcher.processes import Child, ProcessSpec, process_table, service_command
+from rlbus.services.orchestrator.journal import read_records
+from rlbus.services.run_config import RlConfig
 
-TRAINER_STEP = re.compile(r"\bstep (\d+) \| loss ")
 POLL_S = 0.5
 
 
@@ -69,7 +70,7 @@ class Audit:
     max_steps: int
     num_accepted: int
     duplicate_steps: list[int] = field(default_factory=list)
-    """Steps the trainer logged more than once."""
+    """Steps the trainer reported (metrics.jsonl) more than once."""
     skipped_steps: list[int] = field(default_factory=list)
     groups_in_two_steps: list[str] = field(default_factory=list)
     lost_rollouts: list[str] = field(default_factory=list)
@@ -91,7 +92,7 @@ class ChaosRun:
 
     def __init__(self, config_path: Path, args: tuple[str, ...] = (), timeout_s: float = 600.0) -> None:
         argv = ["@", str(config_path), *args]
-        subprocess.run([sys.executable, "-m", "services.cli", "rl", *argv, "--dry-run"], check=True,
+        subprocess.run([sys.executable, "-m", "rlbus", "rl", *argv, "--dry-run"], check=True,
                        capture_output=True)  # fmt: skip
         self.config = load_config(RlConfig, argv)
         self.output_dir = self.config.output_dir
@@ -154,13 +155,24 @@ class ChaosRun:
 
     # -------------------------------------------------------------- progress
 
+    def metrics(self) -> list[dict]:
+        """The monitor's metrics.jsonl rows (a line still being written is left for the next read)."""
+        path = self.output_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        text = path.read_text()
+        return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
+
     def trainer_steps(self) -> list[int]:
-        """Every step a trainer process logged as trained, in log order."""
-        log = self.logs_dir / "trainer.log"
-        return [int(m.group(1)) for m in TRAINER_STEP.finditer(log.read_text())] if log.exists() else []
+        """Every step a trainer process reported as trained (its ``loss/mean`` row), in file order."""
+        return [row["step"] for row in self.metrics() if row["service"] == "trainer" and "loss/mean" in row]
+
+    def acked_steps(self) -> set[int]:
+        """Steps the orchestrator journaled as acknowledged: trained and checkpointed."""
+        return {r["step"] for r in self.journal() if r["kind"] == "acked"}
 
     def trainer_step(self) -> int:
-        return max(self.trainer_steps(), default=0)
+        return max([*self.trainer_steps(), *self.acked_steps()], default=0)
 
     def journal(self) -> list[dict]:
         return read_records(self.output_dir / "checkpoints" / "orchestrator" / "journal.jsonl")
@@ -241,9 +253,7 @@ class ChaosRun:
         if service == "orchestrator":
             return any(r["kind"] == "resumed" and r["time"] > since for r in self.journal())
         if service == "monitor":
-            metrics = self.output_dir / "metrics.jsonl"
-            return metrics.exists() and any(json.loads(line).get("time", 0) > since
-                                            for line in metrics.read_text().splitlines()[-50:] if line.strip())
+            return any(row.get("time", 0) > since for row in self.metrics()[-50:])
         return True
 
 
@@ -260,10 +270,12 @@ def accepted_by(run: ChaosRun, worker_id: str) -> int:
 
 
 def audit(run: ChaosRun) -> Audit:
-    """Exactly-once checks over the trainer's log and the orchestrator's journal."""
+    """Exactly-once checks over the monitor's metrics and the orchestrator's journal."""
     max_steps = run.config.max_steps or 0
     steps = run.trainer_steps()
     counts = Counter(steps)
+    # A report lost with a killed process still leaves the step's acknowledgement in the journal.
+    trained = set(steps) | run.acked_steps()
     records = run.journal()
     rollouts_of = {r["result"]["task_id"]: [x["rollout_id"] for x in r["result"]["rollouts"]]
                    for r in records if r["kind"] == "accepted"}  # fmt: skip
@@ -275,9 +287,9 @@ def audit(run: ChaosRun) -> Audit:
     accounted = set(in_steps) | stale | left
     lost = [rid for task_id, ids in rollouts_of.items() if task_id not in accounted for rid in ids]
     return Audit(
-        trained_steps=steps, max_steps=max_steps, num_accepted=num_accepted,
+        trained_steps=sorted(trained), max_steps=max_steps, num_accepted=num_accepted,
         duplicate_steps=sorted(s for s, n in counts.items() if n > 1),
-        skipped_steps=[s for s in range(1, max_steps + 1) if s not in counts],
+        skipped_steps=[s for s in range(1, max_steps + 1) if s not in trained],
         groups_in_two_steps=sorted(t for t, n in in_steps.items() if n > 1), lost_rollouts=lost,
         num_stale=sum(len(rollouts_of.get(t, [])) for t in stale),
         num_left_over=sum(len(rollouts_of.get(t, [])) for t in left),

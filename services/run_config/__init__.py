@@ -1,0 +1,10 @@
+"""The merged run configs: ``rlbus rl``'s config (one section per service) and its ``[slurm]`` part.
+
+This package is one of the three places that know every service (with the CLI
+entry and the launcher): a service itself only knows its own config class.
+"""
+
+from rlbus.services.run_config.rl import SECTIONS, RlConfig, RunCheckpointConfig, check_cleanable, service_env
+from rlbus.services.run_config.slurm import SlurmConfig
+
+__all__ = ["SECTIONS", "RlConfig", "RunCheckpointConfig", "SlurmConfig", "check_cleanable", "service_env"]
