@@ -151,9 +151,10 @@ def test_rl_as_slurm_arrays_trains_contiguous_steps(slurm_env, tiny_model, tmp_p
     rewards = sorted({m["step"] for m in metrics if m["service"] == "orchestrator" and "reward/all/mean" in m})
     assert rewards == list(range(1, MAX_STEPS + 1)), rewards
 
-    # Both replicas (array tasks on ports port+i) served the trained policy to the orchestrator.
+    # Both replicas (array tasks on ports port+i) served a trained policy to the orchestrator. Not
+    # necessarily step 1: a replica that starts late (two vLLMs starting on 2 cores) loads the newest.
     events = read_jsonl(run / "events.jsonl")
-    loaded = {e["replica_id"] for e in events if e["kind"] == "policy_loaded" and "step 1" in e["message"]}
+    loaded = {e["replica_id"] for e in events if e["kind"] == "policy_loaded" and e["step"] >= 1}
     assert loaded == {f"inference-{i}" for i in range(NUM_REPLICAS)}, loaded
     # Each task filled in its peers' addresses on its node, and the keys travelled with the script.
     worker = (run / "configs" / "slurm" / "env-worker-1.toml").read_text()
