@@ -138,9 +138,16 @@ class InferenceClient:
         self, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int, seed: int | None = None
     ) -> Completion:
         """Sample one completion of ``prompt_ids``."""
+        return (await self.complete_n(prompt_ids, sampling, max_tokens, 1, seed))[0]
+
+    async def complete_n(
+        self, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int, n: int, seed: int | None = None
+    ) -> list[Completion]:
+        """Sample ``n`` completions of ``prompt_ids`` in one request (a group's first turn: the server
+        computes the shared prompt once and schedules the ``n`` samples together)."""
         body: dict[str, Any] = {
             "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": sampling.temperature,
-            "top_p": sampling.top_p, "logprobs": 0, "return_token_ids": True,
+            "top_p": sampling.top_p, "logprobs": 0, "return_token_ids": True, "n": n,
         }  # fmt: skip
         if sampling.stop:
             body["stop"] = sampling.stop
@@ -149,9 +156,9 @@ class InferenceClient:
         if self.model:
             body["model"] = self.model
         response, replica = await self.post("/completions", body)
-        completion = parse_completion(response, replica.url)
-        replica.policy_step = max(replica.policy_step, completion.policy_step)
-        return completion
+        completions = parse_completions(response, replica.url, n)
+        replica.policy_step = max(replica.policy_step, *(c.policy_step for c in completions))
+        return completions
 
     async def tokenize_chat(
         self, messages: list[Message], tools: list[dict[str, Any]], *, add_generation_prompt: bool,
@@ -280,16 +287,25 @@ class InferenceClient:
         return sum(1 for r in self.replicas if r.failures)
 
 
-def parse_completion(response: httpx.Response, url: str) -> Completion:
-    """The first choice of a ``/v1/completions`` answer; InferenceError names what is missing."""
+def parse_completions(response: httpx.Response, url: str, n: int = 1) -> list[Completion]:
+    """The ``n`` choices of a ``/v1/completions`` answer, in ``index`` order; InferenceError names what
+    is missing or wrong."""
     data = _json(response, url)
+    choices = data.get("choices")
+    if not isinstance(choices, list) or len(choices) != n:
+        raise InferenceError(f"{url}: asked for {n} choice(s), got "
+                             f"{len(choices) if isinstance(choices, list) else 'no list'}: {response.text[:300]}")
+    ordered = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
+    return [_completion(data, choice, response, url) for choice in ordered]
+
+
+def _completion(data: dict[str, Any], choice: Any, response: httpx.Response, url: str) -> Completion:
     try:
-        choice = data["choices"][0]
         token_ids = choice["token_ids"]
         logprobs = choice["logprobs"]["token_logprobs"]
     except (KeyError, IndexError, TypeError):
         raise InferenceError(
-            f"{url}: completion without choices[0].token_ids and logprobs.token_logprobs "
+            f"{url}: completion without choices[i].token_ids and logprobs.token_logprobs "
             "(does the server support return_token_ids?): " + response.text[:300]
         ) from None
     if len(logprobs) != len(token_ids) or any(lp is None for lp in logprobs):

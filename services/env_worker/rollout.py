@@ -38,6 +38,26 @@ class Sampler(Protocol):
     ) -> Completion: ...
 
 
+async def sample_group(sampler: Sampler, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int,
+                       n: int, seed: int | None) -> list[Completion]:  # fmt: skip
+    """``n`` completions of one prompt: one request when the sampler offers ``complete_n`` (the
+    inference client does), else ``n`` requests seeded ``seed + i``."""
+    complete_n = getattr(sampler, "complete_n", None)
+    if complete_n is not None:
+        return list(await complete_n(prompt_ids, sampling, max_tokens, n, seed))
+    seeds = [None if seed is None else seed + i for i in range(n)]
+    return list(await asyncio.gather(*(sampler.complete(prompt_ids, sampling, max_tokens, s) for s in seeds)))
+
+
+@dataclass
+class FirstTurn:
+    """A group's first turn, sampled in one request for all its rollouts."""
+
+    completions: list[Completion]
+    generate_s: float
+    """Seconds the group waited for it (counted in each rollout's ``generate`` time)."""
+
+
 class RolloutFailure(Exception):
     """Why a rollout cannot be trained on; the text becomes ``Rollout.error``."""
 
@@ -133,8 +153,26 @@ class RolloutRunner:
             reason = f"cannot build the prompt of example {task.example_id}: {type(exc).__name__}: {exc}"
             logger.warning("task {} ({}): {}", task.task_id, task.env_id, reason)
             return [failed_rollout(task, i, reason) for i in range(task.num_rollouts)]
-        runs = (self.run_rollout(task, env, example, messages, prompt, i) for i in range(task.num_rollouts))
+        first = await self._first_turn(task, env, prompt)
+        if isinstance(first, str):
+            logger.warning("task {} ({}): {}", task.task_id, task.env_id, first)
+            return [failed_rollout(task, i, first, prompt_text=messages_text(messages)) for i in range(task.num_rollouts)]
+        runs = (self.run_rollout(task, env, example, messages, prompt, i, first) for i in range(task.num_rollouts))
         return list(await asyncio.gather(*runs))
+
+    async def _first_turn(self, task: RolloutTask, env: Environment, prompt: TokenizedChat) -> FirstTurn | str | None:
+        """Turn 0 of every rollout, sampled together; the reason when that fails; None when the
+        rollouts sample turn 0 themselves (no turn, or a prompt that leaves no room: they say why)."""
+        max_tokens = first_turn_max_tokens(task, prompt)
+        if env.max_turns < 1 or max_tokens < 1:
+            return None
+        seed = task.sampling.seed
+        started = time.monotonic()
+        try:
+            completions = await sample_group(self.sampler, prompt.ids, task.sampling, max_tokens, task.num_rollouts, seed)
+        except InferenceError as exc:
+            return str(exc)
+        return FirstTurn(completions, time.monotonic() - started)
 
     async def run_foreign_task(self, task: RolloutTask, env: Any) -> list[Rollout]:
         """The group of an environment that runs its own loop; any failure errors the whole group."""
@@ -149,13 +187,13 @@ class RolloutRunner:
 
     async def run_rollout(
         self, task: RolloutTask, env: Environment, example: dict[str, Any], messages: list[Message],
-        prompt: TokenizedChat, index: int,
+        prompt: TokenizedChat, index: int, first: FirstTurn | None = None,
     ) -> Rollout:  # fmt: skip
         state = RolloutState(example, [dict(m) for m in messages], len(messages), tools=list(env.tools))
         record, caller = RolloutRecord(), EnvCaller(self.env_timeout_s)
         started = time.monotonic()
         try:
-            await self._play(task, env, state, prompt, record, caller, index)
+            await self._play(task, env, state, prompt, record, caller, index, first)
             score_started, env_used = time.monotonic(), caller.used_s
             reward, breakdown = await self._score(env, state, caller)
             record.timing["score"] = time.monotonic() - score_started
@@ -175,7 +213,7 @@ class RolloutRunner:
 
     async def _play(
         self, task: RolloutTask, env: Environment, state: RolloutState, prompt: TokenizedChat,
-        record: RolloutRecord, caller: EnvCaller, index: int,
+        record: RolloutRecord, caller: EnvCaller, index: int, first: FirstTurn | None,
     ) -> None:  # fmt: skip
         """The turn loop: sample, let the environment answer, append only the new tokens."""
         if type(env).setup is not Environment.setup:  # skip the thread hop for the no-op default
@@ -193,9 +231,13 @@ class RolloutRunner:
                     )
                 state.is_truncated = True
                 return
-            generate_started = time.monotonic()
-            completion = await self.sampler.complete(context, task.sampling, max_tokens, seed)
-            record.timing["generate"] += time.monotonic() - generate_started
+            if first is not None and state.turn == 0:
+                completion = first.completions[index]
+                record.timing["generate"] += first.generate_s
+            else:
+                generate_started = time.monotonic()
+                completion = await self.sampler.complete(context, task.sampling, max_tokens, seed)
+                record.timing["generate"] += time.monotonic() - generate_started
             check_continuity(completion, context)
             record.turns.append(turn_of(completion, new_ids))
             context += completion.token_ids
@@ -235,8 +277,15 @@ class RolloutRunner:
         return rollout
 
 
-def failed_rollout(task: RolloutTask, index: int, reason: str) -> Rollout:
-    return Rollout(rollout_id=f"{task.task_id}/{index}", turns=[], reward=0.0, error=reason)
+def failed_rollout(task: RolloutTask, index: int, reason: str, prompt_text: str = "") -> Rollout:
+    return Rollout(rollout_id=f"{task.task_id}/{index}", turns=[], reward=0.0, error=reason, prompt_text=prompt_text)
+
+
+def first_turn_max_tokens(task: RolloutTask, prompt: TokenizedChat) -> int:
+    """Tokens turn 0 may sample: ``max_tokens``, less when the prompt nearly fills the context."""
+    if prompt.max_model_len is None:
+        return task.sampling.max_tokens
+    return min(task.sampling.max_tokens, prompt.max_model_len - len(prompt.ids))
 
 
 def turn_of(completion: Completion, prompt_ids: list[int]) -> Turn:

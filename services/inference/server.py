@@ -17,6 +17,7 @@ from typing import Any
 from loguru import logger
 
 from rlbus.services.inference.config import InferenceConfig
+from rlbus.services.inference.idle_spin import export_for_workers
 from rlbus.services.inference.worker_extension import WORKER_EXTENSION
 
 
@@ -57,6 +58,7 @@ def run_inference(config: InferenceConfig) -> int:
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 
     cli_env_setup()  # vLLM's CLI default: spawn worker processes
+    export_for_workers(config.worker_idle_spin_s)
     if config.api_key is None and os.environ.get("VLLM_API_KEY"):
         logger.warning("VLLM_API_KEY is ignored; set api_key (or RLBUS_INFERENCE__API_KEY) instead")
     return uvloop.run(serve(config))

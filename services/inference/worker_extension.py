@@ -39,6 +39,7 @@ from loguru import logger
 from rlbus.bus import Bus, BusError
 from rlbus.config.base import BusConfig
 from rlbus.messages import TensorMeta, WeightsAnnounced
+from rlbus.services.inference.idle_spin import apply_in_worker
 from rlbus.weights import fetch_step
 
 if TYPE_CHECKING:
@@ -169,3 +170,7 @@ def manifest_mismatch(manifest: list[TensorMeta], shapes: dict[str, list[int]] |
         if meta.shape != shapes[meta.name]:
             return f"tensor {meta.name} has shape {meta.shape}, the checkpoint has {shapes[meta.name]}"
     return ""
+
+
+# Runs in the vLLM worker when vLLM imports this class, before the worker opens its message queues.
+apply_in_worker()

@@ -87,14 +87,17 @@ def make_handler(tokenizer: Any, policy: FakePolicy) -> type[BaseHTTPRequestHand
                 )  # fmt: skip
                 self._answer(200, {"tokens": list(ids), "max_model_len": 1024})
             elif self.path == "/v1/completions":
-                prompt = tokenizer.decode(body["prompt"])
-                text, policy_step = policy.complete(USER_TEXT.findall(prompt)[-1])
-                ids = tokenizer.encode(text, add_special_tokens=False) + [end_of_turn]
-                choice = {"text": text, "token_ids": ids, "logprobs": {"token_logprobs": [-0.1] * len(ids)},
-                          "finish_reason": "stop", "policy_step": policy_step}  # fmt: skip
-                self._answer(200, {"choices": [choice]})
+                # ``n`` choices, each answered like a request of its own (vLLM samples them independently).
+                user_text = USER_TEXT.findall(tokenizer.decode(body["prompt"]))[-1]
+                self._answer(200, {"choices": [self._choice(index, user_text) for index in range(body.get("n", 1))]})
             else:
                 self._answer(404, {"error": f"no route {self.path}"})
+
+        def _choice(self, index: int, user_text: str) -> dict:
+            text, policy_step = policy.complete(user_text)
+            ids = tokenizer.encode(text, add_special_tokens=False) + [end_of_turn]
+            return {"index": index, "text": text, "token_ids": ids, "logprobs": {"token_logprobs": [-0.1] * len(ids)},
+                    "finish_reason": "stop", "policy_step": policy_step}  # fmt: skip
 
         def _answer(self, status: int, payload: dict) -> None:
             data = json.dumps(payload).encode()

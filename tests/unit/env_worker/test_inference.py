@@ -95,7 +95,43 @@ def test_a_completion_carries_tokens_logprobs_and_the_policy_step(servers: list[
     path, body = server.requests[0]
     assert path == "/v1/completions"
     assert body == {"prompt": [1, 2], "max_tokens": 16, "temperature": 0.7, "top_p": 1.0, "logprobs": 0,
-                    "return_token_ids": True, "stop": ["\n"], "seed": 5, "model": "policy"}  # fmt: skip
+                    "return_token_ids": True, "n": 1, "stop": ["\n"], "seed": 5, "model": "policy"}  # fmt: skip
+
+
+def choice(index: int, token: int) -> dict[str, Any]:
+    return {"index": index, "text": chr(token), "token_ids": [token], "finish_reason": "stop",
+            "prompt_token_ids": [1, 2], "logprobs": {"token_logprobs": [-0.5]}}  # fmt: skip
+
+
+def test_a_group_is_sampled_in_one_request_and_choices_come_back_in_index_order(servers: list[ScriptedServer]) -> None:
+    server = servers[0]
+    server.script = [(200, {"choices": [choice(2, 99), choice(0, 97), choice(1, 98)]}, {"X-Policy-Step": "4"})]
+    inference = client([server.url])
+
+    async def run() -> Any:
+        try:
+            return await inference.complete_n([1, 2], SamplingParams(), 8, 3, seed=11)
+        finally:
+            await inference.close()
+
+    completions = asyncio.run(run())
+    assert [c.token_ids for c in completions] == [[97], [98], [99]] and {c.policy_step for c in completions} == {4}
+    assert server.posts() == ["/v1/completions"] and server.requests[0][1]["n"] == 3
+
+
+def test_a_group_answer_with_the_wrong_number_of_choices_is_an_error(servers: list[ScriptedServer]) -> None:
+    server = servers[0]
+    server.script = [(200, {"choices": [choice(0, 97)]}, {})]
+    inference = client([server.url])
+
+    async def run() -> Any:
+        try:
+            return await inference.complete_n([1, 2], SamplingParams(), 8, 2)
+        finally:
+            await inference.close()
+
+    with pytest.raises(InferenceError, match="asked for 2 choice"):
+        asyncio.run(run())
 
 
 def test_the_policy_step_may_come_in_the_body_and_defaults_to_zero(servers: list[ScriptedServer]) -> None:
@@ -170,7 +206,7 @@ def test_malformed_answers_are_errors(servers: list[ScriptedServer]) -> None:
     no_ids = {"choices": [{"text": "hi", "logprobs": {"token_logprobs": [-1.0]}}]}
     short = {"choices": [{"text": "hi", "token_ids": [1, 2], "logprobs": {"token_logprobs": [-1.0]}}]}
     server.script = [(200, b"not json", {}), (200, no_ids, {}), (200, short, {})]
-    for expected in ("not JSON", "without choices\\[0\\].token_ids", "2 tokens but logprobs"):
+    for expected in ("not JSON", "without choices\\[i\\].token_ids", "2 tokens but logprobs"):
         with pytest.raises(InferenceError, match=expected):
             complete(client([server.url]))
 

@@ -213,3 +213,46 @@ def test_non_numeric_metrics_error_and_non_finite_ones_are_dropped(scripted, ren
     env = Metrics([{"prompt": "p", "info": {"bad": "high"}}], Rubric([]))
     (rollout,) = asyncio.run(runner.run_task(task(num_rollouts=1), env))
     assert rollout.error == "metric bad is str 'high', not a number"
+
+
+def test_a_groups_first_turn_is_one_request_for_all_its_rollouts(scripted, renderer: TurnRenderer, tokenizer) -> None:
+    """A sampler with ``complete_n`` gets one request per group for turn 0; later turns go one by one."""
+    inner = scripted(lambda prompt, seed: f"guess {seed}")
+
+    class Grouping:
+        def __init__(self) -> None:
+            self.groups: list[tuple[int, int | None]] = []
+
+        async def complete(self, *args: Any) -> Any:
+            return await inner.complete(*args)
+
+        async def complete_n(self, prompt_ids, sampling, max_tokens, n, seed):  # type: ignore[no-untyped-def]
+            self.groups.append((n, seed))
+            return [await inner.complete(prompt_ids, sampling, max_tokens, seed + i) for i in range(n)]
+
+    class TwoTurns(Environment):
+        def env_response(self, state: RolloutState) -> list:
+            return [{"role": "user", "content": "again"}]
+
+    sampler = Grouping()
+    env = TwoTurns([{"prompt": "go"}], Rubric([]), max_turns=2)
+    rollouts = asyncio.run(RolloutRunner(sampler, renderer, 5).run_task(task(num_rollouts=3, seed=10), env))
+    assert sampler.groups == [(3, 10)]
+    assert [len(r.turns) for r in rollouts] == [2, 2, 2] and all(r.error is None for r in rollouts)
+    # Turn 0 of rollout i is the group's i-th sample; turn 1 is its own request with seed 10 + i.
+    assert [tokenizer.decode(r.turns[0].completion_ids[:-1]) for r in rollouts] == ["guess 10", "guess 11", "guess 12"]
+    assert len(inner.prompts) == 6
+
+
+def test_a_failed_group_request_errors_every_rollout(renderer: TurnRenderer) -> None:
+    class Down:
+        async def complete(self, *args: Any) -> Any:
+            raise AssertionError("turn 0 goes through complete_n")
+
+        async def complete_n(self, *args: Any) -> Any:
+            raise InferenceUnavailable("/completions failed 6 time(s): connection refused")
+
+    env = Environment([{"prompt": "x"}], Rubric([]))
+    rollouts = asyncio.run(RolloutRunner(Down(), renderer, 5).run_task(task(num_rollouts=4), env))
+    assert [r.error for r in rollouts] == ["/completions failed 6 time(s): connection refused"] * 4
+    assert all(r.prompt_text == "x" for r in rollouts)
