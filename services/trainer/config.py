@@ -71,6 +71,11 @@ class TrainingConfig(ServiceConfig):
     """Parameter and compute dtype; use float32 on CPUs without bf16 units."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel of transformers; all of them keep packed samples apart."""
+    row_layout: Literal["auto", "packed", "padded"] = "auto"
+    """How a packed micro-batch runs through the model: ``packed`` as one sequence (samples kept apart
+    by a block-diagonal mask), ``padded`` as a padded batch of its samples (attention then costs the
+    sum of squared sample lengths, not the row length squared); ``auto`` is packed with
+    flash_attention_2 (its varlen kernel skips cross-sample work) and padded otherwise."""
     optimizer: OptimizerConfig = OptimizerConfig()
     """Optimizer settings."""
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -79,6 +84,10 @@ class TrainingConfig(ServiceConfig):
     """Checkpointing."""
     peak_flops: float | None = Field(None, gt=0)
     """Peak FLOP/s per rank for MFU; None measures matmul throughput at start."""
+
+    def padded_rows(self) -> bool:
+        """Whether micro-batches run as padded batches of their samples (``row_layout``)."""
+        return self.row_layout == "padded" or (self.row_layout == "auto" and self.attn_implementation != "flash_attention_2")
 
 
 class TrainerConfig(TrainingConfig):

@@ -61,7 +61,8 @@ def build_runtime(config: TrainingConfig, loss: LossConfig | None, total_steps: 
         logger.info("loaded {} ({:,} parameters, {}) on {} rank(s); peak {:.1f} GFLOP/s per rank{}",
                     config.model, sum(p.numel() for p in model.parameters()), config.dtype, ctx.world_size,
                     peak_flops / 1e9, "" if config.peak_flops else " (measured)")  # fmt: skip
-    trainer = TrainStep(model, optimizer, schedule, ctx, config.optimizer.max_grad_norm, loss, peak_flops)
+    trainer = TrainStep(model, optimizer, schedule, ctx, config.optimizer.max_grad_norm, loss, peak_flops,
+                        config.padded_rows())
     ckpt = CheckpointManager(config.output_dir, config.ckpt, ctx)
     if ctx.is_main:
         ckpt.remove_partials()

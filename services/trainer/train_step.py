@@ -47,7 +47,7 @@ class TrainStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: LRSchedule,
                  ctx: DistContext, max_grad_norm: float, loss: LossConfig | None,
-                 peak_flops: float) -> None:  # fmt: skip
+                 peak_flops: float, padded_rows: bool = False) -> None:  # fmt: skip
         self.model = model
         self.optimizer = optimizer
         self.schedule = schedule
@@ -56,6 +56,8 @@ class TrainStep:
         self.loss_config = loss
         self.flops_model = FlopsModel.of(model)
         self.peak_flops = peak_flops
+        self.padded_rows = padded_rows
+        """Run each row as a padded batch of its samples (TrainingConfig.row_layout)."""
 
     def loss_share(self, inputs: LossInputs, num_loss_tokens: int) -> LossOutput:
         if self.loss_config is None:
@@ -84,7 +86,7 @@ class TrainStep:
         return metrics
 
     def _micro_step(self, row: RowTensors, num_loss_tokens: int, stats: StepStats) -> None:
-        logprobs, entropy = row_logprobs(self.model, row)
+        logprobs, entropy = row_logprobs(self.model, row, self.padded_rows)
         ids = sample_ids(row.position_ids)
         inputs = LossInputs(logprobs=logprobs, inference_logprobs=row.inference_logprobs,
                             advantages=row.advantages, loss_mask=row.loss_mask, sample_ids=ids)  # fmt: skip
@@ -152,7 +154,7 @@ class TrainStep:
         """Mean loss over ``rows`` of every rank without training (SFT validation)."""
         total = torch.zeros(1, dtype=torch.float64, device=self.ctx.device)
         for row in rows:
-            logprobs, _ = row_logprobs(self.model, row)
+            logprobs, _ = row_logprobs(self.model, row, self.padded_rows)
             inputs = LossInputs(logprobs=logprobs, inference_logprobs=row.inference_logprobs,
                                 advantages=row.advantages, loss_mask=row.loss_mask,
                                 sample_ids=sample_ids(row.position_ids))  # fmt: skip

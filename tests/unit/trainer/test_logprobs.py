@@ -30,13 +30,14 @@ def test_sample_ids_follow_position_restarts():
     assert sample_lengths(positions).tolist() == [3, 2, 1, 2]
 
 
-def test_packed_row_matches_samples_run_separately(model):
+@pytest.mark.parametrize("padded", [False, True], ids=["packed", "padded"])
+def test_packed_row_matches_samples_run_separately(model, padded):
     rng = np.random.default_rng(0)
     samples = [rng.integers(0, 256, size=n) for n in (9, 4, 13)]
     with torch.no_grad():
         alone = [row_logprobs(model, row(s, np.arange(len(s))))[0] for s in samples]
         positions = np.concatenate([np.arange(len(s)) for s in samples])
-        packed, _ = row_logprobs(model, row(np.concatenate(samples), positions))
+        packed, _ = row_logprobs(model, row(np.concatenate(samples), positions), padded=padded)
     start = 0
     for sample, expected in zip(samples, alone, strict=True):
         got = packed[start:start + len(sample)]
@@ -47,6 +48,28 @@ def test_packed_row_matches_samples_run_separately(model):
     with torch.no_grad():
         leaked, _ = row_logprobs(model, row(np.concatenate(samples[:2]), np.arange(13)))
     assert not torch.allclose(leaked[10:13], alone[1][1:4], atol=1e-4)
+
+
+def test_both_layouts_give_the_same_logprobs_entropy_and_gradients(model):
+    rng = np.random.default_rng(1)
+    lengths = (7, 12, 3, 12)
+    ids = rng.integers(0, 256, size=sum(lengths))
+    positions = np.concatenate([np.arange(n) for n in lengths])
+    results = []
+    for padded in (False, True):
+        model.zero_grad()
+        logprobs, entropy = row_logprobs(model, row(ids, positions), padded=padded)
+        logprobs.sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((logprobs.detach(), entropy, grads))
+    model.zero_grad()
+    (packed_lp, packed_entropy, packed_grad), (padded_lp, padded_entropy, padded_grad) = results
+    starts = np.cumsum((0, *lengths[:-1]))
+    keep = torch.ones(len(ids), dtype=torch.bool)
+    keep[torch.as_tensor(starts)] = False  # no prediction for a sample's first token in either layout
+    torch.testing.assert_close(padded_lp[keep], packed_lp[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded_entropy[keep], packed_entropy[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded_grad, packed_grad, rtol=1e-4, atol=1e-5)
 
 
 def test_logits_are_divided_by_each_tokens_temperature(model):
