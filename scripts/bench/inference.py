@@ -299,13 +299,7 @@ def main() -> None:
     runs = {"offline LLM.generate": run_offline(args, model, workdir / "offline.log")}
     clients = f"{args.concurrency} HTTP clients"
     if not args.skip_vllm_serve:
-        baseline = VllmServe(model, args.max_num_seqs, workdir / "vllm-serve.log")
-        try:
-            runs[f"vllm serve, {clients}"] = asyncio.run(
-                run_clients(f"http://127.0.0.1:{baseline.port}", model, prompts, args.max_tokens, args.concurrency)
-            )
-        finally:
-            baseline.close()
+        runs[f"vllm serve, {clients}"] = vllm_serve_baseline(args, model, prompts, workdir)
     service = Service(model, workdir, args.max_num_seqs)
     try:
         runs[f"rlbus inference, {clients}"] = asyncio.run(
@@ -316,6 +310,27 @@ def main() -> None:
         service.close()
     report(args, model, runs, rates, raw)
     shutil.rmtree(workdir)  # kept when something failed: its logs say why
+
+
+def vllm_serve_baseline(args: argparse.Namespace, model: str, prompts: list[list[int]],
+                        workdir: Path) -> tuple[int, float]:  # fmt: skip
+    """Plain ``vllm serve`` through the same clients. Its engine has died mid-run here (EngineDeadError
+    after "shutdown triggered", then httpx.ReadError in the clients); a run that fails so is started
+    afresh once, and the failure is reported rather than ending the benchmark."""
+    for attempt in (1, 2):
+        log = workdir / f"vllm-serve-{attempt}.log"
+        baseline = VllmServe(model, args.max_num_seqs, log)
+        try:
+            return asyncio.run(run_clients(f"http://127.0.0.1:{baseline.port}", model, prompts, args.max_tokens,
+                                           args.concurrency))  # fmt: skip
+        except httpx.HTTPError as exc:
+            sys.stderr.write(f"[bench] plain vllm serve failed on attempt {attempt} ({type(exc).__name__}: {exc}); "
+                             f"its log: {log}\n")  # fmt: skip
+            if attempt == 2:
+                raise
+        finally:
+            baseline.close()
+    raise AssertionError("unreachable")
 
 
 def tiny_model(out: Path) -> Path:

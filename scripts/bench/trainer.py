@@ -1,19 +1,25 @@
-"""Trainer throughput on fixed batches, against a bare forward/backward loop in the same run.
+"""Trainer throughput on RL batches of the quickstart's shape, against simple alternatives in the same run.
 
-Both loops train the same freshly built tiny Qwen3 model on the same packed
-micro-batches (samples of ``--sample-len`` tokens packed into rows of
-``--seq-len``), one AdamW step per batch of ``--micro-batches`` rows:
+Each step trains on a fresh batch like the quickstart's: ``--samples`` sequences of
+``--min-len``..``--max-len`` tokens (a ``--prompt-len`` prompt, the rest completion
+with loss), packed by the orchestrator's own ``pack_batch`` into rows of ``--seq-len``
+tokens. Loops, each on its own copy of the same model:
 
-* ours: what the trainer does per step: batch checks, tensors from the message,
-  temperature-scaled logprobs, the default masked-IS loss, entropy and mismatch
-  statistics, grad clipping, the scheduled learning rate, AdamW;
-* bare: ``model(ids, position_ids).logits`` -> cross-entropy -> backward -> AdamW.
+* ours: what the trainer does per step (``TrainStep``: batch checks, tensors from the
+  message, temperature-scaled logprobs, the default masked-IS loss, entropy and mismatch
+  statistics, grad clipping, the scheduled rate, AdamW), rows run as ``trainer.row_layout``
+  says (``auto``: padded batches of each row's samples on CPU);
+* ours-packed: the same with every row run packed (``row_layout = "packed"``, the layout
+  before the padded one);
+* padded: the best simple alternative, one padded batch of all the samples
+  (``model(ids, attention_mask)`` -> cross-entropy -> backward -> AdamW);
+* packed: the same bare loop over the packed rows.
 
-Tokens/s are the median over ``--steps`` timed steps after one warm-up step each,
-alternating the two loops so both see the same machine load. MFU is our FLOPs
-estimate (services/trainer/perf.py) over a float32 matmul peak measured here.
+Tokens/s count real tokens (no padding). Medians over ``--steps`` timed steps after one
+warm-up step each, the loops alternating so they see the same machine load. The last
+line is ``trainer ours/padded <ratio>`` (target >= 0.9).
 
-    python scripts/bench/trainer.py [--hidden 256] [--layers 4] [--seq-len 1024] [--steps 5]
+    python scripts/bench/trainer.py [--model DIR] [--samples 64] [--seq-len 1024] [--steps 5]
 """
 
 from __future__ import annotations
@@ -29,14 +35,16 @@ import numpy as np
 import torch
 
 from rlbus.logging import setup_logging
-from rlbus.messages import MicroBatch, TrainBatch
+from rlbus.messages import TrainBatch
 from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
+from rlbus.services.orchestrator.packing import pack_batch
+from rlbus.services.orchestrator.rollouts import PackSample
 from rlbus.services.trainer.batch import check_batch
-from rlbus.services.trainer.config import LossConfig, OptimizerConfig, SchedulerConfig
+from rlbus.services.trainer.config import LossConfig, OptimizerConfig, SchedulerConfig, TrainerConfig
 from rlbus.services.trainer.distributed import DistContext
 from rlbus.services.trainer.logprobs import RowTensors
 from rlbus.services.trainer.model import load_model
-from rlbus.services.trainer.perf import FlopsModel, measure_peak_flops
+from rlbus.services.trainer.perf import measure_peak_flops
 from rlbus.services.trainer.schedule import LRSchedule
 from rlbus.services.trainer.train_step import TrainStep, build_optimizer
 
@@ -44,19 +52,16 @@ CTX = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")
 
 
 def make_batch(step: int, args: argparse.Namespace, vocab: int) -> TrainBatch:
-    """Rows of whole samples (a quarter prompt, the rest completion with loss)."""
+    """The orchestrator's packing of ``args.samples`` random RL samples."""
     rng = np.random.default_rng(step)
-    per_row = args.seq_len // args.sample_len
-    n, prompt = per_row * args.sample_len, args.sample_len // 4
-    positions = np.tile(np.arange(args.sample_len), per_row).astype(np.int32)
-    mask = positions >= prompt
-    micro = [MicroBatch(input_ids=rng.integers(0, vocab, n).astype(np.int32), position_ids=positions, loss_mask=mask,
-                        advantages=np.repeat(rng.choice([-1.0, 1.0], per_row), args.sample_len).astype(np.float32),
-                        inference_logprobs=np.where(mask, -rng.uniform(4, 7, n), 0).astype(np.float32),
-                        temperatures=np.ones(n, np.float32))
-             for _ in range(args.micro_batches)]  # fmt: skip
-    return TrainBatch(step=step, rank=0, world_size=1, micro_batches=micro,
-                      num_loss_tokens=int(mask.sum()) * args.micro_batches)  # fmt: skip
+    samples = []
+    for length in rng.integers(args.min_len, args.max_len + 1, args.samples).tolist():
+        mask = np.arange(length) >= args.prompt_len
+        samples.append(PackSample(input_ids=rng.integers(0, vocab, length).astype(np.int32), loss_mask=mask,
+                                  inference_logprobs=np.where(mask, -rng.uniform(0.5, 3, length), 0).astype(np.float32),
+                                  advantage=float(rng.choice([-0.2, 0.2])), temperature=1.0))  # fmt: skip
+    (batch,), _ = pack_batch(samples, step, args.seq_len, world_size=1)
+    return batch
 
 
 def ours(model: torch.nn.Module, trainer: TrainStep, batch: TrainBatch) -> None:
@@ -65,7 +70,30 @@ def ours(model: torch.nn.Module, trainer: TrainStep, batch: TrainBatch) -> None:
     trainer.run(batch.step, rows, batch.num_loss_tokens)
 
 
-def bare(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: TrainBatch) -> None:
+def samples_of(batch: TrainBatch) -> list[np.ndarray]:
+    """The batch's sequences, unpacked (a new one starts wherever a position is 0)."""
+    found = []
+    for micro in batch.micro_batches:
+        starts = np.flatnonzero(np.asarray(micro.position_ids) == 0).tolist() + [len(micro.input_ids)]
+        found += [np.asarray(micro.input_ids[a:b]) for a, b in zip(starts, starts[1:]) if b - a > 1]
+    return found
+
+
+def bare_padded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: TrainBatch) -> None:
+    samples = samples_of(batch)
+    longest = max(len(s) for s in samples)
+    ids = torch.zeros(len(samples), longest, dtype=torch.int64)
+    mask = torch.zeros(len(samples), longest, dtype=torch.int64)
+    for i, sample in enumerate(samples):
+        ids[i, :len(sample)], mask[i, :len(sample)] = torch.from_numpy(sample.astype(np.int64)), 1
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).backward()
+    optimizer.step()
+
+
+def bare_packed(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: TrainBatch) -> None:
     optimizer.zero_grad(set_to_none=True)
     for micro in batch.micro_batches:
         ids = torch.tensor(np.asarray(micro.input_ids), dtype=torch.int64)
@@ -75,57 +103,72 @@ def bare(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: TrainB
     optimizer.step()
 
 
+def build_model(args: argparse.Namespace, folder: str) -> str:
+    if args.model:
+        return args.model
+    tiny = TinyModelConfig(out=Path(folder), hidden_size=args.hidden, num_layers=args.layers, num_heads=2,
+                           num_kv_heads=1, intermediate_size=4 * args.hidden, max_position_embeddings=512)  # fmt: skip
+    build_tiny_model(folder, tiny)
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--model", default=None, help="model folder (default: a tiny model of the quickstart's size)")
+    parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--min-len", type=int, default=130)
+    parser.add_argument("--max-len", type=int, default=200)
+    parser.add_argument("--prompt-len", type=int, default=110)
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--sample-len", type=int, default=256)
-    parser.add_argument("--micro-batches", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     setup_logging("bench", None, level="warning")
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as folder:
-        tiny = TinyModelConfig(out=Path(folder), hidden_size=args.hidden, num_layers=args.layers,
-                               intermediate_size=3 * args.hidden,
-                               max_position_embeddings=max(2048, args.seq_len))  # fmt: skip
-        build_tiny_model(folder, tiny)
-        model_ours = load_model(folder, "float32", CTX.device)
-        model_bare = load_model(folder, "float32", CTX.device)
+        path = build_model(args, folder)
+        models = {name: load_model(path, "float32", CTX.device) for name in LOOPS}
     peak = measure_peak_flops(CTX.device, torch.float32)
     optim = OptimizerConfig(lr=1e-5)
-    trainer = TrainStep(model_ours, build_optimizer(model_ours, optim), LRSchedule(1e-5, SchedulerConfig(), None),
-                        CTX, 1.0, LossConfig(), peak)  # fmt: skip
-    optimizer_bare = build_optimizer(model_bare, optim)
-    vocab = model_ours.config.vocab_size
+    optimizers = {name: build_optimizer(model, optim) for name, model in models.items()}
+    trainers = {name: TrainStep(models[name], optimizers[name], LRSchedule(1e-5, SchedulerConfig(), None), CTX, 1.0,
+                                LossConfig(), peak, padded_rows=layout)
+                for name, layout in (("ours", TrainerConfig().padded_rows()), ("ours-packed", False))}  # fmt: skip
+    vocab = models["ours"].config.vocab_size
     batches = [make_batch(step, args, vocab) for step in range(1, args.steps + 2)]
-    tokens = sum(m.input_ids.size for m in batches[0].micro_batches)
-    lengths = [args.sample_len] * (args.seq_len // args.sample_len) * args.micro_batches
-    flops = FlopsModel.of(model_ours).training_flops(lengths)
-
-    times: dict[str, list[float]] = {"ours": [], "bare": []}
+    times: dict[str, list[float]] = {name: [] for name in LOOPS}
+    tokens: list[int] = []
     for index, batch in enumerate(batches):
-        for name in ("ours", "bare"):
+        for name in LOOPS:
             started = time.perf_counter()
-            if name == "ours":
-                ours(model_ours, trainer, batch)
+            if name in trainers:
+                ours(models[name], trainers[name], batch)
             else:
-                bare(model_bare, optimizer_bare, batch)
+                (bare_padded if name == "padded" else bare_packed)(models[name], optimizers[name], batch)
             if index > 0:  # the first step warms up allocators and kernels
                 times[name].append(time.perf_counter() - started)
+        if index > 0:
+            tokens.append(sum(len(s) for s in samples_of(batch)))
+    report(models["ours"], args, batches[0], times, statistics.median(tokens), peak)
 
-    params = sum(p.numel() for p in model_ours.parameters())
-    sys.stdout.write(f"model: {params / 1e6:.1f}M params, {args.layers} layers x {args.hidden}; "
-                     f"batch: {args.micro_batches} rows x {args.seq_len} tokens ({tokens} tokens/step); "
+
+def report(model: torch.nn.Module, args: argparse.Namespace, batch: TrainBatch, times: dict[str, list[float]],
+           tokens: float, peak: float) -> None:  # fmt: skip
+    params = sum(p.numel() for p in model.parameters())
+    sys.stdout.write(f"model: {params / 1e6:.1f}M params; batch: {args.samples} samples of "
+                     f"{args.min_len}-{args.max_len} tokens in {len(batch.micro_batches)} rows of <= {args.seq_len}; "
                      f"torch threads: {torch.get_num_threads()}; matmul peak {peak / 1e9:.0f} GFLOP/s\n")  # fmt: skip
-    sys.stdout.write(f"{'loop':<5} {'s/step':>8} {'tokens/s':>9} {'MFU':>6} {'ours/bare':>9}\n")
     median = {name: statistics.median(values) for name, values in times.items()}
-    for name in ("ours", "bare"):
-        ratio = f"{median['bare'] / median['ours']:.2f}" if name == "ours" else ""
-        mfu = flops / median[name] / peak
-        sys.stdout.write(f"{name:<5} {median[name]:>8.3f} {tokens / median[name]:>9.0f} {mfu:>6.1%} {ratio:>9}\n")
+    sys.stdout.write(f"{'loop':<12} {'s/step':>8} {'tokens/s':>9} {'/padded':>8}\n")
+    for name in LOOPS:
+        sys.stdout.write(f"{name:<12} {median[name]:>8.3f} {tokens / median[name]:>9.0f} "
+                         f"{median['padded'] / median[name]:>8.2f}\n")  # fmt: skip
+    sys.stdout.write(f"trainer ours/padded {median['padded'] / median['ours']:.2f}\n")
+
+
+LOOPS = ("ours", "ours-packed", "padded", "packed")
 
 
 if __name__ == "__main__":

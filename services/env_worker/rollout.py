@@ -156,7 +156,8 @@ class RolloutRunner:
         first = await self._first_turn(task, env, prompt)
         if isinstance(first, str):
             logger.warning("task {} ({}): {}", task.task_id, task.env_id, first)
-            return [failed_rollout(task, i, first, prompt_text=messages_text(messages)) for i in range(task.num_rollouts)]
+            prompt_text = messages_text(messages)
+            return [failed_rollout(task, i, first, prompt_text) for i in range(task.num_rollouts)]
         runs = (self.run_rollout(task, env, example, messages, prompt, i, first) for i in range(task.num_rollouts))
         return list(await asyncio.gather(*runs))
 
@@ -166,10 +167,10 @@ class RolloutRunner:
         max_tokens = first_turn_max_tokens(task, prompt)
         if env.max_turns < 1 or max_tokens < 1:
             return None
-        seed = task.sampling.seed
         started = time.monotonic()
         try:
-            completions = await sample_group(self.sampler, prompt.ids, task.sampling, max_tokens, task.num_rollouts, seed)
+            completions = await sample_group(self.sampler, prompt.ids, task.sampling, max_tokens, task.num_rollouts,
+                                             task.sampling.seed)  # fmt: skip
         except InferenceError as exc:
             return str(exc)
         return FirstTurn(completions, time.monotonic() - started)
