@@ -118,7 +118,7 @@ def stop_session(process: subprocess.Popen) -> None:
 class Service:
     """``rlbus inference`` in a subprocess; this process is its trainer, orchestrator and monitor."""
 
-    def __init__(self, model: str, workdir: Path, max_num_seqs: int) -> None:
+    def __init__(self, model: str, workdir: Path, max_num_seqs: int, engine: dict | None = None) -> None:
         endpoints = {name: f"tcp://127.0.0.1:{free_loopback_port()}" for name in BusEndpoints.model_fields}
         self.bus_config = BusConfig(endpoints=BusEndpoints(**endpoints), linger_ms=0, heartbeat_interval_s=1)
         self.bus = Bus(self.bus_config)
@@ -128,11 +128,11 @@ class Service:
         self.orchestrator = self.bus.bind(zmq.ROUTER, endpoints["orchestrator_policy"], "policy")
         self.port = free_loopback_port()
         config = InferenceConfig(model=model, output_dir=workdir / "out", port=self.port, max_num_seqs=max_num_seqs,
-                                 startup_weights_timeout_s=5, bus=self.bus_config, **ENGINE)  # fmt: skip
+                                 startup_weights_timeout_s=5, bus=self.bus_config, **(engine or ENGINE))  # fmt: skip
         (workdir / "inference.toml").write_text(to_toml(config))
         self.log = (workdir / "inference.log").open("wb")  # a subprocess writes it; closed with this process
-        self.process = subprocess.Popen([sys.executable, "-m", "rlbus", "inference", "@", str(workdir / "inference.toml")],
-                                        stdout=self.log, stderr=subprocess.STDOUT, env=os.environ | ENV,
+        command = [sys.executable, "-m", "rlbus", "inference", "@", str(workdir / "inference.toml")]
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ | ENV,
                                         start_new_session=True)  # fmt: skip
         self.telemetry(Heartbeat, lambda m: m.status == "ready", STARTUP_S)
 

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inference import ENGINE as ENGINE_SETTINGS  # noqa: E402
 from inference import ENV, STARTUP_S, Service, stop_session  # noqa: E402
 
 EXAMPLES_PER_ROUND, ROLLOUTS, MAX_TOKENS = 8, 8, 64
@@ -125,11 +126,15 @@ def main() -> None:
     if args.offline_child:
         offline_child(args.model, args.rounds)
         return
+    from rlbus.logging import setup_logging
+
+    setup_logging("bench", None, level="warning")
     with tempfile.TemporaryDirectory(prefix="bench-rollouts-") as name:
         workdir = Path(name)
         model = args.model or quickstart_tiny_model(workdir / "model")
         offline = run_offline(model, args.rounds, workdir / "offline.log")
-        service = Service(model, workdir, max_num_seqs=64)
+        # The quickstart's engine settings: its model has 512 positions.
+        service = Service(model, workdir, max_num_seqs=64, engine={**ENGINE_SETTINGS, "max_model_len": 512})
         try:
             ours = asyncio.run(env_worker_rounds(f"http://127.0.0.1:{service.port}/v1", args.rounds))
         finally:

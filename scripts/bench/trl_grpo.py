@@ -35,6 +35,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--length-penalty", type=float, default=0.0,
+                        help="subtract this x completion tokens / max tokens from each reward (as rlbus's "
+                             "orchestrator.advantage.length_penalty does), so a model that never earns the task's "
+                             "reward still trains on something")
     parser.add_argument("--env-args", default='{"min_words": 1, "max_words": 2}', help="reverse-text arguments (JSON)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -49,11 +53,17 @@ def dataset_rows(env_args: dict[str, Any]) -> list[dict[str, Any]]:
             for i in range(env.num_examples)]  # fmt: skip
 
 
-def reverse_text_reward(completions: list, answer: list, **_: Any) -> list[float]:
-    """The environment's own reward (difflib ratio of the tagged answer), on TRL's chat completions."""
+def reverse_text_reward(penalty: float, max_tokens: int) -> Any:
+    """The environment's own reward (difflib ratio of the tagged answer) on TRL's chat completions, less
+    ``penalty`` x the share of ``max_tokens`` used."""
     from rlbus.environments.builtin.reverse_text import lcs_reward
 
-    return [lcs_reward(completion[0]["content"], target) for completion, target in zip(completions, answer)]
+    def reward(completions: list, answer: list, completion_ids: list, **_: Any) -> list[float]:
+        return [lcs_reward(completion[0]["content"], target) - penalty * len(ids) / max_tokens
+                for completion, target, ids in zip(completions, answer, completion_ids)]  # fmt: skip
+
+    reward.__name__ = "reverse_text_reward"
+    return reward
 
 
 class StepClock:
@@ -100,7 +110,8 @@ def main() -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    trainer = GRPOTrainer(model=model, reward_funcs=reverse_text_reward, args=config, processing_class=tokenizer,
+    reward = reverse_text_reward(args.length_penalty, args.max_tokens)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, processing_class=tokenizer,
                           train_dataset=Dataset.from_list(dataset_rows(json.loads(args.env_args))))  # fmt: skip
     clock = StepClock()
     clock.wrap_generation(trainer)

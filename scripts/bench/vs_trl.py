@@ -41,6 +41,10 @@ QUICKSTART = ROOT / "configs" / "quickstart"
 SFT_STEPS = 45
 SETTINGS = ("tiny-async0", "tiny-async1", "smollm2-async1")
 LEARNING_RATES = {"tiny": 3e-4, "smollm2": 1e-6}
+# SmolLM2 never earns reverse-text reward (no tags): on both sides a length penalty (rlbus:
+# orchestrator.advantage.length_penalty; TRL: the same term in its reward) gives every group a signal,
+# so rlbus, which drops groups without one, trains on the same samples as TRL.
+LENGTH_PENALTIES = {"tiny": 0.0, "smollm2": 0.5}
 
 
 @dataclass
@@ -99,7 +103,8 @@ def prepare_model(kind: str, folder: Path, tiny_model: Path | None) -> Path:
 def run_trl(model: Path, kind: str, folder: Path, steps: int, timeout_s: float) -> Side:
     out = folder / f"trl-{kind}.json"
     command = [sys.executable, str(ROOT / "scripts" / "bench" / "trl_grpo.py"), "--model", str(model),
-               "--out", str(out), "--steps", str(steps), "--lr", str(LEARNING_RATES[kind])]  # fmt: skip
+               "--out", str(out), "--steps", str(steps), "--lr", str(LEARNING_RATES[kind]),
+               "--length-penalty", str(LENGTH_PENALTIES[kind])]  # fmt: skip
     run_quietly(command, "TRL GRPOTrainer", timeout_s)
     result = json.loads(out.read_text())
     steps_ = result["steps"]
@@ -119,6 +124,7 @@ def overlay(folder: Path, name: str, kind: str, async_level: int) -> Path:
     lines += [f'{endpoint} = "tcp://127.0.0.1:{free_loopback_port()}"' for endpoint in BusEndpoints.model_fields]
     lines += ["[inference]", f"port = {port}", "[env_worker]", f'inference_urls = ["http://127.0.0.1:{port}/v1"]']
     lines += ["[orchestrator]", f"max_async_level = {async_level}"]
+    lines += ["[orchestrator.advantage]", f"length_penalty = {LENGTH_PENALTIES[kind]}"]
     lines += ["[trainer.optimizer]", f"lr = {LEARNING_RATES[kind]}"]
     path = folder / f"{name}.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -164,8 +170,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
     parser.add_argument("--steps", type=int, default=30, help="steps of the tiny-model settings")
-    parser.add_argument("--smollm2-steps", type=int, default=4,
-                        help="steps of smollm2-async1 (~1-3 min a step on 2 cores, mostly training on both sides)")
+    parser.add_argument("--smollm2-steps", type=int, default=6,
+                        help="steps of smollm2-async1 (~2 min a step here; more than the 5 warm-up steps)")
     parser.add_argument("--tiny-model", type=Path, default=None,
                         help="the quickstart's SFT weights (default: built here, as the quickstart does)")
     parser.add_argument("--folder", type=Path, default=None, help="keep models and runs here (default: a temp dir)")
