@@ -365,6 +365,9 @@ class WeightsFetch(Message, kw_only=True):
     replica_id: str
     step: int
     bucket: int
+    nonce: int = 0
+    """Echoed in the ``WeightsBucket``, so a late reply to an earlier request is told apart
+    (0: a peer that predates it; such replies are matched by step and bucket only)."""
 
 
 class WeightsBucket(Message, kw_only=True):
@@ -375,6 +378,8 @@ class WeightsBucket(Message, kw_only=True):
     names: list[str]
     tensors: list[np.ndarray]
     """Raw tensors in ``names`` order, each travelling as its own frame."""
+    nonce: int = 0
+    """The ``WeightsFetch.nonce`` this answers."""
 
 
 class PolicyLoaded(Message, kw_only=True):

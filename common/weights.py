@@ -6,7 +6,9 @@ thread: an XPUB announces each new step, a ROUTER answers ``WeightsQuery``
 (which step is latest: late joiners ask) and ``WeightsFetch`` (one bucket).
 Replicas pull a step bucket by bucket with :func:`fetch_step`, which checks
 the CRC32 of every tensor and raises before anything is loaded, so a failed or
-corrupt transfer leaves the old weights serving.
+corrupt transfer leaves the old weights serving. Each ``WeightsFetch`` carries a
+random nonce that the ``WeightsBucket`` echoes: a late reply to a request that
+was resent is skipped, never read as the next bucket.
 
 Torch lives at the service edges: the trainer hands numpy arrays in, the
 inference worker turns them back into tensors (``bfloat16`` travels as uint16
@@ -15,6 +17,7 @@ bits and is named in ``TensorMeta.dtype``).
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 import zlib
@@ -82,7 +85,7 @@ class WeightStore:
         with self._lock:
             return self._steps[max(self._steps)].announced if self._steps else None
 
-    def bucket(self, step: int, index: int) -> WeightsBucket | Refused:
+    def bucket(self, step: int, index: int, nonce: int = 0) -> WeightsBucket | Refused:
         with self._lock:
             stored = self._steps.get(step)
         if stored is None:
@@ -90,7 +93,7 @@ class WeightStore:
         if not 0 <= index < len(stored.buckets):
             return Refused(request="WeightsFetch", reason=f"step {step} has no bucket {index}")
         names, arrays = zip(*stored.buckets[index], strict=True) if stored.buckets[index] else ((), ())
-        return WeightsBucket(step=step, bucket=index, names=list(names), tensors=list(arrays))
+        return WeightsBucket(step=step, bucket=index, names=list(names), tensors=list(arrays), nonce=nonce)
 
 
 class WeightServer:
@@ -167,7 +170,7 @@ class WeightServer:
         if isinstance(request, WeightsQuery):
             reply = self.store.latest() or Refused(request="WeightsQuery", reason="no step published yet")
         else:
-            reply = self.store.bucket(request.step, request.bucket)
+            reply = self.store.bucket(request.step, request.bucket, request.nonce)
             self.num_buckets_served += isinstance(reply, WeightsBucket)
         try:
             self.bus.send(router, reply, identity)
@@ -188,19 +191,38 @@ def fetch_step(bus: Bus, sock: zmq.Socket, announced: WeightsAnnounced, replica_
     by_name = {meta.name: meta for meta in announced.manifest}
     tensors: list[NamedArray] = []
     for index in range(announced.num_buckets):
-        request = WeightsFetch(replica_id=replica_id, step=announced.step, bucket=index)
-        reply = bus.request(sock, request, (WeightsBucket, Refused), timeout_s, retries,
-                            what=f"bucket {index} of step {announced.step}")
-        if isinstance(reply, Refused):
-            raise WeightsCorrupt(f"trainer refused bucket {index} of step {announced.step}: {reply.reason}")
-        if (reply.step, reply.bucket) != (announced.step, index):
-            raise WeightsCorrupt(f"asked for bucket {index} of step {announced.step}, got {reply.bucket} of {reply.step}")
+        request = WeightsFetch(replica_id=replica_id, step=announced.step, bucket=index,
+                               nonce=secrets.randbelow(2**63 - 1) + 1)  # fmt: skip
+        reply = _fetch_bucket(bus, sock, request, timeout_s, retries)
         for name, array in zip(reply.names, reply.tensors, strict=True):
             tensors.append((name, array, _verified(by_name, name, array, announced.step).dtype))
     missing = set(by_name) - {name for name, _, _ in tensors}
     if missing:
         raise WeightsCorrupt(f"step {announced.step}: {len(missing)} tensor(s) never arrived, e.g. {min(missing)}")
     return tensors
+
+
+def _fetch_bucket(bus: Bus, sock: zmq.Socket, request: WeightsFetch, timeout_s: float, retries: int) -> WeightsBucket:
+    """The reply to ``request``, resent up to ``retries`` times after ``timeout_s`` each. Replies
+    to other requests (a slow answer to a request resent before) are skipped, not taken for this one."""
+    what = f"bucket {request.bucket} of step {request.step}"
+    for attempt in range(1, retries + 2):
+        bus.send(sock, request)
+        deadline = time.monotonic() + timeout_s
+        while (reply := bus.recv_before(sock, deadline, (WeightsBucket, Refused))) is not None:
+            # A refusal carries no nonce; "step not held" holds for every request of that step.
+            if isinstance(reply, Refused):
+                raise WeightsCorrupt(f"trainer refused {what}: {reply.reason}")
+            asked = (reply.step, reply.bucket) == (request.step, request.bucket)
+            # Nonce 0: a trainer that does not echo nonces; its replies are matched by bucket only.
+            if reply.nonce == request.nonce or (reply.nonce == 0 and asked):
+                if not asked:
+                    raise WeightsCorrupt(f"asked for {what}, got bucket {reply.bucket} of step {reply.step}")
+                return reply
+            logger.info("skipped a late reply (bucket {} of step {}) while waiting for {}", reply.bucket, reply.step,
+                        what)  # fmt: skip
+        logger.warning("no {} on {} after attempt {}/{}", what, sock.address, attempt, retries + 1)
+    raise bus.timeout(sock, f"{what} after {retries + 1} attempt(s)", timeout_s)
 
 
 def _verified(by_name: dict[str, TensorMeta], name: str, array: np.ndarray, step: int) -> TensorMeta:

@@ -2,7 +2,8 @@
 
 * ``GET /health``: replaces vLLM's bare 200 with JSON ``{ready, state, policy_step, ...}``;
   200 when ready, 503 while starting, swapping weights or when the engine died.
-* ``POST /rlbus/reload_weights``: reload the model directory's weights (policy step 0).
+* ``POST /rlbus/reload_weights``: reload the model directory's weights (policy step 0, until the
+  trainer's latest step is loaded again, at once).
 * ``POST /rlbus/load_lora``: ``{"lora_name", "lora_path"}``, when ``enable_lora`` is set.
 * Every POST outside ``/rlbus/`` passes the :class:`AdmissionGate`, so it samples on one
   policy step, reported as the ``X-Policy-Step`` header and as a top-level
@@ -77,7 +78,8 @@ async def health(request: Request) -> JSONResponse:
 
 @router.post("/rlbus/reload_weights")
 async def reload_weights(request: Request) -> JSONResponse:
-    """Reload the weights from the model directory; they serve as policy step 0."""
+    """Reload the weights from the model directory; they serve as policy step 0 until the trainer's
+    latest step is loaded again (the replica asks for it at once: a live run is not held back)."""
     report = await control(request).reload_base()
     body = {"ok": report.ok, "policy_step": control(request).tracker.step, "seconds": report.seconds,
             "error": report.error or None}  # fmt: skip

@@ -8,6 +8,12 @@ trainer's clock), not by step number. Normally both grow together; after a
 trainer restarts from an older checkpoint it republishes lower step numbers,
 and those are the weights to serve. A stale answer to a ``WeightsQuery`` that
 arrives after a newer announcement is ignored for the same reason.
+
+Retry rule: a publication that failed to load is tried again after a wait that
+doubles with each failure (``retry_first_s`` up to ``retry_max_s``) until it loads
+or a newer one supersedes it. The run may need exactly that step (with
+``max_async_level = 0`` the orchestrator waits for it and the trainer publishes
+nothing newer meanwhile), so giving up on it would stall the run for good.
 """
 
 from __future__ import annotations
@@ -60,16 +66,22 @@ class LoadReport:
 class PolicyTracker:
     """The served policy, the newest announcement worth loading, and the swap state."""
 
-    def __init__(self) -> None:
+    def __init__(self, retry_first_s: float = 1.0, retry_max_s: float = 30.0) -> None:
         self.served: ServedPolicy | None = None
         self.state: State = "starting"
         self.last_error: str | None = None
         """The latest failed swap (kept after later successes, for /health)."""
         self.num_swaps = 0
         self.num_failed = 0
+        self.retry_first_s = retry_first_s
+        self.retry_max_s = retry_max_s
         self._pending: WeightsAnnounced | None = None
-        # Publications that failed to load are not retried; a newer one supersedes them.
-        self._refused: set[tuple[int, float]] = set()
+        self._retry: WeightsAnnounced | None = None
+        """The newest publication that failed to load, due again at ``_retry_at`` (monotonic)."""
+        self._retry_at = 0.0
+        self._failed_key: tuple[int, float] | None = None
+        """(step, published_at) of the latest failed publication; ``_num_attempts`` counts its failures."""
+        self._num_attempts = 0
 
     @property
     def step(self) -> int | None:
@@ -81,9 +93,12 @@ class PolicyTracker:
 
     def offer(self, announced: WeightsAnnounced) -> bool:
         """Remember ``announced`` if it is newer than what is served and pending; True if kept."""
-        key = (announced.step, announced.published_at)
-        if key in self._refused or not self._is_newer(announced.published_at):
+        if not self._is_newer(announced.published_at):
             return False
+        if self._retry is not None:
+            if announced.published_at <= self._retry.published_at:
+                return False  # the failed one again (a WeightsQuery answer): it waits for its retry time
+            self._retry = None  # superseded
         if self._pending is not None and self._pending.published_at >= announced.published_at:
             return False
         self._pending = announced
@@ -103,15 +118,44 @@ class PolicyTracker:
         self.served = ServedPolicy(step=step, published_at=published_at, loaded_at=time.time(), source=source)
         self.state = "ready"
         self.num_swaps += 1
+        if source == "trainer":
+            self._failed_key, self._num_attempts = None, 0
+            if self._retry is not None and published_at >= self._retry.published_at:
+                self._retry = None
         return self.served
 
-    def failed(self, announced: WeightsAnnounced | None, error: str) -> None:
-        """A swap (to ``announced``, or to the base weights if None) failed; what was served still is."""
-        if announced is not None:
-            self._refused.add((announced.step, announced.published_at))
+    def failed(self, announced: WeightsAnnounced | None, error: str, now: float | None = None) -> float | None:
+        """A swap (to ``announced``, or to the base weights if None) failed; what was served still is.
+        Returns the seconds until ``announced`` is tried again (None for the base weights)."""
         self.last_error = f"step {announced.step}: {error}" if announced else f"base weights: {error}"
         self.num_failed += 1
         self.state = "ready" if self.served is not None else "starting"
+        if announced is None:
+            return None
+        key = (announced.step, announced.published_at)
+        self._num_attempts = self._num_attempts + 1 if key == self._failed_key else 1
+        self._failed_key = key
+        if self._pending is not None and self._pending.published_at <= announced.published_at:
+            self._pending = None  # re-offered during the swap: it waits like the failed one
+        wait = min(self.retry_max_s, self.retry_first_s * 2 ** (self._num_attempts - 1))
+        self._retry, self._retry_at = announced, (time.monotonic() if now is None else now) + wait
+        return wait
+
+    def retry_in(self, now: float) -> float | None:
+        """Seconds (from monotonic ``now``) until a failed publication is due again; None if none waits."""
+        return None if self._retry is None else max(0.0, self._retry_at - now)
+
+    def retry_due(self, now: float) -> bool:
+        """Make the failed publication pending again once its wait is over; True if it was."""
+        retry = self._retry
+        if retry is None or now < self._retry_at:
+            return False
+        self._retry = None  # set again if this try fails too
+        if not self._is_newer(retry.published_at):
+            return False
+        if self._pending is None or self._pending.published_at < retry.published_at:
+            self._pending = retry
+        return True
 
     def _is_newer(self, published_at: float) -> bool:
         return self.served is None or published_at > self.served.published_at

@@ -15,6 +15,10 @@ Sockets (all connect; the trainer, orchestrator and monitor bind):
 Swaps run one at a time through the :class:`AdmissionGate` (see its docstring for
 what happens to requests in flight). A transfer that fails verification leaves
 the old weights serving; a load that fails half-way restores the base weights.
+Either way the failed step is tried again after a growing wait (see
+:class:`PolicyTracker`) until it loads or a newer one is published. The base
+weights, whether restored or reloaded on request, count as the oldest policy:
+the trainer's latest step replaces them as soon as it is known.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class WeightSync:
         self.config = config
         self.loader = loader
         self.replica_id = config.resolved_replica_id()
-        self.tracker = PolicyTracker()
+        self.tracker = PolicyTracker(retry_max_s=config.weights_poll_interval_s)
         self.gate = AdmissionGate()
         self.reporter = PolicyReporter(self.replica_id, config.resolved_advertise_url())
         self.server_started = server_started
@@ -146,7 +150,7 @@ class WeightSync:
             else:
                 self._refuse(announced, report)
                 if report.kind == "load":
-                    await self._restore_base(announced.published_at)
+                    await self._restore_base()
         await self._report_policy()
         return report
 
@@ -155,21 +159,24 @@ class WeightSync:
         async with self._swap_lock, self.gate.swapping(self.config.swap_drain_timeout_s, self.loader.abort_in_flight):
             self.tracker.begin_swap()
             try:
-                # Stamped now: only publications newer than this reload replace it.
-                report = await self._restore_base(time.time())
+                report = await self._restore_base()
             except ReplicaBroken as exc:
                 if self.on_fatal is not None:
                     self.on_fatal(exc)
                 raise
         await self._report_policy()
+        # A live run needs the trainer's latest step back (the orchestrator's policy gate may
+        # wait for it, and the trainer publishes nothing newer meanwhile): ask for it now.
+        self._query_now.set()
         return report
 
-    async def _restore_base(self, published_at: float) -> LoadReport:
+    async def _restore_base(self) -> LoadReport:
         report = await self.loader.reload_base()
         if not report.ok:
             self.tracker.failed(None, report.error)
             raise ReplicaBroken(f"could not restore the base weights: {report.error}")
-        self._serve(self.tracker.loaded(BASE_STEP, published_at, "base"), report)
+        # Published "at 0" like the weights a replica starts with: every trainer publication is newer.
+        self._serve(self.tracker.loaded(BASE_STEP, 0.0, "base"), report)
         return report
 
     def _serve(self, policy: ServedPolicy, report: LoadReport | None) -> None:
@@ -184,11 +191,13 @@ class WeightSync:
         self.telemetry.event("policy_loaded", f"serving policy step {policy.step}", **fields)
 
     def _refuse(self, announced: WeightsAnnounced, report: LoadReport) -> None:
-        self.tracker.failed(announced, report.error)
+        retry_in_s = self.tracker.failed(announced, report.error)
         kept = self.tracker.step
-        logger.error("weights of step {} refused ({}); still serving step {}", announced.step, report.error, kept)
+        logger.error("weights of step {} refused ({}); still serving step {}, trying again in {:g}s",
+                     announced.step, report.error, kept, retry_in_s)  # fmt: skip
         self.telemetry.event("weights_refused", f"step {announced.step} refused: {report.error}", level="error",
-                             step=announced.step, serving_step=kept, failure=report.kind)  # fmt: skip
+                             step=announced.step, serving_step=kept, failure=report.kind,
+                             retry_in_s=retry_in_s)  # fmt: skip
 
     # ------------------------------------------------------------------ loops
 
@@ -234,8 +243,13 @@ class WeightSync:
 
     async def _update_loop(self) -> None:
         while True:
-            await self._pending.wait()
+            # Wakes for an offer, or when a failed publication is due again.
+            try:
+                await asyncio.wait_for(self._pending.wait(), self.tracker.retry_in(time.monotonic()))
+            except TimeoutError:
+                pass
             self._pending.clear()
+            self.tracker.retry_due(time.monotonic())
             announced = self.tracker.take_pending()
             if announced is not None:
                 await self.swap_to(announced)

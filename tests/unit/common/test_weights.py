@@ -1,7 +1,9 @@
 """Weight transfer: store bucketing, serving over real sockets, corruption detection."""
 
 import socket
+import threading
 import time
+from typing import Self
 
 import numpy as np
 import pytest
@@ -102,6 +104,65 @@ def test_step_no_longer_held_is_reported(served):
     sock = bus.connect(zmq.DEALER, server.fetch_address, "weights-client")
     with pytest.raises(WeightsCorrupt, match="refused bucket 0 of step 1: step 1 is not held"):
         fetch_step(bus, sock, old, "replica-0", timeout_s=5)
+
+
+class LateFirstReply:
+    """A ROUTER between a client and the weight server that holds the reply to the client's
+    first request until the client has resent it: the reply arrives late, after the retry."""
+
+    def __init__(self, server_address: str) -> None:
+        self.server_address = server_address
+        self.address = ""
+        self.num_requests = 0
+        self._ready, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        assert self._ready.wait(10), "proxy did not bind"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        with Bus(BusConfig(linger_ms=0)) as bus:
+            front = bus.bind(zmq.ROUTER, "tcp://127.0.0.1:*", "late-front")
+            back = bus.connect(zmq.DEALER, self.server_address, "late-back")
+            self.address = front.address
+            self._ready.set()
+            poller = zmq.Poller()
+            poller.register(front, zmq.POLLIN)
+            poller.register(back, zmq.POLLIN)
+            held: list[list[bytes]] = []
+            while not self._stop.is_set():
+                events = dict(poller.poll(50))
+                if front in events:
+                    identity, *frames = front.recv_multipart()
+                    self.num_requests += 1
+                    back.send_multipart(frames)
+                if back in events:
+                    reply = [identity, *back.recv_multipart()]
+                    if self.num_requests == 1:
+                        held.append(reply)
+                    else:
+                        front.send_multipart(reply)
+                if held and self.num_requests >= 2:  # the retry went through: now the late reply
+                    front.send_multipart(held.pop())
+
+
+def test_a_late_reply_to_a_resent_request_is_not_read_as_the_next_bucket(served):
+    bus, server = served
+    sent = params()
+    announced = server.publish(1, sent)
+    with LateFirstReply(server.fetch_address) as late:
+        sock = bus.connect(zmq.DEALER, late.address, "weights-client")
+        received = fetch_step(bus, sock, announced, "replica-0", timeout_s=0.5, retries=2)
+    assert late.num_requests == 3, "bucket 0 sent twice (the first reply was late), bucket 1 once"
+    assert [name for name, _, _ in received] == [name for name, _, _ in sent]
+    for (_, got, _), (_, want, _) in zip(received, sent, strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_checksum_is_crc_of_raw_bytes():

@@ -51,17 +51,46 @@ def test_a_pending_publication_overtaken_by_a_load_is_dropped():
     assert tracker.take_pending() is None
 
 
-def test_a_failed_publication_is_not_retried_and_the_old_step_still_serves():
+def fail(tracker: PolicyTracker, now: float, error: str = "checksum mismatch on tensor w") -> float | None:
+    """Take the pending publication, as a swap does, and report it failed at ``now``."""
+    tracker.begin_swap()
+    return tracker.failed(tracker.take_pending(), error, now=now)
+
+
+def test_a_failed_publication_is_retried_after_a_growing_wait_while_the_old_step_serves():
     tracker = serving(1, 10.0)
+    tracker.retry_first_s, tracker.retry_max_s = 1.0, 3.0
     bad = announced(2, 20.0)
     tracker.offer(bad)
-    tracker.begin_swap()
-    assert tracker.state == "swapping" and not tracker.ready
-    tracker.failed(tracker.take_pending(), "checksum mismatch on tensor w")
+    assert fail(tracker, now=100.0) == 1.0
     assert (tracker.state, tracker.step) == ("ready", 1)
     assert tracker.last_error == "step 2: checksum mismatch on tensor w" and tracker.num_failed == 1
-    assert not tracker.offer(bad)
-    assert tracker.offer(announced(3, 30.0)), "a newer step supersedes the failed one"
+    assert not tracker.offer(bad), "re-announced (e.g. by a WeightsQuery): still waits for its retry time"
+    assert tracker.retry_in(100.5) == 0.5 and not tracker.retry_due(100.5)
+    assert tracker.retry_due(101.0) and tracker.take_pending() == bad
+    tracker.begin_swap()
+    assert [tracker.failed(bad, "timeout", now=t) for t in (110.0, 120.0, 130.0)] == [2.0, 3.0, 3.0]
+    assert tracker.retry_due(133.0) and tracker.take_pending() == bad
+    tracker.loaded(2, 20.0, "trainer")
+    assert tracker.retry_in(200.0) is None, "loaded at last: nothing left to retry"
+    tracker.offer(announced(3, 30.0))
+    assert fail(tracker, now=300.0) == 1.0, "a new publication starts from the first wait again"
+
+
+def test_a_newer_publication_supersedes_a_failed_one():
+    tracker = serving(1, 10.0)
+    tracker.offer(announced(2, 20.0))
+    fail(tracker, now=100.0)
+    assert tracker.offer(announced(3, 30.0)), "a newer step is not held back by the failed one"
+    assert tracker.retry_in(100.0) is None
+    assert not tracker.retry_due(1e9) and tracker.take_pending().step == 3
+
+
+def test_a_failed_restore_of_the_base_weights_is_not_retried():
+    tracker = PolicyTracker()
+    tracker.begin_swap()
+    assert tracker.failed(None, "disk gone", now=1.0) is None
+    assert tracker.retry_in(1.0) is None and tracker.last_error == "base weights: disk gone"
 
 
 def test_reporter_repeats_until_the_served_step_is_acknowledged():

@@ -20,6 +20,7 @@ from rlbus.messages import Ack, Event, Heartbeat, MetricsReport, PolicyLoaded, W
 from rlbus.services.inference.config import InferenceConfig
 from rlbus.services.inference.policy import LoadReport, policy_ref
 from rlbus.services.inference.sync import WeightSync
+from rlbus.services.orchestrator.buffer import PolicyGate
 from rlbus.weights import WeightServer, WeightStore
 
 WEIGHTS = [("w", np.ones((4, 4), np.float32), "float32")]
@@ -33,9 +34,13 @@ class FakeLoader:
         self.num_reloads = 0
         self.reload_error = ""
         self.outcomes: dict[int, LoadReport] = {}
+        self.failures: dict[int, list[LoadReport]] = {}
+        """Failures a step meets once each, in order, before it loads."""
 
     async def load_step(self, announced: WeightsAnnounced) -> LoadReport:
         self.loaded.append(announced.step)
+        if self.failures.get(announced.step):
+            return self.failures[announced.step].pop(0)
         return self.outcomes.get(announced.step) or LoadReport(
             ok=True, step=announced.step, num_bytes=announced.total_bytes, fetch_s=0.01, load_s=0.01
         )
@@ -71,11 +76,13 @@ class World:
         self.fatal: list[BaseException] = []
         self.sync = WeightSync(self.config, self.loader, on_fatal=self.fatal.append)
 
-    async def policy_loaded(self, step: int, ack: bool = True) -> PolicyLoaded:
-        """The next PolicyLoaded for ``step`` (earlier steps' reports are skipped)."""
+    async def policy_loaded(self, step: int, ack: bool = True, gate: PolicyGate | None = None) -> PolicyLoaded:
+        """The next PolicyLoaded for ``step`` (earlier steps' reports are skipped, and fed to ``gate``)."""
         deadline = time.monotonic() + 20
         while (received := await self.bus.recv_before(self.orchestrator, deadline, PolicyLoaded)) is not None:
             identity, report = received
+            if gate is not None:
+                gate.update(report)
             if report.step == step:
                 if ack:
                     await self.bus.send(self.orchestrator, Ack(ref=policy_ref(step)), identity)
@@ -146,6 +153,7 @@ def test_without_a_published_step_the_base_serves_then_announcements_swap(bus_co
 def test_a_refused_transfer_keeps_the_old_step_and_is_reported(bus_config, endpoint):
     async def scenario(world: World):
         world.loader.outcomes[2] = LoadReport(ok=False, step=2, error="checksum mismatch on tensor w", kind="transfer")
+        world.sync.tracker.retry_first_s = world.sync.tracker.retry_max_s = 3600.0  # retries: tested below
         await world.sync.start()
         world.trainer.publish(2, WEIGHTS)
         event = await world.telemetry(Event, lambda m: m.kind == "weights_refused")
@@ -153,13 +161,14 @@ def test_a_refused_transfer_keeps_the_old_step_and_is_reported(bus_config, endpo
 
     event, step, gate_step, is_open, num_reloads = run(bus_config, endpoint, scenario, published=1)
     assert event.level == "error" and "checksum mismatch on tensor w" in event.message
-    assert event.fields == {"step": 2, "serving_step": 1, "failure": "transfer"}
+    assert event.fields == {"step": 2, "serving_step": 1, "failure": "transfer", "retry_in_s": 3600.0}
     assert (step, gate_step, is_open, num_reloads) == (1, 1, True, 0)
 
 
 def test_a_load_failing_half_way_restores_the_base_weights(bus_config, endpoint):
     async def scenario(world: World):
         world.loader.outcomes[2] = LoadReport(ok=False, step=2, error="AssertionError: shape", kind="load")
+        world.sync.tracker.retry_first_s = world.sync.tracker.retry_max_s = 3600.0
         await world.sync.start()
         await world.policy_loaded(1)
         world.trainer.publish(2, WEIGHTS)
@@ -188,7 +197,45 @@ def test_reload_base_is_serialised_with_swaps_and_reported(bus_config, endpoint)
     async def scenario(world: World):
         await world.sync.start()
         report = await world.sync.reload_base()
+        source = world.sync.tracker.served.source  # until step 3 is loaded again (tested below)
         loaded = await world.policy_loaded(0)
-        return report.ok, world.sync.tracker.served.source, loaded.step
+        return report.ok, source, loaded.step
 
     assert run(bus_config, endpoint, scenario, published=3) == (True, "base", 0)
+
+
+@pytest.mark.parametrize("max_async_level", [0, 1])
+def test_a_failed_transfer_is_retried_so_the_orchestrators_policy_gate_opens(bus_config, endpoint, max_async_level):
+    """One slow reply (the transfer of step 2 fails once) must not stall the run: the
+    orchestrator's step 3 + level needs policy 2 served, and nothing newer will be published."""
+    blocked = 3 + max_async_level
+
+    async def scenario(world: World):
+        timeout = LoadReport(ok=False, step=2, error="no bucket 0 of step 2 after 3 attempt(s)", kind="transfer")
+        world.loader.failures[2] = [timeout]
+        world.sync.tracker.retry_first_s = 0.05
+        gate = PolicyGate(max_async_level)
+        await world.sync.start()
+        await world.policy_loaded(1, gate=gate)
+        closed_before = not gate.allows(blocked)
+        world.trainer.publish(2, WEIGHTS)
+        refused = await world.telemetry(Event, lambda m: m.kind == "weights_refused")
+        await world.policy_loaded(2, gate=gate)
+        return closed_before, refused.fields["retry_in_s"], world.loader.loaded, gate.allows(blocked)
+
+    closed_before, retry_in_s, loaded, opened = run(bus_config, endpoint, scenario, published=1)
+    assert closed_before and retry_in_s == 0.05
+    assert loaded == [1, 2, 2] and opened
+
+
+def test_after_a_base_reload_the_trainers_latest_step_is_loaded_again(bus_config, endpoint):
+    async def scenario(world: World):
+        await world.sync.start()
+        await world.policy_loaded(3)
+        report = await world.sync.reload_base()
+        base = world.sync.tracker.served.source
+        await world.policy_loaded(0)  # after any repeat of the report of step 3 from before the reload
+        await world.policy_loaded(3)  # at once: not after weights_poll_interval_s, nor never
+        return report.ok, base, world.loader.num_reloads, world.loader.loaded, world.sync.tracker.served.source
+
+    assert run(bus_config, endpoint, scenario, published=3) == (True, "base", 1, [3, 3], "trainer")
