@@ -18,6 +18,7 @@ from pathlib import Path
 import msgspec
 from loguru import logger
 
+from rlbus.durable import fsync_dir
 from rlbus.services.orchestrator.sampler import Draw, SamplerState
 
 FORMAT_VERSION = 1
@@ -66,7 +67,7 @@ class ProgressStore:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         self._prune()
         return path
 
@@ -90,12 +91,3 @@ class ProgressStore:
     def _prune(self) -> None:
         for step in self.steps()[: -self.keep_last]:
             self.path(step).unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename is only durable once the directory entry is on disk.
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

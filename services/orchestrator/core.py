@@ -429,6 +429,8 @@ class Orchestrator:
             if self.journal is not None:
                 self.journal.sync()  # the progress file must never be ahead of the journal on disk
             path = self.progress.save(snapshot)
+            if self.journal is not None:
+                self.journal.compact(step)  # after the save: a replay starts from this progress
             self._event("checkpoint", f"progress of step {step} saved to {path}", step=step)
 
     def _snapshot(self, built_steps: int) -> ProgressState:

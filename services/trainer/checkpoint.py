@@ -7,9 +7,15 @@ Layout under ``output_dir``::
     checkpoints/step_N/progress.json step, learning rate, data position, world size
     weights/step_N/                  the same HF snapshot (hard links), for vLLM to serve
 
-Rank 0 writes everything into ``step_N.partial`` folders and renames them when
-complete; only folders named exactly ``step_N`` are ever read, so a crash
-mid-write leaves nothing that could be picked up. States are gathered in full
+Rank 0 writes everything into ``step_N.partial`` folders, forces them to disk and
+renames them when complete (then forces the rename to disk too): ``save`` returns,
+and the step is acknowledged, only once the checkpoint would survive a machine
+crash. Only folders named ``step_N`` are read, so a crash mid-write leaves nothing
+that could be picked up. An existing ``step_N`` (a trainer resumed from an older
+checkpoint reached step N again) is swapped with the new one in one atomic step
+where the filesystem can (``renameat2``); elsewhere it is renamed to
+``step_N.replaced`` first, which readers take while no ``step_N`` exists and the
+next start puts back if a crash came in between: a complete copy is always found. States are gathered in full
 (``full_state_dict``) and loaded on rank 0 then broadcast, so a checkpoint does
 not depend on the number of ranks and no filesystem has to be shared.
 """
@@ -32,19 +38,29 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from rlbus.durable import EXCHANGE_UNSUPPORTED, exchange, fsync_dir, fsync_tree
 from rlbus.services.trainer.config import CheckpointConfig
 from rlbus.services.trainer.distributed import DistContext
 from rlbus.services.trainer.model import full_state_dict, load_state, read_hf_weights, save_hf_snapshot
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
+STEP_DIR = re.compile(r"^step_(\d+)(\.replaced)?$")
 PARTIAL = ".partial"
+REPLACED = ".replaced"
 
 
 def complete_steps(folder: Path) -> list[int]:
-    """Steps with a complete (renamed) ``step_N`` folder under ``folder``, ascending."""
+    """Steps with a complete (renamed) ``step_N`` folder under ``folder`` (or, in the moment
+    it is being replaced, ``step_N.replaced``), ascending."""
     if not folder.is_dir():
         return []
-    return sorted(int(m.group(1)) for p in folder.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name)))
+    return sorted({int(m.group(1)) for p in folder.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))})
+
+
+def step_folder(folder: Path, step: int) -> Path:
+    """The complete copy of ``step``: ``step_N``, or ``step_N.replaced`` while it is being replaced."""
+    final = folder / f"step_{step}"
+    aside = folder / f"step_{step}{REPLACED}"
+    return aside if not final.is_dir() and aside.is_dir() else final
 
 
 class CheckpointManager:
@@ -126,7 +142,7 @@ class CheckpointManager:
 
     def load(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Load model and optimizer of ``step`` into every rank; returns its progress."""
-        folder = self.checkpoints / f"step_{step}"
+        folder = step_folder(self.checkpoints, step)
         model_state = read_hf_weights(folder / "model") if self.ctx.is_main else {}
         load_state(model, model_state, self.ctx)
         optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True) if self.ctx.is_main else {}
@@ -143,19 +159,29 @@ class CheckpointManager:
             return
         for folder in (self.checkpoints, self.weights):
             steps = complete_steps(folder)
-            keep = set(steps[-self.config.keep_last:])
+            keep = set(steps[-self.config.keep_last :])
             if self.config.keep_interval:
                 keep |= {s for s in steps if s % self.config.keep_interval == 0}
             for step in steps:
                 if step not in keep:
-                    shutil.rmtree(folder / f"step_{step}", ignore_errors=True)
+                    shutil.rmtree(step_folder(folder, step), ignore_errors=True)
 
     def remove_partials(self) -> None:
-        """Clear half-written folders a crashed run left behind (rank 0, at start)."""
+        """Clear half-written folders a crashed run left behind and finish an interrupted
+        replacement (rank 0, at start)."""
         for folder in (self.checkpoints, self.weights):
             for partial in folder.glob(f"step_*{PARTIAL}") if folder.is_dir() else []:
                 logger.warning("removing half-written {}", partial)
                 shutil.rmtree(partial, ignore_errors=True)
+            for aside in folder.glob(f"step_*{REPLACED}") if folder.is_dir() else []:
+                final = aside.with_name(aside.name.removesuffix(REPLACED))
+                if final.is_dir():
+                    logger.warning("removing {}: replaced by {}", aside, final)
+                    shutil.rmtree(aside, ignore_errors=True)
+                else:
+                    logger.warning("a crash interrupted the replacement of {}: putting the old copy back", final)
+                    os.rename(aside, final)
+                fsync_dir(folder)
 
 
 def _full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -170,14 +196,27 @@ def _fresh_partial(folder: Path, step: int) -> Path:
 
 
 def _publish(partial: Path) -> None:
-    """Rename ``step_N.partial`` to ``step_N`` (replacing an older ``step_N``)."""
+    """Put ``step_N.partial`` on disk, then in place as ``step_N``; an older ``step_N`` is
+    replaced without a moment where no complete copy can be found (see the module docstring)."""
     final = partial.with_name(partial.name.removesuffix(PARTIAL))
-    if final.exists():
-        stale = final.with_name(final.name + ".old")
-        shutil.rmtree(stale, ignore_errors=True)
-        final.rename(stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    partial.rename(final)
+    fsync_tree(partial)
+    if not final.exists():
+        os.rename(partial, final)
+        fsync_dir(final.parent)
+        return
+    try:
+        exchange(partial, final)
+        old = partial  # the swap left the old copy under the partial name
+    except OSError as exc:
+        if exc.errno not in EXCHANGE_UNSUPPORTED:
+            raise
+        old = final.with_name(final.name + REPLACED)
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)  # readers take it (step_folder) until the new copy is in place
+        os.rename(partial, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old)
+    fsync_dir(final.parent)
 
 
 def _link_or_copy(source: str, target: str) -> str:

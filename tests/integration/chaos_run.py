@@ -38,7 +38,7 @@ from rlbus.config import load_config
 from rlbus.config.base import BusEndpoints
 from rlbus.ports import free_loopback_port
 from rlbus.services.launcher.processes import Child, ProcessSpec, process_table, service_command
-from rlbus.services.orchestrator.journal import read_records
+from rlbus.services.orchestrator.journal import read_history
 from rlbus.services.run_config import RlConfig
 
 POLL_S = 0.5
@@ -175,7 +175,7 @@ class ChaosRun:
         return max([*self.trainer_steps(), *self.acked_steps()], default=0)
 
     def journal(self) -> list[dict]:
-        return read_records(self.output_dir / "checkpoints" / "orchestrator" / "journal.jsonl")
+        return read_history(self.output_dir / "checkpoints" / "orchestrator" / "journal.jsonl")
 
     def wait_until(self, done: Callable[[], bool], what: str, timeout_s: float | None = None) -> float:
         """Poll ``done`` until true; the monotonic time it became true. Fails when a service died."""

@@ -94,5 +94,6 @@ def test_killed_env_worker_loses_no_task_and_every_step_is_trained(folder, tmp_p
     assert len(steps) == 3
     assert sum(m["tasks/reissued"] for m in steps) >= 1, "the dead worker's tasks must be issued again"
     assert sum(m["batch/num_loss_tokens"] for m in steps) > 0, "real rollouts with differing rewards are trained on"
-    assert sorted(p.name for p in (tmp_path / "checkpoints" / "orchestrator").iterdir()) == [
-        "journal.jsonl", "step_1.json", "step_2.json", "step_3.json"]
+    names = sorted(p.name for p in (tmp_path / "checkpoints" / "orchestrator").iterdir())
+    progress = [name for name in names if ".upto_" not in name]  # compacted journals aside
+    assert progress == ["journal.jsonl", "step_1.json", "step_2.json", "step_3.json"]
