@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,6 +164,7 @@ class BusCore:
         self._owns_context = context is None
         self.context = context if context is not None else self.context_class()
         self._sockets: list[zmq.Socket] = []
+        self._reject_handlers: dict[int, Callable[[bytes | None, DecodeError], None]] = {}
         self.curve = (CurveGuard(config.curve, self.context, self.stats.auth_rejected)
                       if config.curve.keys_dir is not None else None)  # fmt: skip
         # Checked by the codec before parsing; frames are also capped by MAXMSGSIZE in libzmq.
@@ -230,8 +232,14 @@ class BusCore:
     def __exit__(self, *_: object) -> None:
         self.close()
 
+    def check_alive(self) -> None:
+        """Raise :class:`BusError` once the Curve ZAP handler died (rlbus.curve: fail closed)."""
+        if self.curve is not None and self.curve.failure is not None:
+            raise BusError(self.curve.failure)
+
     def frames(self, sock: Any, message: Message, identity: bytes | None) -> list[Frame]:
         """Wire frames of ``message``, led by ``identity`` on a ROUTER."""
+        self.check_alive()
         is_router = sock.type == zmq.ROUTER
         if is_router != (identity is not None):
             raise ValueError(f"{sock.role}: an identity is needed on ROUTER sockets and only there")
@@ -254,6 +262,7 @@ class BusCore:
 
     def decode_frames(self, sock: Any, frames: list[Any], expected: Expected) -> Received | None:
         """The decoded message (with identity on a ROUTER), or None if it was skipped."""
+        self.check_alive()
         identity = None
         if sock.type == zmq.ROUTER:
             identity, frames = frames[0].bytes, frames[1:]
@@ -261,8 +270,16 @@ class BusCore:
             message = decode(frames, expected, **self._limits)
         except DecodeError as exc:
             self.count_decode_error(sock, str(exc), identity, exc.reason)
+            handler = self._reject_handlers.get(id(sock))
+            if handler is not None:
+                handler(identity, exc)
             return None
         return (identity, message) if identity is not None else message
+
+    def answer_rejected(self, sock: Any, handler: Callable[[bytes | None, DecodeError], None]) -> None:
+        """Call ``handler(identity, error)`` for every message ``sock`` rejects (after counting it),
+        so the service can answer the sender instead of leaving it to resend forever."""
+        self._reject_handlers[id(sock)] = handler
 
     def count_decode_error(self, sock: Any, text: str, identity: bytes | None = None,
                            reason: str = "unexpected_type") -> None:  # fmt: skip
@@ -310,6 +327,7 @@ class Bus(BusCore):
 
     def recv_before(self, sock: BusSocket, deadline: float, expected: Expected) -> Received | None:
         """Like :meth:`recv` with a ``time.monotonic()`` deadline; None when it passed."""
+        self.check_alive()
         while sock.poll(remaining_ms(deadline)):
             frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             result = self.decode_frames(sock, frames, expected)

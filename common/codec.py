@@ -30,9 +30,7 @@ import numpy as np
 from rlbus.messages import ALL_MESSAGES, Message
 
 ARRAY_KEY = "__ndarray__"
-ALLOWED_DTYPES = frozenset(
-    "bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 float32 float64".split()
-)
+ALLOWED_DTYPES = frozenset("bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 float32 float64".split())
 DEFAULT_MAX_FRAMES = 4096
 DEFAULT_MAX_HEADER_BYTES = 64 * 2**20
 DEFAULT_MAX_FRAME_BYTES = 2 * 2**30
@@ -55,6 +53,11 @@ class DecodeError(ValueError):
     def __init__(self, text: str, reason: str = "malformed") -> None:
         super().__init__(text)
         self.reason = reason
+        self.message_type: str | None = None
+        """The type named by the envelope, when it named a known one."""
+        self.ref: str | None = None
+        """The message's ``REF_FIELD`` (e.g. a result's task id), when the body still yields it:
+        lets the receiver answer the sender about exactly this message."""
 
 
 # Buffers of the message being encoded or decoded. msgspec hooks are fixed
@@ -111,8 +114,14 @@ def _array_from_placeholder(obj: Any) -> np.ndarray:
 
 _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 _envelope_decoder = msgspec.msgpack.Decoder(tuple[str, int, int])
-_body_decoders = {
-    name: msgspec.msgpack.Decoder(cls, dec_hook=_dec_hook) for name, cls in MESSAGE_TYPES.items()
+_body_decoders = {name: msgspec.msgpack.Decoder(cls, dec_hook=_dec_hook) for name, cls in MESSAGE_TYPES.items()}
+MAX_REF_CHARS = 256
+# Only the reference field, every other field skipped: a body that fails in full may still say
+# which message it was. Field renames map the wire name onto ``ref``.
+_ref_decoders = {
+    name: msgspec.msgpack.Decoder(msgspec.defstruct(f"{name}Ref", [("ref", str)], rename={"ref": cls.REF_FIELD}))
+    for name, cls in MESSAGE_TYPES.items()
+    if cls.REF_FIELD is not None
 }
 
 
@@ -162,6 +171,16 @@ def decode(
         raise DecodeError(f"envelope and body of {header_bytes} bytes exceed the limit of {max_header_bytes}",
                           "header_too_large")  # fmt: skip
     name, version, num_buffers = _decode_envelope(views)
+    try:
+        return _decode_known(name, version, num_buffers, views, expected, max_frame_bytes, max_payload_bytes)
+    except DecodeError as exc:
+        exc.message_type, exc.ref = name, _peek_ref(name, views[1])
+        raise
+
+
+def _decode_known(name: str, version: int, num_buffers: int, views: list[memoryview],
+                  expected: type[Message] | tuple[type[Message], ...] | None, max_frame_bytes: int,
+                  max_payload_bytes: int) -> Message:  # fmt: skip
     cls = MESSAGE_TYPES[name]
     if expected is not None and not issubclass(cls, expected):
         allowed = expected if isinstance(expected, tuple) else (expected,)
@@ -176,6 +195,18 @@ def decode(
     buffers = views[2:]
     _check_payload(name, buffers, max_frame_bytes, max_payload_bytes)
     return _decode_body(name, views[1], buffers)
+
+
+def _peek_ref(name: str, body: memoryview) -> str | None:
+    """The body's ``REF_FIELD`` if it is a short string, ignoring everything else in the body."""
+    decoder = _ref_decoders.get(name)
+    if decoder is None:
+        return None
+    try:
+        ref = decoder.decode(body).ref
+    except (msgspec.MsgspecError, UnicodeDecodeError):
+        return None
+    return ref if 0 < len(ref) <= MAX_REF_CHARS else None
 
 
 def _check_payload(name: str, buffers: list[memoryview], max_frame_bytes: int, max_payload_bytes: int) -> None:

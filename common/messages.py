@@ -22,12 +22,18 @@ Scalar = str | int | float | bool | None
 MAX_LOGPROB = 1e-3
 """Highest sampling logprob a receiver accepts: logprobs are <= 0, up to the sampler's float noise.
 The orchestrator checks rollouts and the trainer checks batches against this one value."""
+MAX_ABS_REWARD = 1e6
+"""Largest reward magnitude accepted: rewards become float32 advantages, and one huge reward
+(1e39 is finite in float64, inf in float32) would poison the whole step it lands in."""
 
 
 class Message(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Base of every bus message; subclasses set ``VERSION``."""
 
     VERSION: ClassVar[int] = 1
+    REF_FIELD: ClassVar[str | None] = None
+    """A string field naming what the message is about (a result's ``task_id``): a receiver
+    that cannot decode the rest can still answer about it (see ``rlbus.codec.DecodeError.ref``)."""
 
 
 class Payload(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -240,6 +246,8 @@ class RolloutResult(Message, kw_only=True):
     The worker keeps the result until a ``ResultAck`` arrives and sends it
     again after reconnecting, so an orchestrator restart loses nothing.
     """
+
+    REF_FIELD: ClassVar[str | None] = "task_id"
 
     task_id: str
     worker_id: str

@@ -107,6 +107,10 @@ class OrchestratorConfig(ServiceConfig):
     """Rollouts sampled by a policy this many steps older than the batch's step are discarded."""
     task_lease_s: float = Field(600.0, gt=0)
     """A task whose result has not arrived after this many seconds is issued again."""
+    max_task_issues: int = Field(3, ge=1)
+    """A task is issued at most this many times: one whose result never arrives (lease expired,
+    worker gone) or never decodes that often is abandoned, counted (``dropped/abandoned_tasks``,
+    event ``task_abandoned``) and replaced by a fresh draw, so one poison example cannot stall a run."""
     worker_timeout_s: float = Field(30.0, gt=0)
     """An env-worker not heard from for this long (they send a keepalive every
     ``bus.heartbeat_interval_s``) is taken for dead and its leased tasks are issued again."""

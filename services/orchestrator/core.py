@@ -43,7 +43,7 @@ from rlbus.services.orchestrator.buffer import Group, GroupBuffer, PolicyGate
 from rlbus.services.orchestrator.builder import BuiltStep, build_step
 from rlbus.services.orchestrator.checkpoint import ProgressState, ProgressStore
 from rlbus.services.orchestrator.config import OrchestratorConfig
-from rlbus.services.orchestrator.evaluation import EvalScheduler
+from rlbus.services.orchestrator.evaluation import EvalRound, EvalScheduler
 from rlbus.services.orchestrator.journal import Journal, Replay
 from rlbus.services.orchestrator.leases import Completion, TaskLedger, WorkerPool, dispatch
 from rlbus.services.orchestrator.rollouts import result_problem
@@ -85,7 +85,7 @@ class Orchestrator:
         self.sampler = TaskSampler(train_sizes, ratios, config.seed, state.sampler if resume else None)
         self.train_sizes = train_sizes
         self.pending_draws: deque[Draw] = deque(existing_draws(state.pending, train_sizes))
-        self.ledger = TaskLedger(config.task_lease_s)
+        self.ledger = TaskLedger(config.task_lease_s, config.max_task_issues)
         self.workers = WorkerPool()
         self.buffer = GroupBuffer(config.max_off_policy_steps)
         self.gate = PolicyGate(config.max_async_level)
@@ -209,15 +209,17 @@ class Orchestrator:
         if status is Completion.DUPLICATE:
             self.step_metrics.drop("duplicate_results")
             return self._refuse(result, "duplicate: this task already has a result")
+        if status is Completion.ABANDONED:
+            return self._refuse(result, "abandoned: the task was given up after too many issues")
+        problem = self._result_problem(result, task)
         if result.is_eval:
-            return self._on_eval_result(result, status)
+            return self._on_eval_result(result, status, problem)
         draw = self.draw_of.pop(result.task_id, None) if task is not None else self._adopt(result)
-        problem = result_problem(result) if draw is not None else "not a task of this run"
-        if task is not None and (task.env_id, task.example_id) != (result.env_id, result.example_id):
-            problem = f"result is for {result.env_id}#{result.example_id}, the task for {task.env_id}#{task.example_id}"
+        if draw is None:
+            problem = "not a task of this run"
         if problem is not None:
             self.step_metrics.drop("invalid_results")
-            logger.warning("refused result {} from {}: {}", result.task_id, result.worker_id, problem)
+            logger.warning("refused result {!r:.80} from {!r:.80}: {}", result.task_id, result.worker_id, problem)
             return self._refuse(result, problem)
         if all(r.error is not None for r in result.rollouts):
             # Infrastructure failures (inference down, environment crash) must not use up a training
@@ -232,6 +234,13 @@ class Orchestrator:
         if self.journal is not None:
             self.journal.accepted(result)  # before the ack: the worker forgets what it was acked
         return ResultAck(task_ids=[result.task_id])
+
+    def on_unreadable_result(self, identity: bytes, task_id: str, problem: str) -> ResultAck:
+        """A result for ``task_id`` arrived but did not decode: refuse it (so the worker drops it
+        rather than resending it forever) and issue the task again, or give it up."""
+        self.step_metrics.drop("unreadable_results")
+        self.ledger.fail(task_id, identity, f"its result was unreadable ({problem[:200]})")
+        return ResultAck(task_ids=[task_id], accepted=False, reason=f"unreadable: {problem}")
 
     def on_batch_request(self, identity: bytes, request: BatchRequest) -> TrainBatch | Refused | None:
         """The rank's batch, a refusal, or None when the step is not built yet (answered later)."""
@@ -280,7 +289,8 @@ class Orchestrator:
             self.on_worker_gone(identity)
         expired = self.ledger.expire(now)
         if expired:
-            logger.warning("{} task lease(s) expired after {}s; issued again", len(expired), self.config.task_lease_s)
+            logger.warning("{} task lease(s) expired after {}s", len(expired), self.config.task_lease_s)
+        self._settle_abandoned()
         self._start_due_eval()
         self.step_metrics.track_gate(self._gate_closed, now)
         self._build_ready_steps(now)
@@ -330,6 +340,21 @@ class Orchestrator:
             self.draw_of[task.task_id] = draw
             self.ledger.add(task)
 
+    def _settle_abandoned(self) -> None:
+        """Count and report tasks the ledger gave up; a training task's draw is not drawn again
+        (it may be the poison), the next issue draws a fresh example in its place."""
+        for abandoned in self.ledger.take_abandoned():
+            task = abandoned.task
+            self.step_metrics.drop("abandoned_tasks")
+            self.draw_of.pop(task.task_id, None)
+            if task.is_eval:
+                self._report_eval(self.evals.abandon(task.task_id))
+            logger.warning("abandoned task {} ({}#{}): {}", task.task_id, task.env_id, task.example_id,
+                           abandoned.reason)  # fmt: skip
+            self._event("task_abandoned", f"task {task.task_id} ({task.env_id}#{task.example_id}) abandoned: "
+                        f"{abandoned.reason}", "warning", task_id=task.task_id, env_id=task.env_id,
+                        example_id=task.example_id, is_eval=task.is_eval)  # fmt: skip
+
     def _start_due_eval(self) -> None:
         policy_step = self.gate.policy_step
         if not self.gate.has_reports or not self.evals.due(policy_step):
@@ -360,16 +385,35 @@ class Orchestrator:
                 return Draw(index, result.example_id)
         return None
 
-    def _on_eval_result(self, result: RolloutResult, status: Completion) -> ResultAck:
-        finished = self.evals.record(result) if status is Completion.NEW else None
+    def _result_problem(self, result: RolloutResult, task: RolloutTask | None) -> str | None:
+        if task is not None and (task.env_id, task.example_id, task.is_eval) != (
+                result.env_id, result.example_id, result.is_eval):  # fmt: skip
+            return (f"result is for {result.env_id!r:.80}#{result.example_id} (eval {result.is_eval}), "
+                    f"the task for {task.env_id}#{task.example_id} (eval {task.is_eval})")  # fmt: skip
+        max_policy_step = max(self.gate.policy_step, self.step)
+        if task is not None:
+            num_rollouts: int | None = task.num_rollouts
+        else:  # adopted after a restart: a training group has the configured size
+            num_rollouts = None if result.is_eval else self.config.rollouts_per_example
+        return result_problem(result, num_rollouts, max_policy_step)
+
+    def _on_eval_result(self, result: RolloutResult, status: Completion, problem: str | None) -> ResultAck:
         if status is Completion.UNKNOWN:
             return self._refuse(result, "unknown eval task (issued before a restart?)")
-        if finished is not None:
-            metrics = finished.metrics()
-            self.outbox.metrics.append((finished.policy_step, metrics))
-            logger.info("eval of policy step {}: {}", finished.policy_step,
-                        ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "@" in k))  # fmt: skip
+        if problem is not None:  # its example is left out of the round, which must still finish
+            self.step_metrics.drop("invalid_results")
+            self._report_eval(self.evals.abandon(result.task_id))
+            return self._refuse(result, problem)
+        self._report_eval(self.evals.record(result))
         return ResultAck(task_ids=[result.task_id])
+
+    def _report_eval(self, finished: EvalRound | None) -> None:
+        if finished is None:
+            return
+        metrics = finished.metrics()
+        self.outbox.metrics.append((finished.policy_step, metrics))
+        logger.info("eval of policy step {}: {}", finished.policy_step,
+                    ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "@" in k))  # fmt: skip
 
     def _refuse(self, result: RolloutResult, reason: str) -> ResultAck:
         return ResultAck(task_ids=[result.task_id], accepted=False, reason=reason)

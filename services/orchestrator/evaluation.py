@@ -59,10 +59,21 @@ class EvalRound:
     rewards: list[list[list[float]]] = field(default_factory=list)
     """Per environment, per finished example: rollout rewards."""
     num_errored: list[int] = field(default_factory=list)
+    num_abandoned: list[int] = field(default_factory=list)
+    """Per environment, examples given up without a result (not in avg@k or pass@k)."""
 
     def __post_init__(self) -> None:
         self.rewards = [[] for _ in self.specs]
         self.num_errored = [0] * len(self.specs)
+        self.num_abandoned = [0] * len(self.specs)
+
+    def abandon(self, task_id: str) -> bool:
+        """Close ``task_id`` without a result if it belongs to this round; True if it did."""
+        env_index = self.pending.pop(task_id, None)
+        if env_index is None:
+            return False
+        self.num_abandoned[env_index] += 1
+        return True
 
     def record(self, result: RolloutResult) -> bool:
         """Store ``result`` if it belongs to this round; True if it did."""
@@ -84,6 +95,7 @@ class EvalRound:
         for index, spec in enumerate(self.specs):
             metrics |= env_metrics(spec.id, self.rewards[index], spec.rollouts_per_example, self.threshold)
             metrics[f"eval/{spec.id}/errored_rollouts"] = float(self.num_errored[index])
+            metrics[f"eval/{spec.id}/abandoned_tasks"] = float(self.num_abandoned[index])
         return metrics
 
 
@@ -117,8 +129,15 @@ class EvalScheduler:
 
     def record(self, result: RolloutResult) -> EvalRound | None:
         """Store an eval result; returns its round once that round is complete (and forgets it)."""
+        return self._close(lambda round_: round_.record(result))
+
+    def abandon(self, task_id: str) -> EvalRound | None:
+        """Close an eval task given up without a result; returns its round once complete."""
+        return self._close(lambda round_: round_.abandon(task_id))
+
+    def _close(self, closes: Callable[[EvalRound], bool]) -> EvalRound | None:
         for round_ in self.rounds:
-            if round_.record(result):
+            if closes(round_):
                 if round_.done:
                     self.rounds.remove(round_)
                     return round_

@@ -5,7 +5,10 @@ then *leased* to that worker until its result arrives or ``lease_s`` passes.
 An expired lease puts the task back at the front of the queue under the
 same ``task_id``: whichever result arrives first is kept, a later one is a
 duplicate. So a worker that dies (or hangs) loses no task, and nothing is
-trained twice.
+trained twice. A task is issued at most ``max_issues`` times: one whose
+result never arrives or never decodes that often is *abandoned* (a poison
+example, or one no worker can finish), so the orchestrator can replace it
+with a fresh draw instead of waiting one group short forever.
 
 Credits follow ``TaskRequest``: each request adds ``num_tasks`` credits for
 that worker; each task sent spends one. Workers also send ``TaskRequest(num_tasks=0)``
@@ -37,6 +40,8 @@ class Completion(Enum):
     """The task already has a result: drop this one."""
     UNKNOWN = "unknown"
     """Not a task of this ledger (e.g. issued before an orchestrator restart)."""
+    ABANDONED = "abandoned"
+    """The task was given up after too many issues; a fresh draw replaced it."""
 
 
 @dataclass
@@ -46,6 +51,16 @@ class OpenTask:
     """Identity of the worker holding the lease; None while queued."""
     expires_at: float = float("inf")
     num_issues: int = 0
+    failures: list[str] = field(default_factory=list)
+    """Why each earlier issue came to nothing (lease expired, worker gone, result unreadable)."""
+
+
+@dataclass
+class Abandoned:
+    """A task given up after ``max_issues`` issues, and why."""
+
+    task: RolloutTask
+    reason: str
 
 
 @dataclass
@@ -53,10 +68,14 @@ class TaskLedger:
     """Open tasks (queued or leased), finished task ids, and lease deadlines."""
 
     lease_s: float
+    max_issues: int = 3
     open: dict[str, OpenTask] = field(default_factory=dict)
     queue: deque[str] = field(default_factory=deque)
     finished: set[str] = field(default_factory=set)
+    abandoned: dict[str, Abandoned] = field(default_factory=dict)
+    """Abandoned task ids; the ones not yet taken by :meth:`take_abandoned` are ``_new_abandoned``."""
     num_reissued: int = 0
+    _new_abandoned: list[Abandoned] = field(default_factory=list)
     _deadlines: list[tuple[float, int, str]] = field(default_factory=list)
     _tiebreak: itertools.count = field(default_factory=itertools.count)
 
@@ -76,6 +95,8 @@ class TaskLedger:
     def complete(self, task_id: str) -> tuple[Completion, RolloutTask | None]:
         """Close ``task_id`` on its first result; returns what the result is, and the task if it was open.
         An unknown id is remembered too, so its late duplicates are recognised."""
+        if task_id in self.abandoned:
+            return Completion.ABANDONED, None
         if task_id in self.finished:
             return Completion.DUPLICATE, None
         self.finished.add(task_id)
@@ -93,14 +114,28 @@ class TaskLedger:
             # Stale heap entries (finished or re-leased tasks) are skipped.
             if entry is not None and entry.worker is not None and entry.expires_at == expires_at:
                 expired.append(task_id)
-        self._requeue(expired)
+        self._requeue(expired, f"its lease of {self.lease_s:g}s expired")
         return expired
 
     def release_worker(self, worker: bytes) -> list[str]:
         """Re-queue every task leased to ``worker`` (it is known to be gone)."""
         lost = [task_id for task_id, entry in self.open.items() if entry.worker == worker]
-        self._requeue(lost)
+        self._requeue(lost, "its worker was gone")
         return lost
+
+    def fail(self, task_id: str, worker: bytes, why: str) -> bool:
+        """The issue of ``task_id`` to ``worker`` came to nothing (its result was unreadable):
+        re-queue it now rather than at lease expiry. Only the lease holder can fail a task."""
+        entry = self.open.get(task_id)
+        if entry is None or entry.worker != worker:
+            return False
+        self._requeue([task_id], why)
+        return True
+
+    def take_abandoned(self) -> list[Abandoned]:
+        """Tasks abandoned since the previous call."""
+        taken, self._new_abandoned = self._new_abandoned, []
+        return taken
 
     def next_deadline(self) -> float | None:
         while self._deadlines and self._deadlines[0][2] not in self.open:
@@ -124,12 +159,22 @@ class TaskLedger:
         num_reissued, self.num_reissued = self.num_reissued, 0
         return num_reissued
 
-    def _requeue(self, task_ids: list[str]) -> None:
+    def _requeue(self, task_ids: list[str], why: str) -> None:
         for task_id in reversed(task_ids):
             entry = self.open[task_id]
+            entry.failures.append(why)
+            if entry.num_issues >= self.max_issues:
+                self._abandon(task_id, entry)
+                continue
             entry.worker, entry.expires_at = None, float("inf")
             self.queue.appendleft(task_id)
-        self.num_reissued += len(task_ids)
+            self.num_reissued += 1
+
+    def _abandon(self, task_id: str, entry: OpenTask) -> None:
+        del self.open[task_id]
+        reason = f"issued {entry.num_issues} times without a usable result: " + "; ".join(entry.failures)
+        self.abandoned[task_id] = Abandoned(entry.task, reason)
+        self._new_abandoned.append(self.abandoned[task_id])
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rlbus.messages import MAX_LOGPROB, Rollout, RolloutResult
+from rlbus.messages import MAX_ABS_REWARD, MAX_LOGPROB, Rollout, RolloutResult, Turn
 
 MAX_TOKEN_ID = 2**31 - 1  # token ids travel as int32
 
@@ -39,36 +39,64 @@ class PackSample:
         return int(self.loss_mask.sum())
 
 
-def result_problem(result: RolloutResult) -> str | None:
-    """Why ``result`` cannot be used (naming the rollout and turn), or None if it is sound."""
+def result_problem(
+    result: RolloutResult, num_rollouts: int | None = None, max_policy_step: int | None = None
+) -> str | None:
+    """Why ``result`` cannot be used (naming the rollout, turn and field), or None if it is sound.
+
+    This is the one check at the boundary of what the orchestrator accepts: whatever passes is
+    journaled, replayed after a restart and trained on, so every number in it must be finite."""
     if not result.rollouts:
         return "the result holds no rollouts"
+    if num_rollouts is not None and len(result.rollouts) != num_rollouts:
+        return f"the result holds {len(result.rollouts)} rollouts, the task asked for {num_rollouts}"
     for i, rollout in enumerate(result.rollouts):
-        problem = rollout_problem(rollout)
+        problem = rollout_problem(rollout, max_policy_step)
         if problem is not None:
-            return f"rollout {i} ({rollout.rollout_id!r}): {problem}"
+            return f"rollout {i} ({rollout.rollout_id!r:.80}): {problem}"
     return None
 
 
-def rollout_problem(rollout: Rollout) -> str | None:
-    if not np.isfinite(rollout.reward):
-        return f"reward {rollout.reward} is not finite"
-    if rollout.error is not None:
-        return None  # errored rollouts are counted and skipped, their tokens are never read
+def rollout_problem(rollout: Rollout, max_policy_step: int | None = None) -> str | None:
+    problem = numbers_problem(rollout)
+    if problem is not None or rollout.error is not None:
+        return problem  # errored rollouts are counted and skipped, their tokens are never trained
     if not rollout.turns:
         return "no turns"
     for t, turn in enumerate(rollout.turns):
-        lengths = (len(turn.completion_ids), len(turn.completion_logprobs), len(turn.completion_mask))
-        if len(set(lengths)) != 1:
-            return f"turn {t}: completion_ids, completion_logprobs, completion_mask have lengths {lengths}"
-        ids = turn.prompt_ids + turn.completion_ids
-        if ids and not 0 <= min(ids) <= max(ids) <= MAX_TOKEN_ID:
-            return f"turn {t}: token ids must be in [0, {MAX_TOKEN_ID}], got {min(ids)}..{max(ids)}"
-        if turn.policy_step < 0:
-            return f"turn {t}: negative policy_step {turn.policy_step}"
-        bad = [lp for lp, m in zip(turn.completion_logprobs, turn.completion_mask) if m and not (math.isfinite(lp) and lp <= MAX_LOGPROB)]
+        problem = turn_problem(turn, max_policy_step)
+        if problem is not None:
+            return f"turn {t}: {problem}"
+    return None
+
+
+def numbers_problem(rollout: Rollout) -> str | None:
+    """Non-finite or out-of-range numbers anywhere in ``rollout`` (errored or not)."""
+    if not (math.isfinite(rollout.reward) and abs(rollout.reward) <= MAX_ABS_REWARD):
+        return f"reward {rollout.reward} is not finite or exceeds {MAX_ABS_REWARD:g} in magnitude"
+    for name in ("reward_breakdown", "metrics", "timing"):
+        bad = {key: value for key, value in getattr(rollout, name).items() if not math.isfinite(value)}
         if bad:
-            return f"turn {t}: completion_logprobs of trained tokens must be finite and <= 0, got {bad[:3]}"
+            return f"{name} holds non-finite values {dict(list(bad.items())[:3])}"
+    for t, turn in enumerate(rollout.turns):
+        bad = [lp for lp in turn.completion_logprobs if not math.isfinite(lp)]
+        if bad:
+            return f"turn {t}: completion_logprobs must be finite, got {bad[:3]}"
+    return None
+
+
+def turn_problem(turn: Turn, max_policy_step: int | None) -> str | None:
+    lengths = (len(turn.completion_ids), len(turn.completion_logprobs), len(turn.completion_mask))
+    if len(set(lengths)) != 1:
+        return f"completion_ids, completion_logprobs, completion_mask have lengths {lengths}"
+    ids = turn.prompt_ids + turn.completion_ids
+    if ids and not 0 <= min(ids) <= max(ids) <= MAX_TOKEN_ID:
+        return f"token ids must be in [0, {MAX_TOKEN_ID}], got {min(ids)}..{max(ids)}"
+    if turn.policy_step < 0 or (max_policy_step is not None and turn.policy_step > max_policy_step):
+        return f"policy_step {turn.policy_step} is outside 0..{max_policy_step} (no such policy exists yet)"
+    bad = [lp for lp, m in zip(turn.completion_logprobs, turn.completion_mask) if m and lp > MAX_LOGPROB]
+    if bad:
+        return f"completion_logprobs of trained tokens must be finite and <= 0, got {bad[:3]}"
     return None
 
 

@@ -25,6 +25,7 @@ import zmq
 from loguru import logger
 
 from rlbus.bus import Bus, BusSocket, PeerUnreachable
+from rlbus.codec import DecodeError
 from rlbus.environments import load_environment
 from rlbus.identity import service_id
 from rlbus.messages import BatchAck, BatchRequest, Message, PolicyLoaded, RolloutResult, TaskRequest
@@ -82,6 +83,7 @@ class OrchestratorService:
             self.batches: ((BatchRequest, BatchAck), self._on_batches),
             self.policy: ((PolicyLoaded,), self._on_policy),
         }
+        self.bus.answer_rejected(self.tasks, self._on_unreadable_task_message)
         self.num_bad_requests: Counter[str] = Counter()
         self._waiting: tuple[str | None, float, float] = (None, time.time(), time.monotonic())
         """(what progress waits for, since when (wall clock), when it was last logged (monotonic))."""
@@ -149,6 +151,14 @@ class OrchestratorService:
             self.core.on_task_request(identity, message)
         else:
             self._reply(self.tasks, identity, self.core.on_result(message))
+
+    def _on_unreadable_task_message(self, identity: bytes | None, error: DecodeError) -> None:
+        """A result that names its task but does not decode is refused with a typed ``ResultAck``, so
+        the worker drops it; anything else unreadable was already counted and logged by the bus."""
+        if identity is None or error.message_type != RolloutResult.__name__ or error.ref is None:
+            return
+        self.core.on_worker_seen(identity)
+        self._reply(self.tasks, identity, self.core.on_unreadable_result(identity, error.ref, str(error)))
 
     def _on_batches(self, identity: bytes, message: BatchRequest | BatchAck) -> None:
         if isinstance(message, BatchRequest):

@@ -11,14 +11,16 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 import tomli_w
 import zmq
 
 from rlbus.bus import Bus
-from rlbus.messages import RolloutTask, TaskRequest, TrainBatch
+from rlbus.codec import encode
+from rlbus.messages import ResultAck, RolloutTask, TaskRequest, TrainBatch
 from rlbus.services.orchestrator.config import OrchestratorConfig
-from tests.unit.orchestrator.fakes import trained_policy_steps
+from tests.unit.orchestrator.fakes import roll_out, trained_policy_steps
 
 from .orchestrator_peers import (
     TIMEOUT_S,
@@ -221,3 +223,33 @@ def test_rlbus_orchestrator_stops_cleanly_on_sigterm(folder, tmp_path):
             process.kill()
     assert process.returncode == 0, output
     assert "stopping at step 1 as requested" in output
+
+
+def unreadable_result(task: RolloutTask) -> list[bytes]:
+    """Frames of a result for ``task`` that name it but do not decode (a string where an int belongs)."""
+    frames = encode(roll_out(task, 0, worker_id="poisoner"))
+    body = msgspec.msgpack.decode(bytes(frames[1]))
+    body["example_id"] = "not a number"
+    return [bytes(frames[0]), msgspec.msgpack.encode(body), *map(bytes, frames[2:])]
+
+
+def test_an_unreadable_result_is_refused_by_task_id_and_the_run_still_finishes(folder, tmp_path):
+    config = make_config(folder, tmp_path, max_steps=2, max_task_issues=2)
+    orchestrator, policy = OrchestratorThread(config, SIZES), PolicyClock()
+    orchestrator.start()
+    refusals: dict[str, str] = {}
+    with Bus(config.bus) as bus:
+        sock = bus.connect(zmq.DEALER, config.bus.endpoints.orchestrator_tasks, role="tasks")
+        bus.send(sock, TaskRequest(worker_id="poisoner", num_tasks=3))
+        tasks = [bus.recv(sock, TIMEOUT_S, RolloutTask, what="task") for _ in range(3)]
+        for task in tasks:
+            sock.send_multipart(unreadable_result(task))
+            ack = bus.recv(sock, TIMEOUT_S, ResultAck, what=f"refusal of the unreadable result of {task.task_id}")
+            assert ack.task_ids == [task.task_id] and not ack.accepted
+            refusals[task.task_id] = ack.reason
+        worker, trainer = FakeWorker(config.bus, policy, seed=0, max_delay_s=0.05), FakeTrainer(config.bus, policy, 1, 2)
+        worker.start()
+        trainer.start()
+        finish_all(orchestrator, trainer, worker)
+    assert len(refusals) == 3 and all("unreadable: RolloutResult: invalid body" in r for r in refusals.values())
+    assert trainer.acked == [1, 2]

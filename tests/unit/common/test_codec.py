@@ -229,3 +229,20 @@ def test_unsupported_array_dtype_is_refused_when_sending():
     bucket = WeightsBucket(step=0, bucket=0, names=["c"], tensors=[np.zeros(2, dtype=np.complex64)])
     with pytest.raises(TypeError, match="cannot send arrays of dtype complex64"):
         encode(bucket)
+
+
+def test_a_result_that_does_not_decode_still_names_its_task_so_it_can_be_refused():
+    from rlbus.messages import Ack, RolloutResult
+
+    frames = encode(RolloutResult(task_id="run-7", worker_id="w", env_id="e", example_id=1, rollouts=[]))
+    body = msgpack.unpackb(bytes(frames[1])) | {"example_id": "seven"}
+    with pytest.raises(DecodeError) as caught:
+        decode([frames[0], msgpack.packb(body)])
+    assert (caught.value.message_type, caught.value.ref) == ("RolloutResult", "run-7")
+    for hostile in ({"task_id": "x" * 10_000}, {"task_id": 7}, {"task_id": None}):
+        with pytest.raises(DecodeError) as caught:
+            decode([frames[0], msgpack.packb(body | hostile)])
+        assert caught.value.ref is None  # no reference to answer about: counted and dropped only
+    with pytest.raises(DecodeError) as caught:  # messages without a reference field never get one
+        decode([encode(Ack(ref="r"))[0], msgpack.packb({"ref": 5})])
+    assert caught.value.message_type == "Ack" and caught.value.ref is None
