@@ -21,7 +21,7 @@ from loguru import logger
 from rlbus.bus import Bus
 from rlbus.messages import BatchAck, BatchRequest, Refused, TrainBatch
 from rlbus.pubsub import TelemetryClient
-from rlbus.services.trainer.batch import BadBatch, check_batch
+from rlbus.services.trainer.batch import BadBatch, CheckedBatch, check_batch
 from rlbus.services.trainer.config import TrainerConfig
 from rlbus.services.trainer.distributed import DistContext, shutdown_distributed
 from rlbus.services.trainer.logprobs import RowTensors
@@ -130,6 +130,7 @@ class RlLoop:
         self.weights = WeightPublisher(bus, config, ctx)
         self.pulse = StepPulse(config.bus, self.telemetry).start()
         self.num_rejected = 0
+        self.num_dropped_samples = 0
 
     def run(self) -> None:
         step, max_steps = self.rt.start_step + 1, self.config.max_steps
@@ -161,7 +162,8 @@ class RlLoop:
             # from its previous checkpoint and gets this very batch again from the orchestrator.
             self.batches.ack(step)
         metrics.update({"time/wait_for_batch": waited, "time/step": time.perf_counter() - started,
-                        "batches/rejected": self.num_rejected, "batches/duplicates": self.batches.num_duplicates})
+                        "batches/rejected": self.num_rejected, "batches/dropped_samples": self.num_dropped_samples,
+                        "batches/duplicates": self.batches.num_duplicates})  # fmt: skip
         self.telemetry.heartbeat("ready", step)
         if self.rt.ctx.is_main:
             self.telemetry.metrics(step, metrics)
@@ -171,7 +173,7 @@ class RlLoop:
         """This rank's rows, or BadBatch on every rank if any rank's share is bad."""
         ctx = self.rt.ctx
         try:
-            check_batch(batch, ctx.rank, ctx.world_size, self.rt.vocab_size, self.rt.max_positions)
+            checked = check_batch(batch, ctx.rank, ctx.world_size, self.rt.vocab_size, self.rt.max_positions)
             error = None
         except BadBatch as exc:
             error = str(exc)
@@ -183,7 +185,19 @@ class RlLoop:
             raise BadBatch(f"rank(s) {bad_ranks} rejected their share of the step")
         if len(set(counts)) > 1:
             raise BadBatch(f"ranks got different numbers of micro-batches {counts}; they must be equal")
-        return [RowTensors.from_message(micro, ctx.device) for micro in batch.micro_batches]
+        self._report_dropped(batch.step, checked)
+        return [RowTensors.from_message(micro, ctx.device) for micro in checked.batch.micro_batches]
+
+    def _report_dropped(self, step: int, checked: CheckedBatch) -> None:
+        """Samples with bad values were turned into padding: the rest of the step trains."""
+        if not checked.num_dropped_samples:
+            return
+        self.num_dropped_samples += checked.num_dropped_samples
+        reason = "; ".join(checked.reasons)
+        logger.warning("step {}: {} sample(s) with bad values dropped, the rest trains: {}", step,
+                       checked.num_dropped_samples, reason)  # fmt: skip
+        self.telemetry.event("bad_samples", reason, level="warning", step=step,
+                             num_samples=checked.num_dropped_samples)  # fmt: skip
 
     def reject(self, step: int, reason: str) -> None:
         self.num_rejected += 1

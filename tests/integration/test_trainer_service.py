@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import subprocess
 import sys
@@ -37,8 +38,15 @@ def nan_advantages(batch: TrainBatch) -> TrainBatch:
     return batch
 
 
+def ragged(batch: TrainBatch) -> TrainBatch:
+    micro = batch.micro_batches[0]
+    micro.advantages = np.append(micro.advantages, 1.0).astype(np.float32)
+    return batch
+
+
 class Script:
-    """Step 1: first request unanswered. Step 2: a duplicate of step 1 comes first. Step 3: NaN advantages."""
+    """Step 1: first request unanswered. Step 2: a duplicate of step 1 comes first. Step 3: a NaN
+    advantage in one sample. Step 4: arrays of different lengths (untrainable)."""
 
     def __init__(self) -> None:
         self.num_step1_requests = 0
@@ -52,34 +60,40 @@ class Script:
             return [train_batch(1), train_batch(2)]
         if step == 3:
             return [nan_advantages(train_batch(3))]
+        if step == 4:
+            return [ragged(train_batch(4))]
         return [train_batch(step)]
 
 
-def test_trains_acks_skips_duplicates_and_survives_a_bad_batch(tiny_model_dir, tmp_path):  # noqa: F811
+def test_trains_acks_skips_duplicates_drops_bad_samples_and_survives_a_bad_batch(tiny_model_dir, tmp_path):  # noqa: F811
     bus = BusConfig(endpoints=endpoints(), request_timeout_s=5, heartbeat_interval_s=0.5, linger_ms=2000)
-    config = TrainerConfig(model=str(tiny_model_dir), output_dir=tmp_path, max_steps=4, bus=bus, peak_flops=1e11,
+    config = TrainerConfig(model=str(tiny_model_dir), output_dir=tmp_path, max_steps=5, bus=bus, peak_flops=1e11,
                            optimizer={"lr": 1e-3})  # fmt: skip
     with FakeMonitor(bus.endpoints.monitor_telemetry) as monitor, \
             FakeOrchestrator(bus.endpoints.orchestrator_batches, Script()) as orchestrator:  # fmt: skip
         assert run_trainer(config) == 0
-        metrics = monitor.wait_for_metrics(steps=3)
+        metrics = monitor.wait_for_metrics(steps=4)
     acks = [(a.step, a.ok, a.reason.split(":")[0]) for a in orchestrator.acks]
     assert acks[:2] == [(1, True, ""), (1, True, "duplicate")]
     assert acks[2] == (2, True, "")
-    assert acks[3][:2] == (3, False)
-    assert "micro-batch 0: advantages hold non-finite values [nan]" in orchestrator.acks[3].reason
-    assert acks[4] == (4, True, "")
-    assert [r.step for r in orchestrator.requests] == [1, 1, 2, 3, 4]  # step 1 asked again after the timeout
+    assert acks[3] == (3, True, "")  # the sample with a NaN advantage was dropped, the rest trained
+    assert acks[4][:2] == (4, False)
+    assert "micro-batch 0: arrays must be 1-D of one length" in orchestrator.acks[4].reason
+    assert acks[5] == (5, True, "")
+    assert [r.step for r in orchestrator.requests] == [1, 1, 2, 3, 4, 5]  # step 1 asked again after the timeout
     assert all((r.rank, r.world_size, r.trainer_id) == (0, 1, "trainer") for r in orchestrator.requests)
-    assert sorted(metrics) == [1, 2, 4]  # the rejected step trained nothing
+    assert sorted(metrics) == [1, 2, 3, 5]  # the rejected step trained nothing
     for name in ("loss/mean", "entropy/mean", "mismatch_kl/mean", "mismatch_kl/max", "masked_advantage_positive/mean",
                  "optim/lr", "optim/grad_norm", "perf/throughput", "perf/mfu", "perf/peak_memory", "time/step",
                  "time/wait_for_batch", "time/forward_backward", "time/broadcast_weights", "time/save_ckpt"):
-        assert name in metrics[4], name
+        assert name in metrics[5], name
     assert metrics[1]["time/wait_for_batch"] >= 5.0  # it waited out the unanswered first request, then asked again
-    assert metrics[4]["batches/rejected"] == 1 and metrics[4]["batches/duplicates"] == 1
-    events = [m.kind for m in monitor.messages if type(m).__name__ == "Event"]
-    assert "bad_batch" in events and "finished" in events
+    assert metrics[3]["batches/dropped_samples"] == 1 and math.isfinite(metrics[3]["loss/mean"])
+    assert metrics[5]["batches/rejected"] == 1 and metrics[5]["batches/duplicates"] == 1
+    events = [m for m in monitor.messages if type(m).__name__ == "Event"]
+    assert {"bad_samples", "bad_batch", "finished"} <= {m.kind for m in events}
+    (dropped,) = [m for m in events if m.kind == "bad_samples"]
+    assert "micro-batch 0: 1 sample(s) dropped: advantages [nan] (1 value(s)) not finite" in dropped.message
 
 
 def test_refusal_naming_the_next_step_moves_the_trainer_there(tiny_model_dir, tmp_path):  # noqa: F811

@@ -1,4 +1,5 @@
-"""Bad batches are refused with a reason naming the problem."""
+"""Bad batches are refused with a reason naming the problem; a sample with bad values is dropped
+and the rest of the step trains."""
 
 import numpy as np
 import pytest
@@ -26,14 +27,7 @@ def test_good_batch_passes():
 
 @pytest.mark.parametrize(("name", "update", "reason"), [
     ("advantages", lambda a: np.append(a, 1.0).astype(np.float32), "arrays must be 1-D of one length"),
-    ("input_ids", lambda a: np.where(np.arange(a.size) == 3, 999, a).astype(np.int32),
-     r"input_ids \[999\] \(1 value\(s\)\) are outside the vocabulary \[0, 320\)"),
     ("input_ids", lambda a: a.astype(np.float32), "input_ids must be integers, got float32"),
-    ("advantages", lambda a: np.where(np.arange(a.size) == 2, np.nan, a).astype(np.float32),
-     r"advantages hold non-finite values \[nan\]"),
-    ("inference_logprobs", lambda a: np.where(np.arange(a.size) == 8, 0.7, a).astype(np.float32),
-     "inference_logprobs of loss tokens must be finite and <= 0"),
-    ("temperatures", lambda a: np.zeros_like(a), "temperatures of loss tokens must be finite and > 0"),
     ("position_ids", lambda a: (a + 600).astype(np.int32), r"position_ids range over \[600, 613\]"),
     ("loss_mask", lambda a: np.ones_like(a), "loss_mask is set on the first token of a sample"),
     ("loss_mask", lambda a: a.astype(np.int8), "loss_mask must be bool"),
@@ -53,3 +47,34 @@ def test_batch_level_problems():
     batch.micro_batches = []
     with pytest.raises(BadBatch, match="no micro-batches"):
         check(batch)
+
+
+@pytest.mark.parametrize(("name", "index", "value", "reason"), [
+    ("input_ids", 3, 999, r"input_ids [999] (1 value(s)) outside the vocabulary [0, 320)"),
+    ("advantages", 2, np.nan, "advantages [nan] (1 value(s)) not finite"),
+    ("advantages", 2, 1e39, "advantages [inf] (1 value(s)) not finite"),  # a huge reward, once float32
+    ("inference_logprobs", 8, 0.5, "inference_logprobs [0.5] (1 value(s)) of loss tokens not finite and <= 0"),
+    ("temperatures", 8, 0.0, "temperatures [0.0] (1 value(s)) of loss tokens not finite and > 0"),
+])  # fmt: skip
+def test_a_sample_with_a_bad_value_is_dropped_and_the_rest_of_the_step_kept(name, index, value, reason):
+    batch = train_batch(1)
+    micro = batch.micro_batches[1]
+    array = np.array(getattr(micro, name))
+    with np.errstate(over="ignore"):
+        array[index] = value
+    setattr(micro, name, array)
+    positions = np.asarray(micro.position_ids)
+    starts = list(np.flatnonzero(positions == 0)) + [positions.size]
+    sample = next(i for i in range(len(starts) - 1) if starts[i] <= index < starts[i + 1])
+    span = slice(starts[sample], starts[sample + 1])
+    kept_before = np.asarray(micro.loss_mask).copy()
+    checked = check_batch(batch, 0, 1, vocab_size=320, max_positions=512)
+    assert checked.num_dropped_samples == 1 and reason in checked.reasons[0] and "micro-batch 1" in checked.reasons[0]
+    fixed = checked.batch.micro_batches[1]
+    assert not np.asarray(fixed.loss_mask)[span].any() and (np.asarray(fixed.input_ids)[span] == 0).all()
+    outside = np.ones(positions.size, bool)
+    outside[span] = False
+    assert (np.asarray(fixed.loss_mask)[outside] == kept_before[outside]).all() and kept_before[outside].any()
+    assert checked.batch.micro_batches[0] is batch.micro_batches[0]  # untouched micro-batches are not copied
+    for field in ("advantages", "inference_logprobs", "temperatures"):
+        assert np.isfinite(np.asarray(getattr(fixed, field))).all()
