@@ -57,6 +57,7 @@ class AsyncBus(BusCore):
         """Like :meth:`recv` with a ``time.monotonic()`` deadline; None when it passed."""
         # poll + non-blocking recv (not wait_for(recv)) so that, like the sync bus,
         # a message already queued at the deadline is still returned.
+        self.check_alive()
         while await sock.poll(remaining_ms(deadline)):
             try:
                 frames = await sock.recv_multipart(zmq.NOBLOCK, copy=False)

@@ -135,6 +135,8 @@ class CurveGuard:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.failure: str | None = None
+        """Why the ZAP handler died, if it did: the bus then refuses to go on (``Bus.check_alive``)."""
 
     def secure(self, sock: Any, server: bool, role: str) -> None:
         """Make ``sock`` a Curve server (to be bound) or client (to connect); before bind/connect."""
@@ -146,6 +148,9 @@ class CurveGuard:
         sock.curve_server = True
         sock.curve_secretkey = self._server_secret
         sock.zap_domain = role.encode()  # names the socket in ZAP requests, hence in our logs
+        # Without this libzmq admits any Curve key when no ZAP handler is bound (a dead handler
+        # thread): with it, a peer that finds no handler is refused.
+        sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         # The PAIR is connected here, before any event can be sent, then handed to the handler thread.
         endpoint = f"inproc://rlbus-curve-monitor-{id(sock)}"
         sock.monitor(endpoint, _HANDSHAKE_FAILURES)
@@ -198,9 +203,22 @@ class CurveGuard:
             ready.put(RuntimeError(f"cannot start the Curve ZAP handler at {ZAP_ENDPOINT}: {exc}"))
             return
         ready.put(None)
+        watched: dict[zmq.Socket, Any] = {}
+        try:
+            self._serve(zap, watched)
+        except BaseException as exc:  # noqa: BLE001 - any death must be known, whatever killed it
+            # Fail closed: with the domain enforced, libzmq now refuses every new peer, and the bus
+            # raises on its next operation so the service stops instead of running half-deaf.
+            self.failure = f"the Curve ZAP handler died ({type(exc).__name__}: {exc}); refusing every new peer"
+            logger.opt(exception=exc).critical("{}", self.failure)
+        finally:
+            for watcher in watched:
+                watcher.close(linger=0)
+            zap.close()
+
+    def _serve(self, zap: zmq.Socket, watched: dict[zmq.Socket, Any]) -> None:
         poller = zmq.Poller()
         poller.register(zap, zmq.POLLIN)
-        watched: dict[zmq.Socket, Any] = {}
         while not self._stop.is_set():
             while not self._monitors.empty():
                 watcher, sock = self._monitors.get()
@@ -211,9 +229,6 @@ class CurveGuard:
                     self._answer(zap)
                 else:
                     self._report_handshake(ready_sock, watched[ready_sock])
-        for watcher in watched:
-            watcher.close(linger=0)
-        zap.close()
 
     def _answer(self, zap: zmq.Socket) -> None:
         """One ZAP request (RFC 27): admit a Curve client whose key is in the allow list."""

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import shutil
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zmq
+import zmq.utils.monitor
+from loguru import logger
 
 from rlbus.abus import AsyncBus
-from rlbus.bus import Bus
+from rlbus.bus import Bus, BusError
 from rlbus.config.base import BusConfig, CurveConfig
 from rlbus.curve import check_bind_allowed, is_loopback
 from rlbus.messages import Ack, Hello, TaskRequest
@@ -148,3 +151,48 @@ def test_loopback_rule_per_address():
     for address in ("tcp://0.0.0.0:1", "tcp://*:1", "tcp://10.1.2.3:1", "tcp://eth0:1", "tcp://no-such-host.invalid:1"):
         assert not is_loopback(address), address
     check_bind_allowed("tcp://10.1.2.3:1", CurveConfig(keys_dir=Path("keys")), "tasks")
+
+
+def handshake_outcome(server: Bus, pull: object, peer: Bus) -> int:
+    """Connect a PUSH of ``peer`` to ``pull``, send one message, and return the first handshake
+    event ``pull`` reports (libzmq refuses or admits there; the client only learns at its timeout)."""
+    monitor = server.watch_connections(pull, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                                       | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)  # fmt: skip
+    peer.send(peer.connect(zmq.PUSH, pull.address), Hello(sender="late", nonce=3))
+    assert monitor.poll(TIMEOUT_S * 1000), "no handshake event"
+    return zmq.utils.monitor.recv_monitor_message(monitor)["event"]
+
+
+@pytest.mark.parametrize("client", ["trainer", "intruder"])
+def test_a_stopped_zap_handler_lets_no_client_in(keys, client):
+    # libzmq skips ZAP when no handler is bound unless the domain is enforced: that was fail-open.
+    client_keys, name = (keys["good"], "trainer") if client == "trainer" else (keys["intruder"], "client")
+    with Bus(curve(keys["good"], "trainer")) as server, Bus(curve(client_keys, name)) as peer:
+        pull = server.bind(zmq.PULL, "tcp://127.0.0.1:*", "batches")
+        server.curve.stop()  # the handler is gone; the bound socket stays
+        assert handshake_outcome(server, pull, peer) != zmq.EVENT_HANDSHAKE_SUCCEEDED
+        assert pull.poll(0) == 0
+
+
+def test_a_dead_zap_handler_stops_the_service(keys, monkeypatch):
+    def broken(self, zap):
+        raise RuntimeError("bug in the allow list")
+
+    monkeypatch.setattr("rlbus.curve.CurveGuard._answer", broken)
+    died = threading.Event()
+    sink = logger.add(lambda _: died.set(), level="CRITICAL", filter=lambda r: "ZAP handler died" in r["message"])
+    try:
+        with Bus(curve(keys["good"], "trainer")) as server, Bus(curve(keys["intruder"])) as stranger, \
+                Bus(curve(keys["intruder"])) as late:  # fmt: skip
+            pull = server.bind(zmq.PULL, "tcp://127.0.0.1:*", "batches")
+            stranger.send(stranger.connect(zmq.PUSH, pull.address), Hello(sender="s", nonce=1))
+            assert died.wait(TIMEOUT_S)  # its ZAP request killed the handler
+            with pytest.raises(BusError, match=r"ZAP handler died \(RuntimeError: bug in the allow list\)"):
+                server.recv(pull, TIMEOUT_S)
+            with pytest.raises(BusError, match="ZAP handler died"):
+                server.send(server.bind(zmq.PUSH, "tcp://127.0.0.1:*"), Hello(sender="s", nonce=1))
+            # Refused at the handshake by libzmq itself now that no handler answers.
+            assert handshake_outcome(server, pull, late) != zmq.EVENT_HANDSHAKE_SUCCEEDED
+            assert pull.poll(0) == 0
+    finally:
+        logger.remove(sink)
