@@ -314,6 +314,9 @@ class TrainBatch(Message, kw_only=True):
     num_loss_tokens: int
     """Loss tokens over all ranks: the loss normaliser."""
     metrics: dict[str, float] = {}
+    task_ids: list[str] = []
+    """Task ids of the groups the step was built from (all of them, on every rank): the
+    trainer's audit trail names what it trained (``rlbus.audit``)."""
 
 
 class BatchAck(Message, kw_only=True):

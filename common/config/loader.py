@@ -24,8 +24,10 @@ from rlbus.config.errors import ConfigError, format_validation_error, unknown_ke
 
 ENV_PREFIX = "RLBUS_"
 # Variables under the prefix that belong to the scripts, not to any config: scripts/setup_env.sh
-# (which venv, which extras) and the fuzz tests. Every other RLBUS_ name must be a config key.
-TOOL_VARIABLES = frozenset({"RLBUS_VENV", "RLBUS_EXTRAS", "RLBUS_FUZZ_EXAMPLES"})
+# (which venv, which extras), the fuzz tests, and the chaos tests' fault points and audit trails
+# (rlbus.faults, rlbus.audit). Every other RLBUS_ name must be a config key.
+TOOL_VARIABLES = frozenset({"RLBUS_VENV", "RLBUS_EXTRAS", "RLBUS_FUZZ_EXAMPLES", "RLBUS_FAULT_POINTS",
+                            "RLBUS_AUDIT_DIR"})  # fmt: skip
 C = TypeVar("C", bound=BaseModel)
 
 

@@ -81,6 +81,7 @@ def build_step(step: int, groups: Sequence[Group], config: OrchestratorConfig) -
     }
     for batch in batches:
         batch.metrics = {k: v for k, v in metrics.items() if k.startswith(("batch/", "off_policy/"))}
+        batch.task_ids = [group.task_id for group in groups]
     return BuiltStep(step, batches, metrics, shown[: config.samples_per_report], len(samples), stats.num_tokens,
                      len(groups))
 

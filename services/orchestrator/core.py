@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 from loguru import logger
 
+from rlbus import faults
 from rlbus.messages import (
     Ack,
     BatchAck,
@@ -233,6 +234,7 @@ class Orchestrator:
                                         f"(max_off_policy_steps={self.config.max_off_policy_steps})")  # fmt: skip
         if self.journal is not None:
             self.journal.accepted(result)  # before the ack: the worker forgets what it was acked
+            faults.point("orchestrator.before_result_ack")
         return ResultAck(task_ids=[result.task_id])
 
     def on_unreadable_result(self, identity: bytes, task_id: str, problem: str) -> ResultAck:
@@ -473,6 +475,7 @@ class Orchestrator:
             if self.journal is not None:
                 self.journal.sync()  # the progress file must never be ahead of the journal on disk
             path = self.progress.save(snapshot)
+            faults.point("orchestrator.before_compaction")
             if self.journal is not None:
                 self.journal.compact(step)  # after the save: a replay starts from this progress
             self._event("checkpoint", f"progress of step {step} saved to {path}", step=step)

@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from rlbus import faults
 from rlbus.durable import EXCHANGE_UNSUPPORTED, exchange, fsync_dir, fsync_tree
 from rlbus.services.trainer.config import CheckpointConfig
 from rlbus.services.trainer.distributed import DistContext
@@ -138,6 +139,7 @@ class CheckpointManager:
         weights_partial = _fresh_partial(self.weights, step)
         shutil.copytree(partial / "model", weights_partial, copy_function=_link_or_copy, dirs_exist_ok=True)
         _publish(weights_partial)
+        faults.point("trainer.checkpoint_before_rename")
         _publish(partial)
 
     def load(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

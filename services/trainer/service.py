@@ -18,6 +18,8 @@ import time
 import zmq
 from loguru import logger
 
+from rlbus import faults
+from rlbus.audit import AuditLog
 from rlbus.bus import Bus
 from rlbus.messages import BatchAck, BatchRequest, Refused, TrainBatch
 from rlbus.pubsub import TelemetryClient
@@ -130,6 +132,8 @@ class RlLoop:
         self.weights = WeightPublisher(bus, config, ctx)
         self.pulse = StepPulse(config.bus, self.telemetry).start()
         self.num_rejected = 0
+        self.audit = AuditLog.from_env(f"trainer-{config.trainer_id}") if ctx.is_main else None
+        """The steps applied, for tests that check them against what env-workers were acknowledged."""
         self.num_dropped_samples = 0
 
     def run(self) -> None:
@@ -153,6 +157,7 @@ class RlLoop:
             try:
                 rows = self.prepare(batch)
             except BadBatch as exc:
+                self.record(batch, ok=False)
                 self.reject(step, str(exc))
                 return
             metrics = self.rt.trainer.run(step, rows, batch.num_loss_tokens)
@@ -160,6 +165,8 @@ class RlLoop:
             metrics["time/save_ckpt"] = self.checkpoint(step)
             # Acknowledged only once checkpointed (when due): a trainer killed before that resumes
             # from its previous checkpoint and gets this very batch again from the orchestrator.
+            self.record(batch, ok=True)
+            faults.point("trainer.before_batch_ack")
             self.batches.ack(step)
         metrics.update({"time/wait_for_batch": waited, "time/step": time.perf_counter() - started,
                         "batches/rejected": self.num_rejected, "batches/dropped_samples": self.num_dropped_samples,
@@ -198,6 +205,13 @@ class RlLoop:
                        checked.num_dropped_samples, reason)  # fmt: skip
         self.telemetry.event("bad_samples", reason, level="warning", step=step,
                              num_samples=checked.num_dropped_samples)  # fmt: skip
+
+    def record(self, batch: TrainBatch, ok: bool) -> None:
+        """Audit trail (``rlbus.audit``): the step is applied (checkpointed when due) or used up, and
+        its ack not sent yet, so a kill after this leaves the step done and recorded once."""
+        if self.audit is not None:
+            self.audit.write({"time": time.time(), "trainer_id": self.config.trainer_id, "step": batch.step,
+                              "ok": ok, "task_ids": batch.task_ids})  # fmt: skip
 
     def reject(self, step: int, reason: str) -> None:
         self.num_rejected += 1
