@@ -45,3 +45,6 @@ class EnvWorkerConfig(ServiceConfig, InferenceClientSettings):
     """Environments this worker runs (sent to the orchestrator with each TaskRequest); empty means any installed."""
     result_ack_timeout_s: float = Field(30.0, gt=0)
     """A result not acknowledged by the orchestrator within this many seconds is sent again."""
+    max_result_sends: int = Field(10, ge=1)
+    """Times a result is sent without an acknowledgement before the worker drops it (counted in
+    ``env_worker/results_dropped``); the orchestrator re-issues a task whose lease expires."""

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from loguru import logger
 
-from rlbus.environments import Environment, Message, RolloutState, checked_reward
+from rlbus.environments import Environment, Message, RolloutState, Rubric, checked_reward
 from rlbus.messages import Rollout, RolloutTask, SamplingParams, Turn
 from rlbus.services.env_worker.inference import Completion, InferenceError
 from rlbus.services.env_worker.tokens import TemplateError, TokenizedChat, TurnRenderer
@@ -56,6 +56,10 @@ class FirstTurn:
     completions: list[Completion]
     generate_s: float
     """Seconds the group waited for it (counted in each rollout's ``generate`` time)."""
+
+
+# Roles an environment's reply may hold; the assistant's turns are the policy's alone.
+REPLY_ROLES = frozenset({"user", "tool", "system"})
 
 
 class RolloutFailure(Exception):
@@ -142,24 +146,40 @@ class RolloutRunner:
         self.sampler, self.renderer, self.env_timeout_s = sampler, renderer, env_timeout_s
 
     async def run_task(self, task: RolloutTask, env: Environment) -> list[Rollout]:
-        """All ``task.num_rollouts`` rollouts, run concurrently; the prompt is rendered once for the group."""
-        if getattr(env, "runs_own_loop", False):  # e.g. a verifiers environment
-            return await self.run_foreign_task(task, env)
+        """All ``task.num_rollouts`` rollouts, run concurrently; the prompt is rendered once for the group.
+
+        Never raises (but for cancellation): whatever fails, the group comes back with ``error`` set.
+        """
         try:
-            example = env.example(task.example_id)
-            messages = env.prompt_messages(example)
+            if getattr(env, "runs_own_loop", False):  # e.g. a verifiers environment
+                return await self.run_foreign_task(task, env)
+            return await self._run_group(task, env)
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one task, not the worker nor its credit
+            logger.exception("task {} ({}) failed unexpectedly", task.task_id, task.env_id)
+            return [failed_rollout(task, i, f"{type(exc).__name__}: {exc}") for i in range(task.num_rollouts)]
+
+    async def _run_group(self, task: RolloutTask, env: Environment) -> list[Rollout]:
+        # The example and its prompt are environment code too: off the loop, within the timeout
+        # (a budget of their own, once per group; each rollout then gets a full budget).
+        caller = EnvCaller(self.env_timeout_s)
+        try:
+            example = await caller("example", env.example, task.example_id)
+            messages = await caller("prompt_messages", env.prompt_messages, example)
             prompt = await self.renderer.prompt(messages, env.tools)
+        except RolloutFailure as exc:
+            return self._failed_group(task, f"cannot build the prompt of example {task.example_id}: {exc}")
         except Exception as exc:  # noqa: BLE001 - a bad example or template fails the task, not the worker
             reason = f"cannot build the prompt of example {task.example_id}: {type(exc).__name__}: {exc}"
-            logger.warning("task {} ({}): {}", task.task_id, task.env_id, reason)
-            return [failed_rollout(task, i, reason) for i in range(task.num_rollouts)]
+            return self._failed_group(task, reason)
         first = await self._first_turn(task, env, prompt)
         if isinstance(first, str):
-            logger.warning("task {} ({}): {}", task.task_id, task.env_id, first)
-            prompt_text = messages_text(messages)
-            return [failed_rollout(task, i, first, prompt_text) for i in range(task.num_rollouts)]
+            return self._failed_group(task, first, messages_text(messages))
         runs = (self.run_rollout(task, env, example, messages, prompt, i, first) for i in range(task.num_rollouts))
         return list(await asyncio.gather(*runs))
+
+    def _failed_group(self, task: RolloutTask, reason: str, prompt_text: str = "") -> list[Rollout]:
+        logger.warning("task {} ({}): {}", task.task_id, task.env_id, reason)
+        return [failed_rollout(task, i, reason, prompt_text) for i in range(task.num_rollouts)]
 
     async def _first_turn(self, task: RolloutTask, env: Environment, prompt: TokenizedChat) -> FirstTurn | str | None:
         """Turn 0 of every rollout, sampled together; the reason when that fails; None when the
@@ -190,16 +210,20 @@ class RolloutRunner:
         self, task: RolloutTask, env: Environment, example: dict[str, Any], messages: list[Message],
         prompt: TokenizedChat, index: int, first: FirstTurn | None = None,
     ) -> Rollout:  # fmt: skip
-        state = RolloutState(example, [dict(m) for m in messages], len(messages), tools=list(env.tools))
+        state = RolloutState(example, [dict(m) for m in messages], len(messages))
         record, caller = RolloutRecord(), EnvCaller(self.env_timeout_s)
         started = time.monotonic()
+        # Everything up to the finished message is guarded, texts included: an environment can break
+        # them (a reply in the assistant's role, a message without one) after its hooks returned.
         try:
+            state.tools = list(env.tools)
             await self._play(task, env, state, prompt, record, caller, index, first)
             score_started, env_used = time.monotonic(), caller.used_s
             reward, breakdown = await self._score(env, state, caller)
             record.timing["score"] = time.monotonic() - score_started
             record.timing["env"] += env_used
             metrics = rollout_metrics(state, record)
+            prompt_text, text = messages_text(state.prompt), completion_text(state)
         except (RolloutFailure, InferenceError, TemplateError) as exc:
             return self._failed(task, index, str(exc), state, record, started)
         except Exception as exc:  # noqa: BLE001 - a bug must cost one rollout, not the worker
@@ -208,8 +232,8 @@ class RolloutRunner:
         record.timing["total"] = time.monotonic() - started
         return Rollout(
             rollout_id=f"{task.task_id}/{index}", turns=record.turns, reward=reward, reward_breakdown=breakdown,
-            metrics=metrics, is_truncated=state.is_truncated, prompt_text=messages_text(state.prompt),
-            completion_text=completion_text(state), timing=record.timing,
+            metrics=metrics, is_truncated=state.is_truncated, prompt_text=prompt_text, completion_text=text,
+            timing=record.timing,
         )  # fmt: skip
 
     async def _play(
@@ -265,7 +289,15 @@ class RolloutRunner:
                 values[name] = checked_reward(name, value)
             except ValueError as exc:
                 raise RolloutFailure(str(exc)) from None
-        return rubric.total(values), values
+        # A rubric's own ``total`` is environment code like any hook (the default one is plain arithmetic).
+        if type(rubric).total is Rubric.total:
+            total = rubric.total(values)
+        else:
+            total = await caller("the rubric's total", rubric.total, values)
+        try:
+            return checked_reward("total", total), values
+        except ValueError:
+            raise RolloutFailure(f"the weighted reward of {values} is {total!r:.60}, not a finite number") from None
 
     def _failed(
         self, task: RolloutTask, index: int, reason: str, state: RolloutState, record: RolloutRecord, started: float
@@ -273,8 +305,11 @@ class RolloutRunner:
         logger.warning("task {} ({}) rollout {} errored: {}", task.task_id, task.env_id, index, reason)
         record.timing["total"] = time.monotonic() - started
         rollout = failed_rollout(task, index, reason)
-        rollout.turns, rollout.timing, rollout.prompt_text = record.turns, record.timing, messages_text(state.prompt)
-        rollout.completion_text = completion_text(state)
+        rollout.turns, rollout.timing = record.turns, record.timing
+        try:
+            rollout.prompt_text, rollout.completion_text = messages_text(state.prompt), completion_text(state)
+        except Exception:  # noqa: BLE001 - the texts are for people; what broke them is likely the reason above
+            logger.debug("task {} rollout {}: no texts for the errored rollout", task.task_id, index)
         return rollout
 
 
@@ -313,6 +348,10 @@ def check_reply(reply: Any) -> list[Message] | None:
         return None
     if not isinstance(reply, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in reply):
         raise RolloutFailure(f"env_response must return a list of chat messages or None, got {reply!r:.120}")
+    # An assistant turn the policy did not sample would be shown (and scored) as the model's own.
+    roles = {m["role"] for m in reply} - REPLY_ROLES
+    if roles:
+        raise RolloutFailure(f"env_response may answer with user, tool or system messages, got role {min(roles)!r}")
     return reply
 
 

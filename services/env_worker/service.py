@@ -9,9 +9,14 @@ One asyncio loop owns the DEALER connected to the orchestrator's task ROUTER.
   under a new identity, with no credit — the worker offers all its free slots;
   after that, one more each time a task finishes. A task that arrives beyond
   the free slots waits in a local queue.
-- Results: each finished ``RolloutResult`` is kept until a ``ResultAck`` names
-  it and sent again every ``result_ack_timeout_s`` and on reconnection; the
-  orchestrator drops duplicates by ``task_id``.
+- Results: each finished ``RolloutResult`` is first checked against the schema
+  the orchestrator decodes (``outgoing.py``: a rollout it would refuse goes out
+  errored), then kept until a ``ResultAck`` names it and sent again every
+  ``result_ack_timeout_s`` and on reconnection, at most ``max_result_sends``
+  times in all; the orchestrator drops duplicates by ``task_id``. A refusal
+  (``accepted=False``) drops the result at once: it is never sent again.
+- Whatever fails while a task runs, its result (errored rollouts) is sent and
+  its slot's credit given back.
 - Telemetry: heartbeats every ``bus.heartbeat_interval_s`` with counters of
   tasks, rollouts, errored and empty rollouts and inference retries.
 """
@@ -23,6 +28,7 @@ import contextlib
 import signal
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -30,12 +36,14 @@ from loguru import logger
 from zmq.utils.monitor import parse_monitor_message
 
 from rlbus.abus import AsyncBus
+from rlbus.audit import AuditLog
 from rlbus.environments import EnvironmentCache
 from rlbus.identity import service_id
 from rlbus.messages import ResultAck, Rollout, RolloutResult, RolloutTask, TaskRequest
 from rlbus.pubsub import TelemetryClient
 from rlbus.services.env_worker.config import EnvWorkerConfig
 from rlbus.services.env_worker.inference import InferenceClient
+from rlbus.services.env_worker.outgoing import checked_result
 from rlbus.services.env_worker.rollout import RolloutRunner, failed_rollout, num_completion_tokens
 from rlbus.services.env_worker.tokens import TurnRenderer
 
@@ -46,8 +54,18 @@ TICK_S = 0.25
 INFERENCE_POLL_S = 1.0
 INFERENCE_LOG_S = 30.0
 # Reported to the monitor as ``env_worker/<name>``, cumulative since the worker started.
-COUNTERS = ("tasks", "rollouts", "errored_rollouts", "empty_rollouts", "results_resent", "results_refused",
-            "duplicate_tasks")  # fmt: skip
+COUNTERS = ("tasks", "rollouts", "errored_rollouts", "empty_rollouts", "invalid_rollouts", "results_resent",
+            "results_refused", "results_dropped", "duplicate_tasks")  # fmt: skip
+
+
+@dataclass
+class Unacked:
+    """A sent result waiting for its ``ResultAck``."""
+
+    result: RolloutResult
+    sent_at: float
+    """``time.monotonic()`` of the latest send."""
+    num_sends: int = 0
 
 
 class EnvWorker:
@@ -71,7 +89,9 @@ class EnvWorker:
         self.telemetry = TelemetryClient(bus, "env-worker", self.worker_id)
         self.running: dict[str, asyncio.Task[None]] = {}
         self.queued: deque[RolloutTask] = deque()
-        self.unacked: dict[str, tuple[RolloutResult, float]] = {}
+        self.unacked: dict[str, Unacked] = {}
+        self.audit = AuditLog.from_env(f"env-worker-{self.worker_id}")
+        """Each answer to a held result, when ``RLBUS_AUDIT_DIR`` is set (``rlbus.audit``)."""
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.policy_step = 0
         self.stopping = asyncio.Event()
@@ -134,8 +154,12 @@ class EnvWorker:
 
     async def handle(self, message: RolloutTask | ResultAck) -> None:
         if isinstance(message, ResultAck):
+            # Accepted or refused, the result is settled: a refused one would be refused again.
             for task_id in message.task_ids:
-                if self.unacked.pop(task_id, None) is not None and not message.accepted:
+                pending = self.unacked.pop(task_id, None)
+                if pending is not None:
+                    self.record_answer(pending.result, message)
+                if pending is not None and not message.accepted:
                     self.counters["results_refused"] += 1
                     # A resent result the orchestrator already has is refused as a duplicate: expected.
                     log = logger.debug if message.reason.startswith("duplicate") else logger.warning
@@ -146,10 +170,15 @@ class EnvWorker:
             return
         if message.task_id in self.unacked:
             self.counters["duplicate_tasks"] += 1
-            await self.send_result(self.unacked[message.task_id][0])
+            await self.send_result(self.unacked[message.task_id].result)
             return
         self.queued.append(message)
         self.start_queued()
+
+    def record_answer(self, result: RolloutResult, ack: ResultAck) -> None:
+        if self.audit is not None:
+            self.audit.write({"time": time.time(), "worker_id": self.worker_id, "task_id": result.task_id,
+                              "is_eval": result.is_eval, "accepted": ack.accepted, "reason": ack.reason})  # fmt: skip
 
     def start_queued(self) -> None:
         while self.queued and len(self.running) < self.config.max_concurrent_tasks:
@@ -158,11 +187,7 @@ class EnvWorker:
 
     async def run_task(self, task: RolloutTask) -> None:
         try:
-            rollouts = await self.rollouts_of(task)
-            result = RolloutResult(
-                task_id=task.task_id, worker_id=self.worker_id, env_id=task.env_id, example_id=task.example_id,
-                is_eval=task.is_eval, rollouts=rollouts,
-            )  # fmt: skip
+            result = await self.result_of(task)
             self.count(result)
             await self.send_result(result)
         finally:
@@ -170,6 +195,25 @@ class EnvWorker:
             self.start_queued()
         if self.connected and self.free_slots and not self.stopping.is_set():
             await self.request_tasks(1)
+
+    async def result_of(self, task: RolloutTask) -> RolloutResult:
+        """The result to send: errored rollouts when anything failed, never one the orchestrator refuses."""
+        try:
+            rollouts = await self.rollouts_of(task)
+        except Exception as exc:  # noqa: BLE001 - the runner's guard failed: still answer, and free the slot
+            logger.exception("task {} ({}) failed unexpectedly", task.task_id, task.env_id)
+            reason = f"the rollouts failed: {type(exc).__name__}: {exc}"
+            rollouts = [failed_rollout(task, i, reason) for i in range(task.num_rollouts)]
+        result = RolloutResult(
+            task_id=task.task_id, worker_id=self.worker_id, env_id=task.env_id, example_id=task.example_id,
+            is_eval=task.is_eval, rollouts=rollouts,
+        )  # fmt: skip
+        result, num_invalid = checked_result(result, task.num_rollouts, self.config.bus)
+        if num_invalid:
+            self.counters["invalid_rollouts"] += num_invalid
+            logger.warning("task {} ({}): {} rollout(s) would be refused, sent errored: {}", task.task_id,
+                           task.env_id, num_invalid, next(r.error for r in result.rollouts if r.error))  # fmt: skip
+        return result
 
     async def rollouts_of(self, task: RolloutTask) -> list[Rollout]:
         try:
@@ -197,7 +241,8 @@ class EnvWorker:
 
     async def send_result(self, result: RolloutResult) -> None:
         """Send ``result`` and keep it until acknowledged (a failed send is retried like a lost one)."""
-        self.unacked[result.task_id] = (result, time.monotonic())
+        pending = self.unacked.setdefault(result.task_id, Unacked(result, 0.0))
+        pending.sent_at, pending.num_sends = time.monotonic(), pending.num_sends + 1
         try:
             await self.bus.send(self.tasks_out, result)
         except zmq.ZMQError as exc:
@@ -238,10 +283,23 @@ class EnvWorker:
 
     async def resend_results(self, older_than_s: float) -> None:
         now = time.monotonic()
-        for result, sent_at in list(self.unacked.values()):
-            if now - sent_at >= older_than_s and result.task_id in self.unacked:
+        for pending in list(self.unacked.values()):
+            task_id = pending.result.task_id
+            if now - pending.sent_at < older_than_s or task_id not in self.unacked:
+                continue
+            if pending.num_sends >= self.config.max_result_sends:
+                self.drop_result(task_id, pending)
+            else:
                 self.counters["results_resent"] += 1
-                await self.send_result(result)
+                await self.send_result(pending.result)
+
+    def drop_result(self, task_id: str, pending: Unacked) -> None:
+        """Give up on a result nobody acknowledges (its task's lease expires and it is issued again)."""
+        del self.unacked[task_id]
+        self.counters["results_dropped"] += 1
+        reason = f"result of task {task_id} dropped: sent {pending.num_sends} times, never acknowledged"
+        logger.warning("{}", reason)
+        self.telemetry.event("result_dropped", reason, level="warning", task_id=task_id)
 
     def report(self) -> None:
         busy = bool(self.running)

@@ -196,7 +196,7 @@ def test_a_bad_example_errors_the_whole_group(scripted, renderer: TurnRenderer) 
     env = Environment([{"prompt": None}], Rubric([]))
     rollouts = asyncio.run(RolloutRunner(scripted(lambda p, s: "x"), renderer, 5).run_task(task(num_rollouts=3), env))
     assert len(rollouts) == 3
-    assert all("cannot build the prompt of example 0: ValueError" in r.error for r in rollouts)
+    assert all("cannot build the prompt of example 0: prompt_messages raised ValueError" in r.error for r in rollouts)
     rollouts = asyncio.run(RolloutRunner(scripted(lambda p, s: "x"), renderer, 5).run_task(task(example_id=5), env))
     assert all("example 5 does not exist" in r.error for r in rollouts)
 
@@ -256,3 +256,104 @@ def test_a_failed_group_request_errors_every_rollout(renderer: TurnRenderer) -> 
     rollouts = asyncio.run(RolloutRunner(Down(), renderer, 5).run_task(task(num_rollouts=4), env))
     assert [r.error for r in rollouts] == ["/completions failed 6 time(s): connection refused"] * 4
     assert all(r.prompt_text == "x" for r in rollouts)
+
+
+class Hostile(Environment):
+    """Breaks the runner outside the hooks' own guard, in the way its example says."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__([{"prompt": kind, "answer": kind}], Rubric([]), max_turns=2)
+        self.kind = kind
+
+    @property
+    def max_turns(self) -> int:
+        if self.kind == "max-turns-raises":
+            raise RuntimeError("no turn budget")
+        return self._max_turns
+
+    @max_turns.setter
+    def max_turns(self, value: int) -> None:
+        self._max_turns = value
+
+    def parse_assistant(self, text: str) -> Any:
+        return {"content": text} if self.kind == "roleless-assistant" else super().parse_assistant(text)
+
+    def env_response(self, state: RolloutState) -> Any:
+        if state.turn > 1:
+            return None
+        role = "assistant" if self.kind == "assistant-reply" else "user"
+        return [{"role": role, "content": "again"}]
+
+
+@pytest.mark.parametrize(("kind", "error"), [
+    ("assistant-reply", "env_response may answer with user, tool or system messages, got role 'assistant'"),
+    ("roleless-assistant", "KeyError: 'role'"),
+    ("max-turns-raises", "RuntimeError: no turn budget"),
+])  # fmt: skip
+def test_an_exception_anywhere_in_a_rollout_errors_it(scripted, renderer: TurnRenderer, kind: str, error: str) -> None:
+    runner = RolloutRunner(scripted(lambda prompt, seed: "x"), renderer, env_timeout_s=5)
+    rollouts = asyncio.run(runner.run_task(task(num_rollouts=2), Hostile(kind)))
+    assert len(rollouts) == 2 and all(error in (r.error or "") for r in rollouts), [r.error for r in rollouts]
+    assert [r.reward for r in rollouts] == [0.0, 0.0]
+    assert [r.rollout_id for r in rollouts] == ["task-1/0", "task-1/1"]
+
+
+class StuckBeforeThePrompt(Environment):
+    """``example`` or ``prompt_messages`` blocks its thread until ``release`` is set."""
+
+    def __init__(self, hook: str, release: threading.Event) -> None:
+        super().__init__([{"prompt": "p"}], Rubric([]))
+        self.hook, self.release = hook, release
+
+    def example(self, index: int) -> dict[str, Any]:
+        if self.hook == "example":
+            self.release.wait()
+        return super().example(index)
+
+    def prompt_messages(self, example: dict[str, Any]) -> list:
+        if self.hook == "prompt_messages":
+            self.release.wait()
+        return super().prompt_messages(example)
+
+
+@pytest.mark.parametrize("hook", ["example", "prompt_messages"])
+def test_a_hanging_example_or_prompt_times_out_off_the_event_loop(
+    scripted, renderer: TurnRenderer, release: threading.Event, hook: str
+) -> None:
+    # Backstop only: were the hook run on the loop, nothing else could end the test.
+    backstop = threading.Timer(20, release.set)
+    backstop.start()
+    runner = RolloutRunner(scripted(lambda prompt, seed: "x"), renderer, env_timeout_s=0.3)
+
+    async def run_and_tick() -> tuple[list, int]:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        rollouts = await runner.run_task(task(num_rollouts=2), StuckBeforeThePrompt(hook, release))
+        ticker.cancel()
+        return rollouts, ticks
+
+    try:
+        rollouts, ticks = asyncio.run(run_and_tick())
+    finally:
+        backstop.cancel()
+    expected = f"cannot build the prompt of example 0: environment timed out in {hook} (env_timeout_s=0.3)"
+    assert [r.error for r in rollouts] == [expected, expected]
+    assert ticks > 0  # the loop went on while the hook hung
+    assert not release.is_set()
+
+
+def test_a_weighted_reward_that_overflows_errors_the_rollout(scripted, renderer: TurnRenderer) -> None:
+    def big() -> float:
+        return 10.0
+
+    env = Environment([{"prompt": "p"}], Rubric([big], weights=[1e308]))
+    (rollout,) = asyncio.run(RolloutRunner(scripted(lambda p, s: "x"), renderer, 5).run_task(task(num_rollouts=1), env))
+    assert rollout.error == "the weighted reward of {'big': 10.0} is inf, not a finite number"
+    assert rollout.reward == 0.0

@@ -74,9 +74,11 @@ def rollout_task(number: int, num_rollouts: int = 2) -> RolloutTask:
 
 
 class FakeOrchestrator:
-    """Hands tasks out by credit and acknowledges results, recording everything."""
+    """Hands tasks out by credit and answers results, recording everything. ``ack`` says how to answer
+    a result: True acknowledges it, False leaves it unanswered, a ``ResultAck`` is sent as it is."""
 
-    def __init__(self, endpoint: str, tasks: list[RolloutTask], ack: Callable[[RolloutResult], bool] = lambda r: True):
+    def __init__(self, endpoint: str, tasks: list[RolloutTask],
+                 ack: Callable[[RolloutResult], bool | ResultAck] = lambda r: True):  # fmt: skip
         self.bus = AsyncBus(BusConfig(linger_ms=0))
         self.router = self.bus.bind(zmq.ROUTER, endpoint, role="tasks")
         self.queue, self.ack = list(tasks), ack
@@ -86,10 +88,10 @@ class FakeOrchestrator:
         self.results: list[RolloutResult] = []
         self.requests: list[TaskRequest] = []
 
-    async def serve_until(self, done: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + DEADLINE_S
+    async def serve_until(self, done: Callable[[], bool], deadline_s: float = DEADLINE_S) -> None:
+        deadline = time.monotonic() + deadline_s
         while not done():
-            assert time.monotonic() < deadline, f"only {len(self.results)} results within {DEADLINE_S}s"
+            assert time.monotonic() < deadline, f"only {len(self.results)} results within {deadline_s}s"
             received = await self.bus.recv_before(self.router, time.monotonic() + 0.5, (TaskRequest, RolloutResult))
             if received is None:
                 continue
@@ -100,8 +102,11 @@ class FakeOrchestrator:
             else:
                 self.results.append(message)
                 self.outstanding[identity] -= 1
-                if self.ack(message):
-                    await self.bus.send(self.router, ResultAck(task_ids=[message.task_id]), identity)
+                answer = self.ack(message)
+                if answer is True:
+                    answer = ResultAck(task_ids=[message.task_id])
+                if answer:
+                    await self.bus.send(self.router, answer, identity)
             await self.hand_out()
 
     async def hand_out(self) -> None:
@@ -112,14 +117,26 @@ class FakeOrchestrator:
                 self.max_outstanding = max(self.max_outstanding, self.outstanding[identity])
                 await self.bus.send(self.router, self.queue.pop(0), identity)
 
+    def num_keepalives(self) -> int:
+        return sum(1 for request in self.requests if request.num_tasks == 0)
+
+    async def serve_keepalives(self, num: int) -> None:
+        """Serve until ``num`` more keepalives came: the worker's loop went round for a while."""
+        until = self.num_keepalives() + num
+        await self.serve_until(lambda: self.num_keepalives() >= until)
+
     def close(self) -> None:
         self.bus.close()
 
 
 async def run_workers(workers: list[EnvWorker], until: Any) -> None:
+    await run_workers_returning(workers, until)
+
+
+async def run_workers_returning(workers: list[EnvWorker], until: Any) -> Any:
     runs = [asyncio.create_task(worker.run()) for worker in workers]
     try:
-        await until
+        return await until
     finally:
         for worker in workers:
             worker.stop()
@@ -276,3 +293,87 @@ def test_no_task_is_asked_for_before_an_inference_replica_is_ready(scripted, ren
         server.close()
     assert requests_while_starting == []
     assert orchestrator.requests[0].num_tasks == 2 and [r.task_id for r in orchestrator.results] == ["t0"]
+
+
+def test_a_task_whose_runner_raises_is_answered_errored_and_frees_its_slot(scripted, renderer: TurnRenderer) -> None:
+    class Broken(RolloutRunner):
+        async def run_task(self, task: RolloutTask, env: Environment) -> list:
+            raise RuntimeError("bug in the runner")
+
+    endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
+    orchestrator = FakeOrchestrator(endpoint, [rollout_task(i) for i in range(3)])  # one more than the slots
+    config = worker_config(endpoint, "w0")
+    runner = Broken(scripted(lambda p, s: "ok"), renderer, env_timeout_s=60)
+    environments = EnvironmentCache(lambda env_id, args: CountingEnvironment(3))
+    worker = EnvWorker(config, runner, AsyncBus(config.bus), environments)
+    try:
+        asyncio.run(run_workers([worker], orchestrator.serve_until(lambda: len(orchestrator.results) == 3, 60)))
+    finally:
+        orchestrator.close()
+    assert sorted(r.task_id for r in orchestrator.results) == ["t0", "t1", "t2"]
+    assert all(r.error == "the rollouts failed: RuntimeError: bug in the runner" and r.reward == 0.0
+               for result in orchestrator.results for r in result.rollouts)  # fmt: skip
+    assert worker.counters["errored_rollouts"] == 6 and not worker.running
+
+
+def test_a_rollout_the_orchestrator_would_refuse_goes_out_errored(scripted, renderer: TurnRenderer) -> None:
+    def huge_once(completion: str) -> float:
+        return 1e7 if completion == "huge" else 1.0
+
+    replies = iter(["huge", "fine"])
+    env = Environment([{"prompt": "p"}], Rubric([huge_once]))
+    endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
+    orchestrator = FakeOrchestrator(endpoint, [rollout_task(0)])
+    worker = make_worker(worker_config(endpoint, "w0"), env, scripted(lambda p, s: next(replies)), renderer)
+    try:
+        asyncio.run(run_workers([worker], orchestrator.serve_until(lambda: len(orchestrator.results) == 1, 60)))
+    finally:
+        orchestrator.close()
+    (result,) = orchestrator.results
+    bad, good = result.rollouts
+    assert bad.error == "invalid rollout, not sent: reward is 10000000.0, not a finite number of magnitude at most 1e+06"  # fmt: skip
+    assert (bad.reward, bad.turns) == (0.0, []) and (good.error, good.reward) == (None, 1.0)
+    assert worker.counters["invalid_rollouts"] == 1 and worker.counters["errored_rollouts"] == 1
+
+
+def test_a_refused_result_is_dropped_and_never_sent_again(scripted, renderer: TurnRenderer) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
+    refusal = ResultAck(task_ids=["t0"], accepted=False, reason="invalid: rollout 0: reward nan is not finite")
+    orchestrator = FakeOrchestrator(endpoint, [rollout_task(0)], ack=lambda result: refusal)
+    worker = make_worker(worker_config(endpoint, "w0", result_ack_timeout_s=0.2), CountingEnvironment(1),
+                         scripted(lambda p, s: "ok"), renderer)  # fmt: skip
+
+    async def scenario() -> None:
+        await orchestrator.serve_until(lambda: worker.counters["results_refused"] == 1, 60)
+        await orchestrator.serve_keepalives(3)  # over a second: several resend periods pass
+
+    try:
+        asyncio.run(run_workers([worker], scenario()))
+    finally:
+        orchestrator.close()
+    assert [r.task_id for r in orchestrator.results] == ["t0"]
+    assert not worker.unacked and worker.counters["results_resent"] == 0
+
+
+def test_a_result_never_answered_is_sent_max_result_sends_times_then_dropped(scripted, renderer: TurnRenderer) -> None:
+    endpoint, monitor = f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
+    orchestrator = FakeOrchestrator(endpoint, [rollout_task(0)], ack=lambda result: False)
+    telemetry = orchestrator.bus.bind(zmq.PULL, monitor, role="telemetry")
+    config = worker_config(endpoint, "w0", monitor=monitor, result_ack_timeout_s=0.2, max_result_sends=3)
+    worker = make_worker(config, CountingEnvironment(1), scripted(lambda p, s: "ok"), renderer)
+
+    async def scenario() -> Event:
+        await orchestrator.serve_until(lambda: len(orchestrator.results) >= 3, 60)
+        await orchestrator.serve_keepalives(3)  # time for more resends, were there any
+        while True:
+            event = await orchestrator.bus.recv(telemetry, DEADLINE_S, (MetricsReport, Heartbeat, Event))
+            if isinstance(event, Event) and event.kind == "result_dropped":
+                return event
+
+    try:
+        event = asyncio.run(run_workers_returning([worker], scenario()))
+    finally:
+        orchestrator.close()
+    assert [r.task_id for r in orchestrator.results] == ["t0"] * 3
+    assert event.message == "result of task t0 dropped: sent 3 times, never acknowledged"
+    assert not worker.unacked and worker.counters["results_dropped"] == 1
