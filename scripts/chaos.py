@@ -1,16 +1,25 @@
 """Chaos matrix: kill -9 each service of a real run (vLLM on CPU, tiny model), restart it, print a table.
 
-    python scripts/chaos.py                 # one run, the five services killed one after the other
-    python scripts/chaos.py --separate      # one run per service (five vLLM starts: slower)
-    python scripts/chaos.py --services trainer,inference --max-steps 8
+    python scripts/chaos.py                 # async levels 0 and 1: one run each, every kill in it
+    python scripts/chaos.py --separate      # one run per killed service, and one for the fault points
+    python scripts/chaos.py --async-levels 1 --services trainer,inference --no-faults --max-steps 8
     python scripts/chaos.py --join            # also: a replica and an env-worker join, the first replica leaves
 
 Each killed service is started again with its own command (``rlbus <service> @
-<run>/configs/<service>.toml``). Columns: the trainer step when it was killed; seconds
-until the restarted service was ready and until the run completed a trainer step
-after that; then what the run's files say (tests.integration.chaos_run.audit): trainer
-steps contiguous, steps trained twice or skipped, accepted rollouts lost. In a single
-run the last columns describe the whole run, so they repeat on every row.
+<run>/configs/<service>.toml``). Two kinds of kill (tests/integration/chaos_run.py):
+
+- timed: SIGKILL from outside at a trainer step, for each of the five services;
+- at a fault point (``rlbus.faults``): the trainer between writing a checkpoint and renaming it,
+  and between the rename and its BatchAck; the orchestrator between saving progress and compacting
+  its journal, and between journaling a result and its ResultAck.
+
+Columns: async level, the process, how it was killed, the trainer step then; seconds until the
+restarted service was ready and until the run completed a trainer step after that; then the
+exactly-once audit (tests/integration/chaos_audit.py), read from the env-workers' and the
+trainer's own audit trails, not from the orchestrator's journal under test: steps contiguous,
+steps or groups trained twice, steps skipped, results acknowledged to a worker but never trained
+(lost), results acknowledged, and of those dropped as stale or left in the buffer at the end. In a
+run with several kills the audit columns describe the whole run, so they repeat on every row.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -28,10 +38,11 @@ from loguru import logger
 # The harness lives with the tests (tests/integration/chaos_run.py); run from a checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rlbus.ports import free_loopback_port  # noqa: E402
-from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model  # noqa: E402
-from tests.integration.chaos_run import (  # noqa: E402
+from rlbus.ports import free_loopback_port
+from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
+from tests.integration.chaos_run import (
     Audit,
+    ChaosFailure,
     ChaosRun,
     Recovery,
     accepted_by,
@@ -41,6 +52,13 @@ from tests.integration.chaos_run import (  # noqa: E402
 )  # fmt: skip
 
 SERVICES = ("trainer", "inference", "env-worker-0", "orchestrator", "monitor")
+FAULTS = {
+    "trainer": ["trainer.checkpoint_before_rename:2", "trainer.before_batch_ack:2"],
+    "orchestrator": ["orchestrator.before_compaction:3", "orchestrator.before_result_ack:4"],
+}
+"""Process -> the fault points of its first starts, one item a start: each fires within a few steps."""
+FAULT_STEPS = 5
+"""Trainer steps by which the fault points above have fired: timed kills come after."""
 FIRST_KILL_STEP, STEPS_BETWEEN_KILLS = 2, 2
 STEPS_AFTER_LAST_KILL = 7
 """Room for the last killed service to come back and the run to make a step after it."""
@@ -48,18 +66,40 @@ JOIN_MAX_STEPS = 40
 """Enough steps for a second vLLM replica to start on a CPU while the run goes on."""
 
 
-def run_once(folder: Path, model: Path, services: list[str], max_steps: int) -> tuple[list[Recovery], Audit]:
+@dataclass
+class Plan:
+    async_level: int
+    services: list[str]
+    """Killed from outside, one after the other."""
+    faults: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"async{self.async_level}-" + "-".join([*self.services, *(["faults"] if self.faults else [])])
+
+    def kill_steps(self) -> list[int]:
+        first = FAULT_STEPS + 1 if self.faults else FIRST_KILL_STEP
+        return [first + STEPS_BETWEEN_KILLS * index for index in range(len(self.services))]
+
+    def max_steps(self) -> int:
+        return max([FAULT_STEPS if self.faults else 0, *self.kill_steps()]) + STEPS_AFTER_LAST_KILL
+
+
+def run_once(folder: Path, model: Path, plan: Plan, max_steps: int | None) -> tuple[list[Recovery], Audit]:
     folder.mkdir(parents=True, exist_ok=True)
-    run = ChaosRun(write_config(folder, model, max_steps), timeout_s=900)
+    config = write_config(folder, model, max_steps or plan.max_steps(), max_async_level=plan.async_level)
+    run = ChaosRun(config, timeout_s=900)
+    for name, specs in plan.faults.items():
+        run.arm(name, *specs)
     try:
         run.start_all()
-        for index, name in enumerate(services):
-            run.wait_for_step(FIRST_KILL_STEP + STEPS_BETWEEN_KILLS * index)
+        for name, step in zip(plan.services, plan.kill_steps()):
+            run.wait_for_step(step)
             run.kill_and_restart(name)
         run.wait_for_end()
     finally:
         run.stop_all()
-    return run.recoveries, audit(run)
+    return sorted(run.recoveries, key=lambda r: r.killed_at), audit(run)
 
 
 def join_and_leave(folder: Path, model: Path) -> Audit:
@@ -98,50 +138,72 @@ def join_and_leave(folder: Path, model: Path) -> Audit:
     return audit(run)
 
 
-def table(rows: list[tuple[Recovery, Audit]]) -> str:
-    header = ("service", "kill step", "ready s", "recovery s", "steps contiguous", "trained twice", "skipped",
-              "rollouts lost", "accepted")  # fmt: skip
+def table(rows: list[tuple[int, Recovery, Audit]]) -> str:
+    header = ("async", "process", "killed", "kill step", "ready s", "recovery s", "steps contiguous", "trained twice",
+              "skipped", "lost", "acked", "stale", "left over")  # fmt: skip
     lines = [header]
-    for recovery, result in rows:
-        lines.append((recovery.name, str(recovery.kill_step), f"{recovery.ready_s:.1f}", f"{recovery.recovery_s:.1f}",
-                      "yes" if result.contiguous else f"NO {sorted(set(result.trained_steps))}",
-                      str(len(result.duplicate_steps) + len(result.groups_in_two_steps)),
-                      str(len(result.skipped_steps)), str(len(result.lost_rollouts)), str(result.num_accepted)))
+    for level, recovery, result in rows:
+        lines.append((str(level), recovery.name, recovery.how, str(recovery.kill_step), f"{recovery.ready_s:.1f}",
+                      f"{recovery.recovery_s:.1f}", "yes" if result.contiguous else f"NO {result.trained_steps}",
+                      str(len(result.duplicate_steps) + len(result.trained_twice)), str(len(result.skipped_steps)),
+                      str(len(result.lost)), str(result.num_acked), str(result.num_stale),
+                      str(result.num_left_over)))  # fmt: skip
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in lines)
 
 
+def make_plans(levels: list[int], services: list[str], separate: bool, with_faults: bool) -> list[Plan]:
+    faults = FAULTS if with_faults else {}
+    if not separate:
+        return [Plan(level, services, faults) for level in levels if services or faults]
+    singles = [Plan(level, [name]) for level in levels for name in services]
+    return singles + ([Plan(level, [], faults) for level in levels] if faults else [])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--services", default=",".join(SERVICES),
-                        help="comma-separated process names to kill; none: no kill run (with --join)")
+    parser.add_argument(
+        "--services", default=",".join(SERVICES), help="comma-separated process names to kill; none: no timed kill"
+    )
+    parser.add_argument("--async-levels", default="0,1", help="comma-separated orchestrator.max_async_level values")
+    parser.add_argument("--no-faults", action="store_true", help="no kills at fault points")
     parser.add_argument("--separate", action="store_true", help="one run per killed service")
     parser.add_argument("--max-steps", type=int, default=None, help="steps per run (default: enough for the kills)")
-    parser.add_argument("--join", action="store_true", help="also a run where a replica and an env-worker join "
-                        "and the first replica leaves (a second vLLM: slower)")
+    parser.add_argument(
+        "--join",
+        action="store_true",
+        help="also a run where a replica and an env-worker join and the first replica leaves (a second vLLM: slower)",
+    )
     parser.add_argument("--folder", type=Path, default=None, help="where runs go (default: a temporary folder)")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     services = [name for name in args.services.split(",") if name and name != "none"]
+    levels = [int(level) for level in args.async_levels.split(",") if level]
     folder = args.folder or Path(tempfile.mkdtemp(prefix="rlbus-chaos-"))
     model = build_tiny_model(folder / "tiny", TinyModelConfig(out=folder / "tiny"))
-    plans = [[name] for name in services] if args.separate else [services] if services else []
-    rows = []
-    for plan in plans:
-        max_steps = args.max_steps or FIRST_KILL_STEP + STEPS_BETWEEN_KILLS * (len(plan) - 1) + STEPS_AFTER_LAST_KILL
-        recoveries, result = run_once(folder / "-".join(plan), model, plan, max_steps)
-        rows += [(recovery, result) for recovery in recoveries]
+    rows, results, failures = [], [], []
+    for plan in make_plans(levels, services, args.separate, not args.no_faults):
+        try:
+            recoveries, result = run_once(folder / plan.name, model, plan, args.max_steps)
+        except ChaosFailure as exc:  # the other runs still go; the failure is printed under the table
+            failures.append(f"{plan.name}: {exc}")
+            continue
+        rows += [(plan.async_level, recovery, result) for recovery in recoveries]
+        results.append(result)
     if rows:
         sys.stdout.write(table(rows) + "\n")
-    results = [result for _, result in rows]
+    for failure in failures:
+        sys.stdout.write(f"FAILED {failure}\n")
     if args.join:
         joined = join_and_leave(folder / "join-leave", model)
-        sys.stdout.write(f"join/leave run: steps contiguous {joined.contiguous}, trained twice "
-                         f"{len(joined.duplicate_steps) + len(joined.groups_in_two_steps)}, skipped "
-                         f"{len(joined.skipped_steps)}, rollouts lost {len(joined.lost_rollouts)}\n")
+        sys.stdout.write(
+            f"join/leave run: steps contiguous {joined.contiguous}, trained twice "
+            f"{len(joined.duplicate_steps) + len(joined.trained_twice)}, skipped "
+            f"{len(joined.skipped_steps)}, lost {len(joined.lost)}\n"
+        )
         results.append(joined)
     logger.info("runs in {}", folder)
-    return 0 if all(result.ok for result in results) else 1
+    return 0 if results and not failures and all(result.ok for result in results) else 1
 
 
 if __name__ == "__main__":

@@ -1,7 +1,15 @@
-"""Chaos: kill -9 the trainer, the inference replica and an env-worker of a real run (vLLM on CPU),
-one after the other, each restarted with its own command, and one more env-worker joins mid-run;
-the run finishes with every step trained exactly once and no accepted rollout lost (see
-tests.integration.chaos_run for how that is read)."""
+"""Chaos: kill -9 services of a real run (vLLM on CPU, tiny model) and restart each with its own
+command, at async levels 1 and 0; the run finishes with every step trained exactly once and no
+acknowledged result lost, as the env-workers' and the trainer's audit trails tell it (see
+tests.integration.chaos_audit: not the orchestrator's journal, which is under test).
+
+- async 1: timed kills of the trainer (restarted armed: it then dies at a fault point between
+  writing a checkpoint and renaming it), the inference replica, an env-worker (and one more
+  worker joins) and the orchestrator;
+- async 0: kills at fault points only the code can place: the trainer after its checkpoint and
+  before its BatchAck; the orchestrator after saving progress and before compacting its journal,
+  then (restarted) after journaling a result and before its ResultAck; then a timed inference kill.
+"""
 
 from __future__ import annotations
 
@@ -14,24 +22,39 @@ from tests.integration.chaos_run import ChaosRun, accepted_by, audit, write_conf
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-KILLS = {"trainer": 2, "inference": 4, "env-worker-0": 6}
-"""Service -> trainer step at which it is killed."""
 MAX_STEPS = 13
 """Room after the last kill: steps built from results already buffered can take under 3 s each,
 and a restarted env-worker needs a few seconds before its first result is accepted (with 9 steps
 the run once ended 6 s after the env-worker's restart, before it was back)."""
+TIMED_KILLS = {
+    1: {"trainer": 2, "inference": 4, "env-worker-0": 6, "orchestrator": 8},
+    0: {"inference": 7},
+}
+"""Async level -> service -> trainer step at which it is killed from outside."""
+ARMED_AT_START = {
+    0: {"trainer": ["trainer.before_batch_ack:2"],
+        "orchestrator": ["orchestrator.before_compaction:3", "orchestrator.before_result_ack:4"]},
+}  # fmt: skip
+"""Async level -> service -> fault points of its first starts (``rlbus.faults``), one list item a start."""
+ARMED_ON_RESTART = {1: {"trainer": "trainer.checkpoint_before_rename:2"}}
+"""Async level -> service -> fault points of its start after its timed kill."""
 
 
-def test_kill_trainer_inference_and_env_worker_mid_run_loses_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("async_level", [1, 0])
+def test_kills_at_any_time_and_inside_write_rename_ack_windows_lose_nothing(tmp_path, monkeypatch, async_level):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     model = build_tiny_model(tmp_path / "tiny", TinyModelConfig(out=tmp_path / "tiny"))
-    run = ChaosRun(write_config(tmp_path, model, MAX_STEPS), timeout_s=420)
+    run = ChaosRun(write_config(tmp_path, model, MAX_STEPS, max_async_level=async_level), timeout_s=420)
+    for name, specs in ARMED_AT_START.get(async_level, {}).items():
+        run.arm(name, *specs)
     try:
         run.start_all()
-        for name, step in KILLS.items():
+        for name, step in TIMED_KILLS[async_level].items():
             run.wait_for_step(step)
             if name.startswith("env-worker"):
                 run.join_env_worker("env-worker-2")  # hot join: one more worker, started mid-run
+            if name in ARMED_ON_RESTART.get(async_level, {}):
+                run.arm(name, ARMED_ON_RESTART[async_level][name])
             run.kill_and_restart(name)
         run.wait_for_end()
     finally:
@@ -39,8 +62,12 @@ def test_kill_trainer_inference_and_env_worker_mid_run_loses_nothing(tmp_path, m
     result = audit(run)
     assert result.contiguous, result.trained_steps
     assert not result.duplicate_steps and not result.skipped_steps, result
-    assert not result.groups_in_two_steps, result.groups_in_two_steps
-    assert result.num_accepted > 0 and not result.lost_rollouts, result.lost_rollouts
-    assert [r.name for r in run.recoveries] == list(KILLS)
+    assert not result.trained_twice, result.trained_twice
+    assert result.num_acked > 0 and not result.lost, result.lost
+    expected = [(name, "timed") for name in TIMED_KILLS[async_level]]
+    expected += [(name, spec) for name, spec in ARMED_ON_RESTART.get(async_level, {}).items()]
+    expected += [(name, spec) for name, specs in ARMED_AT_START.get(async_level, {}).items() for spec in specs]
+    assert sorted((r.name, r.how) for r in run.recoveries) == sorted(expected)
     assert all(r.recovery_s > 0 for r in run.recoveries), run.recoveries
-    assert accepted_by(run, "env-worker-2") > 0  # the worker that joined mid-run was given tasks
+    if "env-worker-0" in TIMED_KILLS[async_level]:
+        assert accepted_by(run, "env-worker-2") > 0  # the worker that joined mid-run was given tasks
