@@ -116,6 +116,7 @@ _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 _envelope_decoder = msgspec.msgpack.Decoder(tuple[str, int, int])
 _body_decoders = {name: msgspec.msgpack.Decoder(cls, dec_hook=_dec_hook) for name, cls in MESSAGE_TYPES.items()}
 MAX_REF_CHARS = 256
+MAX_ENVELOPE_BYTES = 256  # [type name, version, buffers]; the longest type name is ~20 characters
 # Only the reference field, every other field skipped: a body that fails in full may still say
 # which message it was. Field renames map the wire name onto ``ref``.
 _ref_decoders = {
@@ -163,13 +164,14 @@ def decode(
     them; all are checked before the body is parsed. Raises
     :class:`DecodeError` naming the problem for anything malformed.
     """
-    if len(frames) > max_frames:
-        raise DecodeError(f"message has {len(frames)} frames, more than the limit of {max_frames}", "too_many_frames")
     views = [_as_view(f) for f in frames]
     header_bytes = sum(v.nbytes for v in views[:2])
+    if len(views) > max_frames:
+        raise _named(DecodeError(f"message has {len(views)} frames, more than the limit of {max_frames}",
+                                 "too_many_frames"), views)  # fmt: skip
     if header_bytes > max_header_bytes:
-        raise DecodeError(f"envelope and body of {header_bytes} bytes exceed the limit of {max_header_bytes}",
-                          "header_too_large")  # fmt: skip
+        raise _named(DecodeError(f"envelope and body of {header_bytes} bytes exceed the limit of {max_header_bytes}",
+                                 "header_too_large"), views)  # fmt: skip
     name, version, num_buffers = _decode_envelope(views)
     try:
         return _decode_known(name, version, num_buffers, views, expected, max_frame_bytes, max_payload_bytes)
@@ -195,6 +197,19 @@ def _decode_known(name: str, version: int, num_buffers: int, views: list[memoryv
     buffers = views[2:]
     _check_payload(name, buffers, max_frame_bytes, max_payload_bytes)
     return _decode_body(name, views[1], buffers)
+
+
+def _named(error: DecodeError, views: list[memoryview]) -> DecodeError:
+    """``error`` with the type and reference of a message refused for its size, when a short
+    envelope names them: a result over the limits is then answered, not resent forever. The
+    body is only skimmed for its reference field (nothing else of it is built)."""
+    if len(views) >= 2 and views[0].nbytes <= MAX_ENVELOPE_BYTES:
+        try:
+            name, _, _ = _decode_envelope(views)
+        except DecodeError:
+            return error
+        error.message_type, error.ref = name, _peek_ref(name, views[1])
+    return error
 
 
 def _peek_ref(name: str, body: memoryview) -> str | None:

@@ -282,9 +282,12 @@ class WeightSync:
 
     async def _ack_loop(self) -> None:
         while True:
-            ack = await self.bus.recv_before(self.policy, time.monotonic() + IDLE_WAIT_S, Ack)
-            if ack is not None and self.reporter.acknowledged(ack.ref):
-                logger.debug("orchestrator acknowledged {}", ack.ref)
+            reply = await self.bus.recv_before(self.policy, time.monotonic() + IDLE_WAIT_S, (Ack, Refused))
+            if isinstance(reply, Refused):
+                # E.g. a fresh orchestrator behind the trainer: the next heartbeat reports again.
+                logger.warning("orchestrator refused our policy report: {}", reply.reason)
+            elif reply is not None and self.reporter.acknowledged(reply.ref):
+                logger.debug("orchestrator acknowledged {}", reply.ref)
 
     async def _peer_loop(self) -> None:
         while True:

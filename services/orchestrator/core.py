@@ -199,7 +199,13 @@ class Orchestrator:
         self.workers.forget(identity)
         logger.warning("env-worker {} is gone; re-issuing its {} task(s)", name, len(lost))
 
-    def on_policy_loaded(self, report: PolicyLoaded) -> Ack:
+    def on_policy_loaded(self, report: PolicyLoaded) -> Ack | Refused:
+        newest = self.step - 1
+        if report.step > newest:
+            # A policy of a step never built cannot exist; taken, it would open the gate for good. A
+            # trainer ahead of a fresh orchestrator fast-forwards it, and the replica's next report fits.
+            return Refused(request="PolicyLoaded", reason=(
+                f"policy step {report.step} is newer than any step this orchestrator built (step {newest})"))
         if self.gate.update(report):
             logger.info("inference serves policy step {} ({})", report.step, report.replica_id)
         return Ack(ref=f"policy:{report.step}")
@@ -273,10 +279,14 @@ class Orchestrator:
         ``BatchRequest``, which acknowledges every earlier step."""
         if ack.step < 1 or (self.max_steps is not None and ack.step > self.max_steps):
             raise ValueError(f"BatchAck from {ack.trainer_id!r} for step {ack.step}, outside 1..{self.max_steps}")
+        if ack.step >= self.step:
+            # Only a BatchRequest moves this orchestrator ahead to a trainer's step: an ack of a step
+            # never built here proves nothing about the steps before it.
+            raise ValueError(f"BatchAck from {ack.trainer_id!r} for step {ack.step}, which was never built "
+                             f"(next step to build: {self.step})")  # fmt: skip
         if not ack.ok:
             self.step_metrics.drop("rejected_batches")
             self._event("batch_rejected", f"trainer rejected step {ack.step}: {ack.reason}", "warning", step=ack.step)
-        self._fast_forward(ack.step + 1)
         if self.store.ack(ack.step):
             self._on_acknowledged(ack.step)
 
@@ -376,7 +386,11 @@ class Orchestrator:
         )  # fmt: skip
 
     def _new_task_id(self) -> str:
+        # An id a result already named (a forged or confused peer) is skipped: reusing it would
+        # make the new task a duplicate of that result, or fail to enter the ledger at all.
         self._num_tasks += 1
+        while self.ledger.uses(f"{self.run_id}-{self._num_tasks}"):
+            self._num_tasks += 1
         return f"{self.run_id}-{self._num_tasks}"
 
     def _adopt(self, result: RolloutResult) -> Draw | None:

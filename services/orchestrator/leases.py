@@ -85,6 +85,11 @@ class TaskLedger:
         self.open[task.task_id] = OpenTask(task)
         self.queue.append(task.task_id)
 
+    def uses(self, task_id: str) -> bool:
+        """Whether ``task_id`` is taken: open, finished, abandoned, or named by a result (a
+        peer may name an id before this run issues it; the id is then skipped, not reused)."""
+        return task_id in self.open or task_id in self.finished or task_id in self.abandoned
+
     def lease(self, task_id: str, worker: bytes, now: float, wall_time: float) -> RolloutTask:
         """Mark ``task_id`` as sent to ``worker``; returns the task message to send."""
         entry = self.open[task_id]

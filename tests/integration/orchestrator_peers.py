@@ -27,7 +27,7 @@ import zmq
 
 from rlbus.bus import Bus
 from rlbus.codec import decode
-from rlbus.config.base import BusConfig, BusEndpoints
+from rlbus.config.base import BusConfig, BusEndpoints, CurveConfig
 from rlbus.messages import (
     Ack,
     BatchAck,
@@ -41,6 +41,7 @@ from rlbus.messages import (
     TaskRequest,
     TrainBatch,
 )  # fmt: skip
+from rlbus.ports import free_loopback_port
 from rlbus.services.orchestrator.config import OrchestratorConfig
 from rlbus.services.orchestrator.service import OrchestratorService
 from tests.unit.orchestrator.fakes import roll_out, stub_loader
@@ -54,6 +55,17 @@ def ipc_bus_config(folder: Path, **overrides: Any) -> BusConfig:
     endpoints = BusEndpoints(**{name: f"ipc://{folder / name}" for name in names})
     values: dict[str, Any] = dict(endpoints=endpoints, linger_ms=0, heartbeat_interval_s=0.5,
                                   handshake_timeout_s=30, request_timeout_s=30)  # fmt: skip
+    return BusConfig(**(values | overrides))
+
+
+def tcp_bus_config(keys_dir: Path | None, **overrides: Any) -> BusConfig:
+    """Bus settings of a test run over tcp on free loopback ports, with the Curve keys of
+    ``keys_dir`` (client ``client``; None: plain tcp), no lingering on close."""
+    names = BusEndpoints.model_fields
+    endpoints = BusEndpoints(**{name: f"tcp://127.0.0.1:{free_loopback_port()}" for name in names})
+    values: dict[str, Any] = {"endpoints": endpoints, "linger_ms": 0, "heartbeat_interval_s": 0.5,
+                              "handshake_timeout_s": 30, "request_timeout_s": 30,
+                              "curve": CurveConfig(keys_dir=keys_dir, client_name="client")}  # fmt: skip
     return BusConfig(**(values | overrides))
 
 
@@ -83,10 +95,13 @@ class OrchestratorThread(threading.Thread):
         self.stop_event = threading.Event()
         self.exit_code: int | None = None
         self.error: BaseException | None = None
+        self.service: OrchestratorService | None = None
+        """Set once built: tests read its counters (from this thread: counts only grow)."""
 
     def run(self) -> None:
         try:
-            self.exit_code = OrchestratorService(self.config, stub_loader(self.sizes)).run(self.stop_event)
+            self.service = OrchestratorService(self.config, stub_loader(self.sizes))
+            self.exit_code = self.service.run(self.stop_event)
         except BaseException as exc:  # re-raised by finish() in the test thread
             self.error = exc
 

@@ -246,3 +246,18 @@ def test_a_result_that_does_not_decode_still_names_its_task_so_it_can_be_refused
     with pytest.raises(DecodeError) as caught:  # messages without a reference field never get one
         decode([encode(Ack(ref="r"))[0], msgpack.packb({"ref": 5})])
     assert caught.value.message_type == "Ack" and caught.value.ref is None
+
+
+def test_a_result_over_the_size_limits_still_names_its_task_so_it_can_be_refused():
+    from rlbus.messages import Rollout, RolloutResult
+
+    big = RolloutResult(task_id="run-8", worker_id="w", env_id="e", example_id=1,
+                        rollouts=[Rollout(rollout_id=str(i), turns=[], reward=0.0) for i in range(100)])  # fmt: skip
+    frames = [bytes(f) for f in encode(big)]
+    error = rejected(frames, "header_too_large", "exceed the limit of 1024", max_header_bytes=1024)
+    assert (error.message_type, error.ref) == ("RolloutResult", "run-8")
+    error = rejected([*frames, b"x", b"y"], "too_many_frames", "more than the limit of 3", max_frames=3)
+    assert (error.message_type, error.ref) == ("RolloutResult", "run-8")
+    # An envelope too long to be one is not read at all.
+    error = rejected([b"\x93" + b"\xa1" * 300, frames[1]], "header_too_large", "exceed", max_header_bytes=1024)
+    assert (error.message_type, error.ref) == (None, None)

@@ -16,7 +16,7 @@ import zmq
 from rlbus.abus import AsyncBus
 from rlbus.bus import Bus
 from rlbus.config.base import BusEndpoints
-from rlbus.messages import Ack, Event, Heartbeat, MetricsReport, PolicyLoaded, WeightsAnnounced
+from rlbus.messages import Ack, Event, Heartbeat, MetricsReport, PolicyLoaded, Refused, WeightsAnnounced
 from rlbus.services.inference.config import InferenceConfig
 from rlbus.services.inference.policy import LoadReport, policy_ref
 from rlbus.services.inference.sync import WeightSync
@@ -239,3 +239,19 @@ def test_after_a_base_reload_the_trainers_latest_step_is_loaded_again(bus_config
         return report.ok, base, world.loader.num_reloads, world.loader.loaded, world.sync.tracker.served.source
 
     assert run(bus_config, endpoint, scenario, published=3) == (True, "base", 1, [3, 3], "trainer")
+
+
+def test_a_refused_policy_report_is_sent_again_until_acknowledged(bus_config, endpoint):
+    """A fresh orchestrator behind the trainer refuses step 2 until a BatchRequest moves it
+    there: the replica logs the reason and keeps reporting until an Ack."""
+
+    async def scenario(world: World):
+        await world.sync.start()
+        identity, _ = await world.bus.recv_before(world.orchestrator, time.monotonic() + 20, PolicyLoaded)
+        refusal = Refused(request="PolicyLoaded", reason="policy step 2 is newer than any step built")
+        await world.bus.send(world.orchestrator, refusal, identity)
+        again = await world.policy_loaded(2)
+        await until(lambda: world.sync.reporter.is_acknowledged)
+        return again
+
+    assert run(bus_config, endpoint, scenario, published=2).step == 2

@@ -288,6 +288,10 @@ def test_eval_runs_at_the_loaded_policy_without_entering_training(tmp_path):
     assert step == 0 and metrics["eval/a/avg@2"] == pytest.approx(1 / 6)
     assert metrics["eval/a/pass@2"] == pytest.approx(1 / 3)
     assert len(core.buffer) == 0 and core.step == 1
+    training = [t for t in tasks if not t.is_eval]
+    while core.step <= 2:  # a policy exists only for a step that was built
+        finish(core, training, policy_step=0)
+        training = request_tasks(core, num_tasks=10)
     load_policy(core, 1)
     assert not any(t.is_eval for t in request_tasks(core, num_tasks=10))
     load_policy(core, 2)
