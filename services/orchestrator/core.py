@@ -109,6 +109,10 @@ class Orchestrator:
         self.journal = journal
         if replay is not None:
             self._restore(replay)
+        if self.max_steps is not None and state.step >= self.max_steps:
+            # Progress is saved only once its step is acknowledged: every step is trained, and no
+            # trainer will ask again (a kill right after the last ack would otherwise wait forever).
+            self.store.ack_below(state.step + 1)
 
     def _restore(self, replay: Replay) -> None:
         """Rebuild the steps built after progress ``replay.step`` and put the other journaled

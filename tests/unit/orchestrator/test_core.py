@@ -312,6 +312,18 @@ def test_trainer_behind_a_resumed_orchestrator_gets_the_held_batches_renumbered(
     assert sorted(core.store.built) == [3]
 
 
+def test_an_orchestrator_restarted_after_the_last_ack_is_done(tmp_path):
+    """Killed right after the last step's ack (its progress saved): no trainer will ask again, so
+    the restarted orchestrator must finish, not wait for "the trainer to train step 1" forever."""
+    config = make_config(tmp_path, max_steps=6)
+    store = ProgressStore(tmp_path / "progress")
+    store.save(ProgressState(step=6, sampler=SamplerState(epochs=[0, 0], positions=[0, 0])))
+    core = make_core(config, progress=store, resume=store.load(-1))
+    assert core.done and core.waiting_for() is None
+    reply = core.on_batch_request(b"t", BatchRequest(trainer_id="t", rank=0, world_size=1, step=6))
+    assert isinstance(reply, Refused) and reply.next_step == 7
+
+
 def test_rollouts_the_trainer_would_reject_are_refused_or_repaired(tmp_path):
     core = make_core(make_config(tmp_path))
     tasks = request_tasks(core)
