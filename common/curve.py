@@ -21,7 +21,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import queue
+import shutil
 import socket
+import tempfile
 import threading
 from collections import Counter
 from pathlib import Path
@@ -34,6 +36,7 @@ from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from rlbus.config.base import CurveConfig
+from rlbus.errors import UserError
 
 SERVER_NAME = "server"
 CLIENTS_DIR = "clients"
@@ -61,11 +64,24 @@ def create_keys(out: Path, client_names: list[str]) -> list[Path]:
     (out / CLIENTS_DIR).mkdir(parents=True, exist_ok=True)
     written = []
     for name in names:
-        folder = (out / name).parent
-        public, secret = zmq.auth.create_certificates(folder, Path(name).name)
-        os.chmod(secret, 0o600)  # readable by the service's user alone
-        written += [Path(public), Path(secret)]
+        written += _create_pair((out / name).parent, Path(name).name)
     return written
+
+
+def _create_pair(folder: Path, stem: str) -> list[Path]:
+    """One key pair, written in a staging folder only this user can enter (mkdtemp makes it 0700) and
+    moved into ``folder`` once the secret is 0600: it is never readable by others, even briefly."""
+    staging = Path(tempfile.mkdtemp(prefix=".rlbus-keys-", dir=folder))
+    try:
+        public, secret = zmq.auth.create_certificates(staging, stem)
+        os.chmod(secret, 0o600)  # readable by the service's user alone
+        placed = []
+        for path in (Path(public), Path(secret)):
+            os.rename(path, folder / path.name)  # same folder tree: atomic, never a copy
+            placed.append(folder / path.name)
+        return placed
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _key_file(path: Path, need_secret: bool) -> tuple[bytes, bytes | None]:
@@ -96,11 +112,16 @@ def is_loopback(address: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
 
 
+def is_loopback_host(host: str) -> bool:
+    """:func:`is_loopback` for a bare host name or address (an HTTP server's ``host``)."""
+    return is_loopback(f"tcp://[{host}]:0" if ":" in host else f"tcp://{host}:0")
+
+
 def check_bind_allowed(address: str, config: CurveConfig, role: str) -> None:
     """Refuse a plain-TCP bind that other hosts could reach (the loopback rule)."""
     if config.keys_dir is not None or config.allow_insecure_remote or is_loopback(address):
         return
-    raise ValueError(
+    raise UserError(
         f"refusing to bind the {role} socket at {address} without CurveZMQ: a non-loopback address needs "
         "bus.curve.keys_dir (create keys with `rlbus keys --out DIR`, see docs/security.md), or, on a network "
         "where every host is trusted, bus.curve.allow_insecure_remote = true"

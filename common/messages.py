@@ -139,10 +139,25 @@ class Sample(Payload, kw_only=True):
     completion: str
     reward: float
     advantage: float = 0.0
+    answer: str | None = None
+    """The example's reference answer, as text; None when the environment has none."""
+    finish_reason: str = ""
+    """Why the last turn ended: ``stop``, ``length`` (cut at ``max_tokens`` or the context), ...;
+    ``error`` when the rollout errored."""
+    num_prompt_tokens: int = 0
+    """Tokens not sampled by the policy: the prompt plus environment replies of later turns."""
+    num_completion_tokens: int = 0
+    """Tokens sampled by the policy, over every turn."""
+    policy_step: int = 0
+    """The oldest policy step that sampled any turn of the rollout."""
 
 
 class RolloutSamples(Message, kw_only=True):
-    """Orchestrator -> monitor every ``samples_interval`` steps."""
+    """Orchestrator -> monitor every ``samples_interval`` steps.
+
+    Version 2 added the ``Sample`` fields after ``advantage``."""
+
+    VERSION: ClassVar[int] = 2
 
     step: int
     samples: list[Sample]
@@ -238,6 +253,8 @@ class Rollout(Payload, kw_only=True):
     completion_text: str = ""
     timing: dict[str, float] = {}
     """Seconds spent per phase, e.g. ``generate``, ``score``."""
+    answer: str | None = None
+    """The example's reference answer as text (for people: samples.jsonl); None when it has none."""
 
 
 class RolloutResult(Message, kw_only=True):
@@ -245,8 +262,10 @@ class RolloutResult(Message, kw_only=True):
 
     The worker keeps the result until a ``ResultAck`` arrives and sends it
     again after reconnecting, so an orchestrator restart loses nothing.
+    Version 2 added ``Rollout.answer`` (journals of version 1 still read: it defaults to None).
     """
 
+    VERSION: ClassVar[int] = 2
     REF_FIELD: ClassVar[str | None] = "task_id"
 
     task_id: str
@@ -304,8 +323,10 @@ class TrainBatch(Message, kw_only=True):
     """Orchestrator -> trainer rank: one rank's micro-batches of one step.
 
     Every rank of a step gets the same number of micro-batches (padded with
-    zero-loss ones) so collectives never deadlock.
+    zero-loss ones) so collectives never deadlock. Version 2 added ``task_ids``.
     """
+
+    VERSION: ClassVar[int] = 2
 
     step: int
     rank: int

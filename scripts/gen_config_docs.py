@@ -12,10 +12,12 @@ from pathlib import Path
 
 from rlbus.config import ServiceConfig
 from rlbus.config.docs import markdown_table
-from rlbus.services.eval import ClientConfig
+from rlbus.services.eval import EvalRunConfig
+from rlbus.services.keys import KeysConfig
 from rlbus.services.models.smollm2 import SmolLM2Config
 from rlbus.services.models.tiny import TinyModelConfig
 from rlbus.services.monitor.config import TailConfig
+from rlbus.services.orchestrator.config import OrchestratorConfig
 from rlbus.services.run_config import SECTIONS, RlConfig
 from rlbus.services.trainer.sft_config import SftConfig
 
@@ -50,12 +52,14 @@ def render_config_docs() -> str:
         own = {k: v for k, v in cls.model_fields.items() if k not in shared}
         parts.append(markdown_table(f"`[{name}]` — rlbus {cls.SERVICE}", " ".join((cls.__doc__ or "").split()),
                                     _only(cls, own)))
+    eval_own = {k: v for k, v in EvalRunConfig.model_fields.items() if k not in OrchestratorConfig.model_fields}
     parts.append(markdown_table(
-        "`rlbus eval` — `[client]`",
+        "`rlbus eval`",
         "`rlbus eval` reads the orchestrator's keys (it uses the `eval` and `sampling` tables) plus `[client]`, "
-        "the OpenAI-compatible endpoint it samples from.",
-        ClientConfig,
+        "the OpenAI-compatible endpoint it samples from, and the error threshold of its exit code.",
+        _only(EvalRunConfig, eval_own),
     ))
+    parts.append(markdown_table("`rlbus keys`", " ".join((KeysConfig.__doc__ or "").split()), KeysConfig))
     parts.append(markdown_table("`rlbus tail`", " ".join((TailConfig.__doc__ or "").split()), TailConfig))
     sft_own = {k: v for k, v in SftConfig.model_fields.items() if k not in shared}
     sft_doc = " ".join((SftConfig.__doc__ or "").split()) + " Shared fields as above."

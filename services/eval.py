@@ -5,7 +5,8 @@ plus a ``[client]`` table, builds the same eval tasks the orchestrator would
 (``[[eval.env]]``: first ``num_examples`` examples, ``rollouts_per_example``
 rollouts each), runs them with the env-worker's rollout code against
 ``client.base_url`` and reports ``eval/<env>/avg@k`` and ``pass@k``
-(:mod:`rlbus.services.orchestrator.evaluation`). No bus, trainer or orchestrator
+(:mod:`rlbus.services.orchestrator.evaluation`). It exits 1 when more than
+``max_error_fraction`` of an environment's rollouts errored. No bus, trainer or orchestrator
 state is involved. The endpoint must return token ids and logprobs and offer
 ``/tokenize`` (vLLM does), since rollouts stay token-in/token-out.
 
@@ -23,6 +24,7 @@ from typing import Any, ClassVar
 from loguru import logger
 from pydantic import Field
 
+from rlbus.errors import UserError
 from rlbus.messages import Rollout, RolloutResult, RolloutTask, SamplingParams
 from rlbus.services.env_worker.config import InferenceClientSettings
 from rlbus.services.orchestrator.config import OrchestratorConfig
@@ -55,6 +57,9 @@ class EvalRunConfig(OrchestratorConfig):
 
     client: ClientConfig = ClientConfig()
     """Endpoint to evaluate."""
+    max_error_fraction: float = Field(0.5, ge=0, le=1)
+    """Exit 1 when more than this fraction of an environment's rollouts errored (metrics are still
+    written): an endpoint that fails most requests must not pass for a model scoring 0. 1 never fails."""
 
 
 async def evaluate(config: OrchestratorConfig, env_sizes: list[int], run_task: RunTask,
@@ -119,7 +124,23 @@ def run_eval(config: EvalRunConfig) -> int:
     tmp.write_text(json.dumps({"base_url": config.client.base_url, "metrics": metrics}, indent=2) + "\n")
     tmp.replace(path)
     logger.info("eval metrics written to {}", path)
+    problem = too_many_errors(config, metrics)
+    if problem is not None:
+        raise UserError(problem)  # the entry's one last line and exit code 1; the metrics are written
     return 0
+
+
+def too_many_errors(config: EvalRunConfig, metrics: dict[str, float]) -> str | None:
+    """Why the round failed (one line), when some environment's errored rollouts exceed
+    ``max_error_fraction``; None when every environment is within it."""
+    for spec in config.eval.env:
+        errored = metrics.get(f"eval/{spec.id}/errored_rollouts", 0.0)
+        total = metrics.get(f"eval/{spec.id}/num_examples", float(spec.num_examples)) * spec.rollouts_per_example
+        if total and errored / total > config.max_error_fraction:
+            return (f"{errored:.0f} of {total:.0f} rollouts of {spec.id} errored ({errored / total:.0%} > "
+                    f"max_error_fraction = {config.max_error_fraction:g}): check the endpoint "
+                    f"({config.client.base_url}) and the log, or raise --max-error-fraction")
+    return None
 
 
 def main(argv: Sequence[str]) -> int:

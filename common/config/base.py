@@ -9,12 +9,39 @@ documentation: ``docs/config.md`` and ``--help`` are generated from them.
 from __future__ import annotations
 
 import os
+import types
+import typing
+from collections.abc import Mapping
+from copy import deepcopy
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, SerializationInfo, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+REDACTED = "***redacted***"
+"""What a secret field reads as wherever a config is written (resolved files, W&B, ``model_dump``)."""
+REVEAL_SECRETS = "reveal_secrets"
+"""Serialization context key (``model_dump(context={REVEAL_SECRETS: True})``) for the one writer that
+must carry secrets: the SLURM job script, which already carries the Curve keys."""
+
+
+def _refuse_placeholder(value: str) -> str:
+    # A redacted file loaded back must not turn the placeholder into the key itself.
+    if value == REDACTED:
+        raise ValueError(f"holds the placeholder {REDACTED!r}: resolved config files never hold secrets; "
+                         "pass the value in the environment (RLBUS_<SECTION>__<KEY>) or on the command line")  # fmt: skip
+    return value
+
+
+def _redact(value: str, info: SerializationInfo) -> str:
+    context = info.context if isinstance(info.context, Mapping) else {}
+    return value if context.get(REVEAL_SECRETS) else REDACTED
+
+
+Secret = Annotated[str, AfterValidator(_refuse_placeholder), PlainSerializer(_redact, return_type=str)]
+"""A config field holding a secret: a plain ``str`` in memory, :data:`REDACTED` when serialized."""
 
 STRICT_MODEL = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
@@ -96,7 +123,8 @@ class LogConfig(ConfigModel):
     """Logging of one service."""
 
     level: Literal["trace", "debug", "info", "warning", "error"] = "info"
-    """Lowest level written to the console and the log file."""
+    """Lowest level written to the console and the log file. One line per HTTP request (httpx:
+    env-worker to inference) shows only at ``debug``."""
     json_lines: bool = False
     """Write the log file as JSON lines instead of text."""
 
@@ -133,6 +161,15 @@ class ServiceConfig(BaseSettings):
     log: LogConfig = LogConfig()
     """Logging settings."""
 
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        # Path("") is the working directory: an unset variable in `--output-dir "$RUN"` would
+        # scatter a run's files there (and --clean-output-dir would aim at it).
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: give a run folder, e.g. --output-dir outputs/my-run")
+        return value
+
     def resolved_configs(self) -> dict[str, BaseModel]:
         """What ``--dry-run`` writes: file stem -> config (one per service)."""
         return {self.SERVICE: self}
@@ -144,15 +181,69 @@ class ServiceConfig(BaseSettings):
         return (init_settings, _InitOnly(settings_cls))
 
 
-def to_toml(config: BaseModel) -> str:
-    """TOML text that loads back into an equal config (None values are omitted)."""
-    return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
+def to_toml(config: BaseModel, reveal_secrets: bool = False) -> str:
+    """TOML text that loads back into an equal config (None values are omitted); secrets redacted
+    unless ``reveal_secrets``: they then load back from the environment (``rlbus.config.loader``)."""
+    return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True, context={REVEAL_SECRETS: reveal_secrets}))
 
 
-def write_toml(config: BaseModel, path: Path) -> Path:
+def write_toml(config: BaseModel, path: Path, reveal_secrets: bool = False) -> Path:
+    """Write ``config`` to ``path``, readable by this user only (secrets as in :func:`to_toml`)."""
+    return write_private(path, to_toml(config, reveal_secrets))
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Replace ``path`` with ``text`` in a file made mode 0600 from the start (never briefly wider)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # A name of its own per process: torchrun ranks write the same resolved config at once.
     tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
-    tmp.write_text(to_toml(config))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a leftover tmp file keeps its old mode through O_CREAT
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
     tmp.replace(path)
     return path
+
+
+def secret_paths(cls: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Dotted paths of every :data:`Secret` field of ``cls`` and of its sub-models."""
+    paths = []
+    for name, field in cls.model_fields.items():
+        for arg in _union_args(field.annotation):
+            if arg == Secret:
+                paths.append((*prefix, name))
+            elif isinstance(arg, type) and issubclass(arg, BaseModel):
+                paths += secret_paths(arg, (*prefix, name))
+    return paths
+
+
+def redact_values(values: Mapping[str, Any], paths: list[tuple[str, ...]]) -> dict[str, Any]:
+    """A copy of nested ``values`` with the value at each of ``paths`` (where present) redacted."""
+    copy = deepcopy(dict(values))
+    for path in paths:
+        target: Any = copy
+        for part in path[:-1]:
+            target = target.get(part) if isinstance(target, dict) else None
+        if isinstance(target, dict) and target.get(path[-1]) is not None:
+            target[path[-1]] = REDACTED
+    return copy
+
+
+SECRET_KEY_SUFFIXES = ("api_key", "token", "secret", "password")
+"""Key names :func:`redact_by_name` treats as secrets, where the schema is not at hand."""
+
+
+def redact_by_name(values: Any) -> Any:
+    """A copy of nested ``values`` with every key named like a secret redacted."""
+    if isinstance(values, Mapping):
+        return {key: REDACTED if str(key).endswith(SECRET_KEY_SUFFIXES) and isinstance(value, str)
+                else redact_by_name(value) for key, value in values.items()}  # fmt: skip
+    if isinstance(values, list):
+        return [redact_by_name(value) for value in values]
+    return values
+
+
+def _union_args(annotation: Any) -> tuple[Any, ...]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)

@@ -12,6 +12,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from rlbus.config.base import Secret
+
 
 def field_rows(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
     """(dotted key, type, default, description) for every leaf field, depth first."""
@@ -57,6 +59,9 @@ def _is_list(annotation: Any) -> bool:
 
 
 def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Annotated:  # validators and serializers are no type
+        name = _type_name(typing.get_args(annotation)[0])
+        return f"{name} (secret)" if annotation == Secret else name
     if isinstance(annotation, type) and not typing.get_args(annotation):
         name = annotation.__name__
     else:

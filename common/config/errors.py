@@ -22,17 +22,22 @@ def unknown_key_message(path: str, key: str, known: Sequence[str]) -> str:
 
 
 def format_validation_error(exc: ValidationError, cls: type[BaseModel]) -> str:
-    lines = [f"invalid {cls.__name__} ({exc.error_count()} problem(s)):"]
-    for error in exc.errors(include_url=False):
-        path = ".".join(str(part) for part in error["loc"])
-        if error["type"] == "extra_forbidden":
-            known = _field_names_at(cls, error["loc"][:-1])
-            lines.append(f"  {unknown_key_message(path, str(error['loc'][-1]), known)}")
-        elif error["type"] == "value_error":
-            lines.append(f"  {path or '<root>'}: {error['msg'].removeprefix('Value error, ')}")
-        else:
-            lines.append(f"  {path or '<root>'}: {error['msg']} (got {_short(error.get('input'))})")
-    return "\n".join(lines)
+    """One line for one problem (what a CLI prints last); a heading and a line per problem otherwise."""
+    problems = [_problem(error, cls) for error in exc.errors(include_url=False)]
+    if len(problems) == 1:
+        return f"invalid {cls.__name__}: {problems[0]}"
+    return "\n".join([f"invalid {cls.__name__} ({len(problems)} problems):", *(f"  {p}" for p in problems)])
+
+
+def _problem(error: Any, cls: type[BaseModel]) -> str:
+    path = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return unknown_key_message(path, str(error["loc"][-1]), _field_names_at(cls, error["loc"][:-1]))
+    if error["type"] == "missing":
+        return f"{path} is required: give --{path.replace('_', '-')} VALUE, or set it in an @ file"
+    if error["type"] == "value_error":
+        return f"{path or '<root>'}: {error['msg'].removeprefix('Value error, ')}"
+    return f"{path or '<root>'}: {error['msg']} (got {_short(error.get('input'))})"
 
 
 def _field_names_at(cls: type[BaseModel], loc: Sequence[Any]) -> list[str]:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Mapping
 
 from pydantic import BaseModel
 
+from rlbus.config.base import ServiceConfig
 from rlbus.config.docs import field_rows
 
 
-def usage_text(command: str, cls: type[BaseModel], summary: str) -> str:
+def usage_text(command: str, cls: type[BaseModel], summary: str, flags: Mapping[str, str] | None = None) -> str:
+    """The help of ``rlbus <command>``; ``flags`` are options the command takes besides its config keys."""
     lines = [
         f"usage: rlbus {command} [@ config.toml ...] [--key value ...] [--flag | --no-flag] [--dry-run]",
         "",
@@ -21,11 +24,32 @@ def usage_text(command: str, cls: type[BaseModel], summary: str) -> str:
         "options:",
         "  --dry-run  write the resolved config(s) to <output_dir>/configs/ and exit",
     ]
+    for flag, text in (flags or {}).items():
+        lines += [f"  {flag}", *_wrap(text)]
+    shared = shared_keys(cls)
+    if shared:
+        lines += _wrap(f"Shared fields ({', '.join(ServiceConfig.SHARED_FIELDS)}) are set once at the top level; "
+                       f"every section takes them from there, so they are listed once.", indent=2)
     for key, type_name, default, description in field_rows(cls):
-        if type_name == "table":
+        if type_name == "table" or any(key == s or key.startswith(s + ".") for s in shared):
             continue
         option = "--" + key.replace("_", "-")
-        head = f"  {option} ({type_name.replace(chr(92), '')}{', default ' + default if default else ''})"
-        lines.append(head)
-        lines += textwrap.wrap(" ".join(description.split()), 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        default_text = ", required" if default == "required" else f", default {default}" if default else ""
+        lines.append(f"  {option} ({type_name.replace(chr(92), '')}{default_text})")
+        lines += _wrap(description)
     return "\n".join(lines) + "\n"
+
+
+def shared_keys(cls: type[BaseModel]) -> list[str]:
+    """``<section>.<field>`` of each shared field inside each service section of ``cls``: the merged
+    ``rl`` config refuses them there (they come from the top level), so help lists them once."""
+    keys = []
+    for name, field in cls.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, ServiceConfig):
+            keys += [f"{name}.{shared}" for shared in ServiceConfig.SHARED_FIELDS]
+    return keys
+
+
+def _wrap(text: str, indent: int = 6) -> list[str]:
+    return textwrap.wrap(" ".join(text.split()), 96, initial_indent=" " * indent, subsequent_indent=" " * indent)

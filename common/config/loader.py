@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from rlbus.config.base import REDACTED
 from rlbus.config.errors import ConfigError, format_validation_error, unknown_key_message
 
 ENV_PREFIX = "RLBUS_"
@@ -40,7 +41,7 @@ def load_config(cls: type[C], argv: Sequence[str], env: Mapping[str, Any] | None
     files, cli = parse_argv(cls, argv)
     merged = env_values(cls, os.environ) if env is None else dict(env)
     for path in files:
-        merged = deep_merge(merged, read_toml(path))
+        merged = deep_merge(merged, without_redacted(read_toml(path), merged))
     merged = deep_merge(merged, cli)
     try:
         return cls(**merged)
@@ -59,6 +60,20 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return merged
 
 
+def without_redacted(values: Mapping[str, Any], found: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` less the redacted secrets (:data:`REDACTED`) that ``found`` already holds: a resolved
+    config file then takes its secrets from the environment. A placeholder with nothing under it
+    stays, for the field to refuse with a message."""
+    kept = {}
+    for key, value in values.items():
+        below = found.get(key)
+        if isinstance(value, Mapping) and isinstance(below, Mapping):
+            kept[key] = without_redacted(value, below)
+        elif not (value == REDACTED and below is not None):
+            kept[key] = value
+    return kept
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -66,6 +81,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder: '@' takes a TOML file (a run folder's merged "
+                          f"config is {path / 'configs' / 'rl.toml'})") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} cannot be read (permission denied)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 

@@ -16,12 +16,20 @@ still works for one release, with a ``DeprecationWarning``
 from rlbus.environments.base import Environment, Message, RewardFunc, RolloutState, Rubric, checked_reward, load_jsonl
 from rlbus.environments.cache import EnvironmentCache
 from rlbus.environments.legacy import install_legacy_aliases
-from rlbus.environments.registry import available_environments, available_loaders, load_environment
+from rlbus.environments.registry import (
+    UnknownEnvironmentError,
+    available_environments,
+    available_loaders,
+    check_environment,
+    load_environment,
+)
 from rlbus.environments.tools import ToolEnvironment, parse_hermes_tool_calls, tool_schema
 
 __all__ = [
     "Environment", "EnvironmentCache", "Message", "RewardFunc", "RolloutState", "Rubric", "ToolEnvironment",
-    "available_environments", "available_loaders", "checked_reward", "load_environment", "load_jsonl",
+    "UnknownEnvironmentError",
+    "available_environments", "available_loaders", "check_environment", "checked_reward", "load_environment",
+    "load_jsonl",
     "parse_hermes_tool_calls", "tool_schema",
 ]  # fmt: skip
 

@@ -17,12 +17,18 @@ the env-worker registers ``verifiers`` (environments written for the
     [project.entry-points."rlbus.environment_loaders"]
     verifiers = "rlbus.services.env_worker.verifiers_adapter:load_verifiers_environment"
 
+An environment module may define ``validate_args(**args)`` next to its loader: it raises
+ValueError for arguments the loader would refuse, without building anything, so that
+``rlbus rl --dry-run`` refuses them before a service starts (:func:`check_environment`).
+
 Importing this module imports no torch, vLLM or HTTP client.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
+import sys
 from collections.abc import Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -31,6 +37,10 @@ from rlbus.environments.base import Environment
 
 ENTRY_POINT_GROUP = "rlbus.environments"
 LOADER_GROUP = "rlbus.environment_loaders"
+
+
+class UnknownEnvironmentError(ValueError):
+    """An environment id that no installed entry point (nor prefix loader) provides."""
 
 
 def available_environments() -> dict[str, EntryPoint]:
@@ -79,6 +89,43 @@ def _load_prefixed(env_id: str, prefix: str, name: str, args: dict[str, Any]) ->
     return env
 
 
+def check_environment(env_id: str, args: Mapping[str, Any] | None = None) -> None:
+    """Refuse what :func:`load_environment` would refuse, without building the environment.
+
+    Imports the environment's module (never its data) and binds ``args`` to its loader, then
+    calls the module's optional ``validate_args`` with every argument, defaults included.
+    A prefixed id is only checked for an installed loader: its loader takes any arguments.
+    Raises :class:`UnknownEnvironmentError` for an id nothing provides, ValueError for arguments
+    (TypeError when a required argument is missing).
+    """
+    args = dict(args or {})
+    installed = available_environments()
+    prefix, colon, _ = env_id.partition(":")
+    if colon and env_id not in installed:
+        if prefix not in available_loaders():
+            raise UnknownEnvironmentError(f"no loader for the prefix {prefix + ':'!r}; installed "
+                                          f"({LOADER_GROUP} entry points): {sorted(available_loaders())}")  # fmt: skip
+        return
+    if env_id not in installed:
+        raise UnknownEnvironmentError(f"unknown environment{_did_you_mean(env_id, installed)}; "
+                                      f"installed: {sorted(installed)}")  # fmt: skip
+    loader = installed[env_id].load()
+    _check_args(env_id, loader, args)
+    validate = getattr(sys.modules.get(loader.__module__), "validate_args", None)
+    if callable(validate):
+        bound = inspect.signature(loader).bind(**args)
+        bound.apply_defaults()
+        try:
+            validate(**bound.arguments)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"environment {env_id!r} refuses these arguments: {exc}") from exc
+
+
+def _did_you_mean(name: str, known: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _check_args(env_id: str, loader: Any, args: dict[str, Any]) -> None:
     """Name unknown arguments before calling, so a typo in the config reads as one."""
     params = inspect.signature(loader).parameters.values()
@@ -87,4 +134,6 @@ def _check_args(env_id: str, loader: Any, args: dict[str, Any]) -> None:
     accepted = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     unknown = sorted(set(args) - accepted)
     if unknown:
-        raise ValueError(f"environment {env_id!r} does not take argument(s) {unknown}; it takes {sorted(accepted)}")
+        hint = "".join(_did_you_mean(name, dict.fromkeys(accepted)) for name in unknown)
+        raise ValueError(f"environment {env_id!r} does not take argument(s) {unknown}{hint}; "
+                         f"it takes {sorted(accepted)}")  # fmt: skip

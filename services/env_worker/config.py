@@ -7,14 +7,16 @@ from typing import ClassVar
 from pydantic import Field
 
 from rlbus.config import ConfigModel, ServiceConfig
+from rlbus.config.base import Secret
 
 
 class InferenceClientSettings(ConfigModel):
     """How rollouts talk to an OpenAI-compatible inference API (the env-worker's, and ``rlbus eval``'s
     ``[client]``): one definition, so both behave the same."""
 
-    api_key: str | None = None
-    """Key sent to inference as a bearer token."""
+    api_key: Secret | None = None
+    """Key sent to inference as a bearer token (``inference.api_key``); written redacted in resolved
+    configs, so a service started from one takes it from the environment (``RLBUS_ENV_WORKER__API_KEY``)."""
     max_concurrent_requests: int = Field(64, ge=1)
     """HTTP requests in flight to inference at once."""
     request_timeout_s: float = Field(300.0, gt=0)

@@ -233,7 +233,7 @@ class RolloutRunner:
         return Rollout(
             rollout_id=f"{task.task_id}/{index}", turns=record.turns, reward=reward, reward_breakdown=breakdown,
             metrics=metrics, is_truncated=state.is_truncated, prompt_text=prompt_text, completion_text=text,
-            timing=record.timing,
+            timing=record.timing, answer=answer_text(state.answer),
         )  # fmt: skip
 
     async def _play(
@@ -315,6 +315,11 @@ class RolloutRunner:
 
 def failed_rollout(task: RolloutTask, index: int, reason: str, prompt_text: str = "") -> Rollout:
     return Rollout(rollout_id=f"{task.task_id}/{index}", turns=[], reward=0.0, error=reason, prompt_text=prompt_text)
+
+
+def answer_text(answer: Any) -> str | None:
+    """An example's reference answer as text for people; None when it has none (verifiers uses "")."""
+    return None if answer is None or answer == "" else str(answer)
 
 
 def first_turn_max_tokens(task: RolloutTask, prompt: TokenizedChat) -> int:

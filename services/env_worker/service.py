@@ -277,7 +277,10 @@ class EnvWorker:
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 connected = self.connected = True
             elif event["event"] == zmq.EVENT_DISCONNECTED:
-                logger.warning("lost the connection to the orchestrator at {}", self.tasks_out.address)
+                # Not a warning: every finished run ends this way, and the worker reconnects and resends
+                # by itself. An orchestrator that died is the monitor's to report (service_dead).
+                logger.info("lost the connection to the orchestrator at {} (it finished, stopped or restarted); "
+                            "reconnecting", self.tasks_out.address)  # fmt: skip
                 self.connected = False
         return connected
 

@@ -26,7 +26,7 @@ from typing import Any
 from rlbus.environments import Environment, Message, Rubric, parse_hermes_tool_calls
 from rlbus.messages import Rollout, RolloutTask, Turn
 from rlbus.services.env_worker.inference import InferenceError
-from rlbus.services.env_worker.rollout import Sampler, check_continuity, failed_rollout, turn_of
+from rlbus.services.env_worker.rollout import Sampler, answer_text, check_continuity, failed_rollout, turn_of
 from rlbus.services.env_worker.tokens import TurnRenderer
 
 
@@ -86,6 +86,7 @@ class VerifiersEnvironment(Environment):
             metrics={**metrics, "num_turns": float(len(conversation.turns))},
             is_truncated=bool(output.get("is_truncated")), error=None if error is None else str(error),
             prompt_text=_text(output.get("prompt")), completion_text=_text(output.get("completion")),
+            answer=answer_text(output.get("answer")),
         )  # fmt: skip
 
 

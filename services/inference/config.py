@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlbus.config import ServiceConfig
+from rlbus.config.base import Secret
+from rlbus.curve import is_loopback_host
 from rlbus.identity import service_id
 
 
@@ -17,12 +20,18 @@ class InferenceConfig(ServiceConfig):
     SERVICE: ClassVar[str] = "inference"
 
     host: str = "127.0.0.1"
-    """Interface the HTTP server listens on."""
+    """Interface the HTTP server listens on; a non-loopback one (e.g. ``0.0.0.0``) needs ``api_key``
+    or ``allow_insecure_remote`` (docs/security.md)."""
     port: int = Field(8000, ge=1, le=65535)
     """HTTP port of the OpenAI-compatible API."""
-    api_key: str | None = None
+    api_key: Secret | None = None
     """Bearer key required on every request except ``GET /health`` and ``GET /metrics``;
-    None leaves the API open. Also read from ``RLBUS_INFERENCE__API_KEY``."""
+    None leaves the API open. Also read from ``RLBUS_INFERENCE__API_KEY``; written redacted in
+    resolved configs, so pass it that way to a service started from one."""
+    allow_insecure_remote: bool = False
+    """Let the HTTP server listen on a non-loopback ``host`` without ``api_key``: anyone who reaches
+    the port can then sample, reload weights and load LoRA adapters. Only for networks where every
+    host is trusted (e.g. a private Docker network)."""
     replica_id: str | None = None
     """Name of this replica on the bus; None derives ``inference-<hostname>-<port>``."""
     advertise_url: str | None = None
@@ -53,6 +62,9 @@ class InferenceConfig(ServiceConfig):
     """Largest LoRA rank accepted when ``enable_lora`` is set."""
     max_loras: int = Field(1, ge=1)
     """LoRA adapters usable in one batch when ``enable_lora`` is set."""
+    lora_dir: Path | None = None
+    """Folder ``POST /rlbus/load_lora`` loads adapters from: a ``lora_path`` must be an absolute path
+    that resolves (symlinks followed) inside it; hub ids are refused. None refuses loading by HTTP."""
     access_log: bool = False
     """Log one line per HTTP request (noisy under RL load)."""
     startup_weights_timeout_s: float = Field(10.0, gt=0)
@@ -65,6 +77,17 @@ class InferenceConfig(ServiceConfig):
     aborts them (they return ``finish_reason: "abort"``, still tagged with the old step)."""
     vllm_args: list[str] = Field(default_factory=list)
     """Extra ``vllm serve`` command-line arguments, e.g. ``["--max-num-batched-tokens", "4096"]``."""
+
+    @model_validator(mode="after")
+    def _refuse_open_remote_http(self) -> InferenceConfig:
+        # The loopback rule of the bus (rlbus.curve.check_bind_allowed), for the HTTP API.
+        if self.api_key is None and not self.allow_insecure_remote and not is_loopback_host(self.host):
+            raise ValueError(
+                f"refusing to serve the inference HTTP API on host = {self.host!r} without a key: a non-loopback "
+                "host needs inference.api_key (or RLBUS_INFERENCE__API_KEY), or, on a network where every "
+                "host is trusted, inference.allow_insecure_remote = true"
+            )
+        return self
 
     def resolved_replica_id(self) -> str:
         return self.replica_id or service_id("inference", self.port)

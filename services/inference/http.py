@@ -4,7 +4,8 @@
   200 when ready, 503 while starting, swapping weights or when the engine died.
 * ``POST /rlbus/reload_weights``: reload the model directory's weights (policy step 0, until the
   trainer's latest step is loaded again, at once).
-* ``POST /rlbus/load_lora``: ``{"lora_name", "lora_path"}``, when ``enable_lora`` is set.
+* ``POST /rlbus/load_lora``: ``{"lora_name", "lora_path"}``, when ``enable_lora`` is set; the path
+  must resolve inside ``lora_dir`` (:func:`checked_lora_path`), else 400/403.
 * Every POST outside ``/rlbus/`` passes the :class:`AdmissionGate`, so it samples on one
   policy step, reported as the ``X-Policy-Step`` header and as a top-level
   ``"policy_step"`` field of JSON bodies and of every SSE ``data:`` event.
@@ -18,6 +19,7 @@ import hashlib
 import re
 import secrets
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import APIRouter, FastAPI, Request
@@ -50,7 +52,32 @@ class LoadLoraBody(BaseModel):
     lora_name: str = Field(min_length=1)
     """Name clients then pass as ``model``."""
     lora_path: str = Field(min_length=1)
-    """Directory holding ``adapter_config.json`` and the adapter weights, on this host."""
+    """Directory holding ``adapter_config.json`` and the adapter weights, on this host, inside
+    ``lora_dir``."""
+
+
+class LoraPathRefused(ValueError):
+    """A ``lora_path`` the route will not hand to vLLM; ``status`` is the HTTP answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def checked_lora_path(lora_path: str, lora_dir: Path | None) -> Path:
+    """``lora_path`` resolved (symlinks followed), if it lies inside ``lora_dir``: vLLM would load any
+    folder or hub id it is given, so whoever can POST could make it read any file of the host."""
+    if lora_dir is None:
+        raise LoraPathRefused(403, "loading LoRA adapters over HTTP is off: set inference.lora_dir to the "
+                                   "folder adapters are written to")  # fmt: skip
+    if not Path(lora_path).is_absolute():
+        raise LoraPathRefused(400, f"lora_path {lora_path!r} must be an absolute path inside inference.lora_dir "
+                                   "(hub ids and relative paths are refused)")  # fmt: skip
+    folder, resolved = lora_dir.resolve(), Path(lora_path).resolve()
+    if folder not in resolved.parents:
+        raise LoraPathRefused(403, f"lora_path {lora_path!r} resolves to {str(resolved)!r}, outside "
+                                   f"inference.lora_dir {str(folder)!r}")  # fmt: skip
+    return resolved
 
 
 router = APIRouter()
@@ -92,10 +119,14 @@ async def load_lora(body: LoadLoraBody, request: Request) -> JSONResponse:
     models = getattr(request.app.state, "openai_serving_models", None)
     if models is None or request.app.state.vllm_config.lora_config is None:
         return error_response(400, "LoRA is disabled on this replica; start it with enable_lora = true")
+    try:
+        path = checked_lora_path(body.lora_path, request.app.state.rlbus_lora_dir)
+    except LoraPathRefused as refused:
+        return error_response(refused.status, str(refused))
     from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
     result = await models.load_lora_adapter(
-        LoadLoRAAdapterRequest(lora_name=body.lora_name, lora_path=body.lora_path, load_inplace=True)
+        LoadLoRAAdapterRequest(lora_name=body.lora_name, lora_path=str(path), load_inplace=True)
     )
     if isinstance(result, str):
         return JSONResponse({"loaded": body.lora_name, "message": result})
@@ -108,11 +139,12 @@ def error_response(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": "BadRequestError", "code": status}}, status)
 
 
-def install(app: FastAPI, replica: ReplicaControl, api_key: str | None) -> None:
+def install(app: FastAPI, replica: ReplicaControl, api_key: str | None, lora_dir: Path | None = None) -> None:
     """Add the rlbus routes and middleware to vLLM's app (before it starts serving)."""
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/health"]
     app.include_router(router)
     app.state.rlbus = replica
+    app.state.rlbus_lora_dir = lora_dir
     # vLLM's build_app already built the middleware stack (so add_middleware is
     # refused); like its SageMaker bootstrap, we edit the list and rebuild it.
     # Outermost first: the key check runs before anything waits at the gate.

@@ -109,7 +109,7 @@ async def build_and_serve(engine: Any, args: Namespace, sock: Any, config: Infer
         return bool(getattr(server, "started", False))
 
     sync = WeightSync(config, loader, server_started=server_started, on_fatal=on_fatal)
-    install(app, sync, config.api_key)
+    install(app, sync, config.api_key, config.lora_dir)
     await init_app_state(engine, app.state, args, supported_tasks)
     # Weights first: a late replica serves the trainer's latest step from its first request on.
     await sync.start()

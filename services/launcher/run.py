@@ -7,19 +7,28 @@ Run folder layout (``output_dir``)::
                     output: also what a crash prints before logging starts), rl.log (the launcher)
     checkpoints/    trainer and orchestrator checkpoints
     weights/        published policy weights
-    metrics.jsonl   one line per service per step (the monitor), with samples.jsonl and events.jsonl
+    metrics.jsonl   one line per service report (the monitor), with samples.jsonl and events.jsonl
+    steps.jsonl     one line per step, every service's figures of it (the monitor)
+
+When the run ends the launcher logs a summary: steps, rewards, last evaluation, wall time and
+where the results are (:mod:`rlbus.services.launcher.summary`).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from loguru import logger
 
-from rlbus.logging import setup_logging
-from rlbus.services.entry import write_resolved
+from rlbus.config.base import secret_paths
+from rlbus.config.loader import ENV_PREFIX
+from rlbus.services.entry import open_run_folder
 from rlbus.services.launcher.processes import CommandFor, process_table, service_command
+from rlbus.services.launcher.summary import log_run_summary
 from rlbus.services.launcher.supervisor import Supervisor
 from rlbus.services.run_config import RlConfig, check_cleanable
 
@@ -28,9 +37,8 @@ def run_rl(config: RlConfig, command_for: CommandFor = service_command) -> int:
     """Start every service as a local process and supervise them; the launcher's exit code."""
     if config.clean_output_dir:
         clean_output_dir(config.output_dir)
-        # Logging and the resolved configs were set up before the folder was cleaned: again.
-        setup_logging(config.SERVICE, config.output_dir, config.log.level, config.log.json_lines)
-        write_resolved(config)
+        # Logging, the resolved configs and the marker were set up before the folder was cleaned: again.
+        open_run_folder(config)
         logger.info("cleaned {}", config.output_dir)
     if config.slurm.enabled:
         from rlbus.services.launcher.slurm import run_slurm
@@ -40,9 +48,24 @@ def run_rl(config: RlConfig, command_for: CommandFor = service_command) -> int:
     logs_dir = config.output_dir / "logs"
     logger.info("run folder {}: {} processes; live view: rlbus tail @ {}", config.output_dir, len(specs),
                 config.output_dir / "configs" / "rl.toml")  # fmt: skip
+    started = time.monotonic()
     result = Supervisor(specs, command_for, logs_dir, config.stop_timeout_s,
-                        max_restarts=config.max_restarts).run()
+                        env=child_environment(config, os.environ), max_restarts=config.max_restarts).run()  # fmt: skip
+    log_run_summary(config.output_dir, time.monotonic() - started)
     return result.exit_code
+
+
+def child_environment(config: RlConfig, environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` plus each secret of ``config`` as its ``RLBUS_<SECTION>__<KEY>`` variable: the
+    children's config files hold secrets redacted, and take them from there."""
+    env = dict(environ)
+    for path in secret_paths(RlConfig):
+        value = config
+        for part in path:
+            value = getattr(value, part)
+        if value is not None:
+            env[ENV_PREFIX + "__".join(path).upper()] = value
+    return env
 
 
 def clean_output_dir(output_dir: Path) -> None:

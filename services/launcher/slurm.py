@@ -32,6 +32,8 @@ from typing import TextIO
 
 from loguru import logger
 
+from rlbus.config.base import write_private
+from rlbus.errors import UserError
 from rlbus.services.launcher.processes import CleanExit, ProcessSpec
 from rlbus.services.launcher.slurm_ctl import SlurmCtl, TaskState, expand_output_pattern
 from rlbus.services.launcher.slurm_jobs import (
@@ -87,7 +89,8 @@ def submit(config: RlConfig, ctl: SlurmCtl) -> list[SubmittedArray]:
 def read_submitted(output_dir: Path) -> list[SubmittedArray]:
     path = output_dir / JOBS_FILE
     if not path.exists():
-        raise ValueError(f"no {JOBS_FILE} in {str(output_dir)!r}: was this run submitted from this host?")
+        raise UserError(f"no {JOBS_FILE} in {str(output_dir)!r}: --slurm-cancel cancels a run submitted from this "
+                        "host with --slurm; give that run's config (@ <output_dir>/configs/rl.toml)")
     return [SubmittedArray(**row) for row in json.loads(path.read_text())]
 
 
@@ -267,8 +270,8 @@ def write_job_scripts(config: RlConfig) -> int:
         ids = {section: f"<{section}-job-id>" for section in job.peers()}
         shebang, rest = job_script(config, job, ids).split("\n", 1)
         options = "".join(f"#SBATCH {arg}\n" for arg in sbatch_args(config, job, ids))
-        path = folder / f"{job.service}.sbatch"
-        path.write_text(f"{shebang}\n{options}{rest}")
+        # Private: a script carries the config's secrets and the Curve keys.
+        path = write_private(folder / f"{job.service}.sbatch", f"{shebang}\n{options}{rest}")
         sys.stdout.write(f"{path}\n")
     return 0
 

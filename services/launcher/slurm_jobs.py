@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import secrets
 import shlex
 import sys
 import tarfile
@@ -24,8 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+from loguru import logger
 from pydantic import BaseModel
 
+from rlbus.config.base import REVEAL_SECRETS
+from rlbus.errors import UserError
 from rlbus.services.launcher.processes import CleanExit
 from rlbus.services.run_config import RlConfig
 
@@ -81,6 +85,7 @@ class ArrayJob:
 def array_jobs(config: RlConfig) -> list[ArrayJob]:
     """The arrays of a run, in submit order (every array after the ones it connects to)."""
     counts = {"inference": config.slurm.num_inference_replicas, "env_worker": config.num_env_workers}
+    config = with_inference_key(config)
     return [
         ArrayJob(section, getattr(config, section).SERVICE, counts.get(section, 1),
                  tomli_w.dumps(slurm_section(config, section)), tuple(config.slurm.sbatch_args(section)))
@@ -108,6 +113,21 @@ def slurm_section(config: RlConfig, section: str) -> dict[str, Any]:
     return values
 
 
+def with_inference_key(config: RlConfig) -> RlConfig:
+    """``config``, or a copy whose replicas and env-workers share a key made for this run: on the nodes
+    the replicas listen on 0.0.0.0, which needs ``inference.api_key`` (or ``allow_insecure_remote``)."""
+    inference = config.inference
+    if inference.api_key is not None or inference.allow_insecure_remote:
+        return config
+    config = config.model_copy(deep=True)
+    key = secrets.token_urlsafe(32)
+    config.inference.__dict__["api_key"] = key  # validated: a key makes any host allowed
+    if config.env_worker.api_key is None and "inference_urls" not in config.env_worker.model_fields_set:
+        config.env_worker.__dict__["api_key"] = key
+    logger.info("inference.api_key is not set: the replicas and env-workers share a key made for this run")
+    return config
+
+
 def _replace_loopback(address: str, binder: str) -> str:
     scheme, sep, rest = address.partition("://")
     host, colon, port = rest.rpartition(":")
@@ -117,7 +137,9 @@ def _replace_loopback(address: str, binder: str) -> str:
 
 
 def _dump(config: BaseModel) -> dict[str, Any]:
-    return config.model_dump(mode="json", exclude_none=True)
+    # Secrets travel inside the job script, as the Curve keys do (key_lines); each task moves them
+    # into its service's environment before writing the config file (slurm_task.private_values).
+    return config.model_dump(mode="json", exclude_none=True, context={REVEAL_SECRETS: True})
 
 
 def job_name(config: RlConfig, job: ArrayJob) -> str:
@@ -169,7 +191,8 @@ def key_lines(config: RlConfig) -> list[str]:
     if folder is None:
         return []
     if not folder.is_dir():
-        raise ValueError(f"bus.curve.keys_dir {str(folder)!r} is not a folder (create keys with `rlbus keys`)")
+        raise UserError(f"bus.curve.keys_dir {str(folder)!r} is not a folder: create keys with "
+                        f"`rlbus keys --out {folder}`")
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         tar.add(folder, arcname=".")
@@ -191,4 +214,9 @@ def check_binds_allowed(config: RlConfig) -> None:
     from rlbus.curve import check_bind_allowed
 
     endpoint = bind_address(config.bus.endpoints.monitor_telemetry, config.bus.bind_host or "0.0.0.0")
-    check_bind_allowed(endpoint, config.bus.curve, "bus")
+    try:
+        check_bind_allowed(endpoint, config.bus.curve, "bus")
+    except ValueError:
+        raise UserError(f"--slurm needs CurveZMQ keys (the bus leaves the node, binding {endpoint}): create them "
+                        "with `rlbus keys --out keys` and set bus.curve.keys_dir = \"keys\" (docs/slurm.md), or set "
+                        "bus.curve.allow_insecure_remote = true where every host is trusted") from None

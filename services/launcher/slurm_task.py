@@ -25,8 +25,11 @@ from typing import Any
 import tomli_w
 from loguru import logger
 
+from rlbus.config.base import redact_values, secret_paths, write_private
+from rlbus.config.loader import ENV_PREFIX
 from rlbus.services.launcher.slurm_ctl import SlurmCtl, TaskState
 from rlbus.services.launcher.slurm_jobs import PLACEHOLDER
+from rlbus.services.run_config import SECTIONS
 
 WAIT_POLL_S = 2.0
 """How often a task asks the controller whether a peer runs yet (it cannot be notified)."""
@@ -107,11 +110,24 @@ class PeerFinder:
         return next((t for t in self.ctl.tasks([array_id]) if t.task_id == task_id), None)
 
 
+def private_values(values: Mapping[str, Any], service: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """``values`` with their secrets redacted, and the secrets as the ``RLBUS_<SECTION>__<KEY>``
+    variables the service reads them from: config files on the node never hold them."""
+    section = service.replace("-", "_")
+    paths = [p for p in secret_paths(SECTIONS[section]) if _value_at(values, p) is not None]
+    env = {ENV_PREFIX + "__".join((section, *path)).upper(): str(_value_at(values, path)) for path in paths}
+    return redact_values(values, paths), env
+
+
+def _value_at(values: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    for part in path:
+        values = values.get(part) if isinstance(values, Mapping) else None
+    return values
+
+
 def write_config(values: Mapping[str, Any], service: str, task_id: int) -> Path:
     path = Path(values.get("output_dir", "outputs")) / "configs" / "slurm" / f"{service}-{task_id}.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(dict(values)))
-    return path
+    return write_private(path, tomli_w.dumps(dict(values)))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -131,7 +147,8 @@ def main(argv: list[str]) -> int:
     finder = PeerFinder(SlurmCtl(), args.service, peers, args.timeout_s)
     logger.info("{} task {} (job {}): finding peers {}", args.service, task_id, os.environ.get("SLURM_JOB_ID"),
                 sorted(peers) or "none")  # fmt: skip
-    values = tomllib.loads(fill_placeholders(text, finder.address_of))
+    values, secret_env = private_values(tomllib.loads(fill_placeholders(text, finder.address_of)), args.service)
+    os.environ.update(secret_env)  # execv hands this environment to the service
     path = write_config(values, args.service, task_id)
     argv_service = [sys.executable, "-m", "rlbus", args.service, "@", str(path),
                     *task_args(args.service, values, task_id, finder.own_address)]  # fmt: skip

@@ -59,11 +59,18 @@ def main(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"rlbus model {name}: {exc}\n")
         return 2
+    if config.out.exists() and not config.out.is_dir():
+        sys.stderr.write(f"rlbus model {name}: --out {config.out} is a file, not a folder: pick another --out\n")
+        return 1
     setup_logging("models", None)
     try:
         out = build(config)
     except FileNotFoundError as exc:
         logger.error("{}", exc)
+        return 1
+    except OSError as exc:  # e.g. a folder that cannot be written: the reason, not a traceback
+        sys.stderr.write(f"rlbus model {name}: cannot write the model to {config.out}: {exc.strerror or exc}; "
+                         "pick a folder you can write to with --out\n")
         return 1
     logger.info("model written to {}", out)
     return 0

@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from rlbus.config import BusConfig, ConfigModel, ServiceConfig
+from rlbus.config.base import Secret
 
 DEFAULT_SUMMARY_METRICS = [
     "reward/all/mean", "loss/mean", "entropy/mean", "mismatch_kl/mean", "off_policy/mean",
@@ -55,8 +56,9 @@ class MonitorConfig(ServiceConfig):
     for this long is reported STALLED (an error event; ``stalled`` in ``rlbus tail``)."""
     view_log_lines: int = Field(1000, ge=1)
     """Log lines (events, notices, summaries) kept for ``rlbus tail``."""
-    view_api_key: str | None = None
-    """Key ``rlbus tail`` must present; None leaves the live view open."""
+    view_api_key: Secret | None = None
+    """Key ``rlbus tail`` must present; None leaves the live view open. Written redacted in resolved
+    configs: ``rlbus tail`` then takes it from ``--api-key`` or ``RLBUS_MONITOR__VIEW_API_KEY``."""
     wandb: WandbConfig = WandbConfig()
     """W&B settings."""
 
@@ -74,7 +76,7 @@ class TailConfig(ConfigModel):
     monitor_address: str | None = None
     """Where the monitor's live view answers, e.g. ``tcp://gpu-node-3:5556`` from a laptop
     (``--monitor`` for short); None uses ``bus.endpoints.monitor_view``."""
-    api_key: str | None = None
+    api_key: Secret | None = None
     """The monitor's ``view_api_key`` (also read from ``RLBUS_MONITOR__VIEW_API_KEY``)."""
     json_lines: bool = False
     """Print one JSON object per refresh, one per line, for scripts (``--json`` for short)."""

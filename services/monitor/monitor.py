@@ -41,6 +41,7 @@ from rlbus.services.monitor.records import (
     sample_lines,
 )  # fmt: skip
 from rlbus.services.monitor.steps import StepAggregator, StepRow, format_summary
+from rlbus.services.monitor.steps_file import StepsFile
 
 MAX_VIEW_LINES = 500
 """Log lines in one ViewSnapshot; a tail further behind skips the older ones."""
@@ -64,6 +65,7 @@ class Monitor:
         self.health = HealthTable(config.dead_after_s, config.stalled_after_s, config.progress_stalled_after_s,
                                   frozenset(config.step_reporters))
         self.steps = StepAggregator(config.step_reporters, config.max_summary_lag_steps)
+        self.steps_file = StepsFile(config.step_reporters)
         self.log_lines: deque[str] = deque(maxlen=config.view_log_lines)
         self.num_log_lines = 0
         self.counts: Counter[str] = Counter()
@@ -78,7 +80,7 @@ class Monitor:
             for notice in self.health.observe(message, now):
                 self._notice(notice, now)
         elif isinstance(message, MetricsReport):
-            self._on_metrics(message)
+            self._on_metrics(message, now)
         elif isinstance(message, Event):
             self._on_event(message)
         elif isinstance(message, RolloutSamples):
@@ -109,13 +111,17 @@ class Monitor:
         """Release the steps still waiting for reports, close files and the W&B run."""
         for row in self.steps.flush():
             self._release(row)
+        for line in self.steps_file.flush(time.time()):
+            self.files.steps.write(line)
         self.files.close()
         if self.sink is not None:
             self.sink.close(exit_code)
 
-    def _on_metrics(self, report: MetricsReport) -> None:
+    def _on_metrics(self, report: MetricsReport, now: float) -> None:
         self._check_metrics(report)
         self.files.metrics.write(metrics_line(report))
+        for line in self.steps_file.add(report, now):
+            self.files.steps.write(line)
         if self.steps.is_released(report.step):
             # Late for the summary; W&B still files it under its step.
             if self.sink is not None:

@@ -1,4 +1,4 @@
-"""The monitor's files: metrics.jsonl, samples.jsonl and events.jsonl under ``output_dir``.
+"""The monitor's files: metrics.jsonl, steps.jsonl, samples.jsonl and events.jsonl under ``output_dir``.
 
 One JSON object per line, appended and flushed as each message arrives, so a
 crash loses nothing already received and ``tail -f`` works. Non-finite
@@ -8,7 +8,10 @@ reject ``NaN``.
 - ``metrics.jsonl``: ``{"step", "service", "replica_id", "time", <metric>: value, ...}``,
   one line per report (one per service replica and step; a restarted service
   may repeat a step: readers keep the last line of each (step, service, replica_id)).
-- ``samples.jsonl``: ``{"step", "time", "env_id", "prompt", "completion", "reward", "advantage"}``.
+- ``steps.jsonl``: one line per step, every service's figures of it side by side
+  (:mod:`rlbus.services.monitor.steps_file`, row shape in :mod:`rlbus.run_files`).
+- ``samples.jsonl``: ``{"step", "time", "env_id", "prompt", "completion", "answer", "reward", "advantage",
+  "finish_reason", "num_prompt_tokens", "num_completion_tokens", "policy_step"}``.
 - ``events.jsonl``: ``{"time", "service", "replica_id", "level", "kind", "message", <field>: value, ...}``;
   the monitor's own findings (a dead service, ...) carry ``"reported_by": "monitor"``.
 """
@@ -17,34 +20,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import msgspec
+from typing import Any
 
 from rlbus.messages import Event, MetricsReport, RolloutSamples
+from rlbus.run_files import EVENTS_FILE, METRICS_FILE, SAMPLES_FILE, STEPS_FILE, JsonlWriter
 
-METRICS_FILE, SAMPLES_FILE, EVENTS_FILE = "metrics.jsonl", "samples.jsonl", "events.jsonl"
+__all__ = ["EVENTS_FILE", "METRICS_FILE", "SAMPLES_FILE", "STEPS_FILE", "JsonlWriter", "RunFiles"]
+
 _RESERVED_METRIC_KEYS = frozenset({"step", "service", "replica_id", "time"})
-
-_encoder = msgspec.json.Encoder()
-
-
-class JsonlWriter:
-    """Appends JSON lines to one file, flushing each so readers see whole lines at once."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._file: BinaryIO = path.open("ab")
-        self.num_lines = 0
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._file.write(_encoder.encode(_finite_or_null(record)) + b"\n")
-        self._file.flush()
-        self.num_lines += 1
-
-    def close(self) -> None:
-        self._file.close()
 
 
 def metrics_line(report: MetricsReport) -> dict[str, Any]:
@@ -66,7 +49,9 @@ def non_finite_names(report: MetricsReport) -> list[str]:
 def sample_lines(message: RolloutSamples, now: float) -> list[dict[str, Any]]:
     return [
         {"step": message.step, "time": now, "env_id": s.env_id, "prompt": s.prompt, "completion": s.completion,
-         "reward": s.reward, "advantage": s.advantage}
+         "answer": s.answer, "reward": s.reward, "advantage": s.advantage, "finish_reason": s.finish_reason,
+         "num_prompt_tokens": s.num_prompt_tokens, "num_completion_tokens": s.num_completion_tokens,
+         "policy_step": s.policy_step}
         for s in message.samples
     ]  # fmt: skip
 
@@ -77,17 +62,15 @@ def event_line(event: Event) -> dict[str, Any]:
 
 
 class RunFiles:
-    """The three JSONL files of one run folder."""
+    """The four JSONL files of one run folder."""
 
     def __init__(self, output_dir: Path) -> None:
         self.metrics = JsonlWriter(output_dir / METRICS_FILE)
+        self.steps = JsonlWriter(output_dir / STEPS_FILE)
         self.samples = JsonlWriter(output_dir / SAMPLES_FILE)
         self.events = JsonlWriter(output_dir / EVENTS_FILE)
 
     def close(self) -> None:
-        for writer in (self.metrics, self.samples, self.events):
+        for writer in (self.metrics, self.steps, self.samples, self.events):
             writer.close()
 
-
-def _finite_or_null(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}

@@ -16,6 +16,7 @@ from typing import Any
 from loguru import logger
 
 from rlbus.config import read_toml
+from rlbus.config.base import redact_by_name
 from rlbus.messages import Sample
 from rlbus.services.monitor.config import MonitorConfig
 
@@ -69,8 +70,9 @@ class WandbSink:
 
 
 def _run_config(config: MonitorConfig) -> dict[str, Any]:
-    """The whole job's config when the launcher wrote it next to us, else the monitor's own."""
+    """The whole job's config when the launcher wrote it next to us, else the monitor's own; secrets
+    redacted (the file has them redacted already, unless an older version wrote it)."""
     merged = config.output_dir / "configs" / "rl.toml"
     if merged.exists():
-        return read_toml(merged)
+        return redact_by_name(read_toml(merged))
     return config.model_dump(mode="json")

@@ -8,6 +8,8 @@ is packed into one ``TrainBatch`` per trainer rank.
 
 Reward, length and staleness metrics cover every non-errored rollout of the
 step's groups, dropped ones included: they describe what the policy did.
+Beside the weighted ``reward/<env>/*``, ``reward/<env>/<function>/mean`` is each reward
+function's unweighted mean (``Rollout.reward_breakdown``): which part of the rubric moves.
 """
 
 from __future__ import annotations
@@ -18,16 +20,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rlbus.messages import RolloutSamples, Sample, TrainBatch
+from rlbus.messages import Rollout, RolloutSamples, Sample, TrainBatch
 from rlbus.services.orchestrator.advantages import group_advantages, has_signal, penalised_rewards
 from rlbus.services.orchestrator.buffer import Group
 from rlbus.services.orchestrator.config import OrchestratorConfig
 from rlbus.services.orchestrator.packing import pack_batch
 from rlbus.services.orchestrator.rollouts import (
     PackSample,
+    finish_reason,
     length_fraction,
     num_completion_tokens,
     num_tokens,
+    oldest_policy_step,
     to_sample,
 )
 
@@ -49,6 +53,9 @@ class _Tally:
     """Per-rollout numbers of one step, for its metrics."""
 
     rewards: dict[str, list[float]] = field(default_factory=dict)
+    reward_functions: dict[str, list[float]] = field(default_factory=dict)
+    """``<env_id>/<reward function>`` -> unweighted values (``Rollout.reward_breakdown``)."""
+    completion_tokens: list[int] = field(default_factory=list)
     seq_lens: list[int] = field(default_factory=list)
     truncated: list[bool] = field(default_factory=list)
     turns: list[int] = field(default_factory=list)
@@ -92,19 +99,21 @@ def _group_samples(step: int, group: Group, config: OrchestratorConfig, tally: _
     tally.num_errored += len(group.rollouts) - len(ok)
     for rollout in ok:
         tally.rewards.setdefault(group.env_id, []).append(rollout.reward)
+        for name, value in rollout.reward_breakdown.items():
+            tally.reward_functions.setdefault(f"{group.env_id}/{name}", []).append(value)
+        tally.completion_tokens.append(num_completion_tokens(rollout))
         tally.seq_lens.append(num_tokens(rollout))
         tally.truncated.append(rollout.is_truncated)
         tally.turns.append(len(rollout.turns))
         tally.off_policy.append(group.off_policy(step))
         tally.sampled_steps.append(group.oldest_policy_step)
-        tally.num_empty += num_completion_tokens(rollout) == 0
+        tally.num_empty += tally.completion_tokens[-1] == 0
     if not ok:
         return []
     fractions = [length_fraction(r, config.sampling.max_tokens) for r in ok]
     rewards = penalised_rewards([r.reward for r in ok], fractions, config.advantage.length_penalty)
     advantages = group_advantages(rewards, config.advantage)
-    shown.append(Sample(env_id=group.env_id, prompt=ok[0].prompt_text, completion=ok[0].completion_text,
-                        reward=ok[0].reward, advantage=float(advantages[0])))  # fmt: skip
+    shown.append(shown_sample(group.env_id, ok[0], float(advantages[0])))
     if not has_signal(advantages):
         tally.num_zero_advantage_groups += 1
         return []
@@ -116,6 +125,17 @@ def _group_samples(step: int, group: Group, config: OrchestratorConfig, tally: _
             continue
         samples.append(sample)
     return samples
+
+
+def shown_sample(env_id: str, rollout: Rollout, advantage: float) -> Sample:
+    """``rollout`` as people see it in samples.jsonl and W&B tables."""
+    num_completion = num_completion_tokens(rollout)
+    return Sample(
+        env_id=env_id, prompt=rollout.prompt_text, completion=rollout.completion_text, reward=rollout.reward,
+        advantage=advantage, answer=rollout.answer, finish_reason=finish_reason(rollout),
+        num_prompt_tokens=num_tokens(rollout) - num_completion, num_completion_tokens=num_completion,
+        policy_step=oldest_policy_step(rollout),
+    )  # fmt: skip
 
 
 def _stats(prefix: str, values: Sequence[float]) -> dict[str, float]:
@@ -130,6 +150,11 @@ def _metrics(tally: _Tally) -> dict[str, float]:
     metrics = _stats("reward/all", [r for rewards in tally.rewards.values() for r in rewards])
     for env_id, rewards in sorted(tally.rewards.items()):
         metrics |= _stats(f"reward/{env_id}", rewards)
+    for env_function, values in sorted(tally.reward_functions.items()):
+        metrics[f"reward/{env_function}/mean"] = float(np.mean(values))
+    metrics |= _stats("num_completion_tokens", tally.completion_tokens)
+    if tally.completion_tokens:
+        metrics["num_completion_tokens/sum"] = float(np.sum(tally.completion_tokens))
     metrics |= _stats("seq_len", tally.seq_lens)
     metrics |= _stats("num_turns", tally.turns)
     if tally.truncated:

@@ -105,6 +105,13 @@ def oldest_policy_step(rollout: Rollout) -> int:
     return min((turn.policy_step for turn in rollout.turns), default=0)
 
 
+def finish_reason(rollout: Rollout) -> str:
+    """Why the rollout ended: ``error``, or its last turn's reason (``stop``, ``length`` ...)."""
+    if rollout.error is not None:
+        return "error"
+    return rollout.turns[-1].finish_reason if rollout.turns else "none"
+
+
 def num_completion_tokens(rollout: Rollout) -> int:
     return sum(len(turn.completion_ids) for turn in rollout.turns)
 

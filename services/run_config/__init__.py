@@ -4,7 +4,16 @@ This package is one of the three places that know every service (with the CLI
 entry and the launcher): a service itself only knows its own config class.
 """
 
-from rlbus.services.run_config.rl import SECTIONS, RlConfig, RunCheckpointConfig, check_cleanable, service_env
+from rlbus.services.run_config.rl import (
+    RUN_MARKER,
+    SECTIONS,
+    RlConfig,
+    RunCheckpointConfig,
+    check_cleanable,
+    mark_run_folder,
+    service_env,
+)
 from rlbus.services.run_config.slurm import SlurmConfig
 
-__all__ = ["SECTIONS", "RlConfig", "RunCheckpointConfig", "SlurmConfig", "check_cleanable", "service_env"]
+__all__ = ["RUN_MARKER", "SECTIONS", "RlConfig", "RunCheckpointConfig", "SlurmConfig", "check_cleanable",
+           "mark_run_folder", "service_env"]  # fmt: skip

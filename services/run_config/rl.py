@@ -21,6 +21,10 @@ from rlbus.services.orchestrator.config import OrchestratorConfig
 from rlbus.services.run_config.slurm import SlurmConfig
 from rlbus.services.trainer.config import TrainerConfig
 
+RUN_MARKER = ".rlbus-run"
+"""File that every rlbus command writes into its ``output_dir``: ``--clean-output-dir`` deletes
+only folders that hold it (or are empty), never one that was named by mistake."""
+
 SECTIONS: dict[str, type[ServiceConfig]] = {
     "inference": InferenceConfig,
     "trainer": TrainerConfig,
@@ -151,7 +155,13 @@ def service_env(section: str | None, environ: Mapping[str, str]) -> dict[str, An
     if section is None:
         return values
     shared = {key: value for key, value in values.items() if key in ServiceConfig.SHARED_FIELDS}
-    return deep_merge(shared, values.get(section, {}))
+    own = values.get(section, {})
+    inference_key = values.get("inference", {}).get("api_key")
+    if section == "env_worker" and "api_key" not in own and inference_key is not None:
+        # As RlConfig does: env-workers present the replicas' key unless given their own. Their
+        # resolved file holds it redacted, so it must come from here.
+        own = {**own, "api_key": inference_key}
+    return deep_merge(shared, own)
 
 
 def check_cleanable(output_dir: Path) -> None:
@@ -163,6 +173,19 @@ def check_cleanable(output_dir: Path) -> None:
             f"refusing to clean output_dir {str(output_dir)!r} (resolves to {target}): it is the filesystem root, "
             "the home or working directory, or one of their parents; pick a dedicated run folder"
         )
+    if target.is_dir() and any(target.iterdir()) and not (target / RUN_MARKER).is_file():
+        raise ValueError(
+            f"refusing to clean output_dir {str(output_dir)!r}: it is not empty and holds no {RUN_MARKER} marker, so "
+            f"rlbus did not make it; delete it yourself, or pick another --output-dir"
+        )
+
+
+def mark_run_folder(output_dir: Path) -> None:
+    """Write the marker that lets ``--clean-output-dir`` delete ``output_dir`` later."""
+    marker = output_dir / RUN_MARKER
+    if not marker.is_file():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text("rlbus run folder: --clean-output-dir may delete it\n")
 
 
 def _show(value: Any) -> str:

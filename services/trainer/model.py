@@ -17,6 +17,7 @@ import torch
 from loguru import logger
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
+from rlbus.model_path import check_model_path
 from rlbus.services.trainer.distributed import DistContext
 from rlbus.weights import NamedArray
 
@@ -27,6 +28,7 @@ def load_model(path: str, dtype: str, device: torch.device, attn_implementation:
     """A causal LM from an HF directory (or hub name), in ``dtype`` on ``device``, in train mode."""
     from transformers import AutoModelForCausalLM
 
+    check_model_path(path)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=TORCH_DTYPES[dtype], attn_implementation=attn_implementation
     )
@@ -39,6 +41,7 @@ def load_model(path: str, dtype: str, device: torch.device, attn_implementation:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    check_model_path(path)  # a misspelt folder must not be asked of a model hub
     return AutoTokenizer.from_pretrained(path)
 
 

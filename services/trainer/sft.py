@@ -18,6 +18,7 @@ import numpy as np
 from loguru import logger
 
 from rlbus.bus import Bus
+from rlbus.errors import UserError
 from rlbus.pubsub import TelemetryClient
 from rlbus.services.trainer.data import reverse_text
 from rlbus.services.trainer.data.loading import Row, read_rows
@@ -27,6 +28,7 @@ from rlbus.services.trainer.model import load_tokenizer
 from rlbus.services.trainer.runtime import Runtime, build_runtime
 from rlbus.services.trainer.sft_config import SftConfig
 from rlbus.services.trainer.sft_data import Sample, SampleBuilder, pack, split_for_ranks
+from rlbus.services.trainer.sft_records import SftRecords
 
 
 def load_examples(config: SftConfig) -> tuple[list[Row], list[Row]]:
@@ -74,6 +76,8 @@ class SftLoop:
         self.plan = SftPlan(len(train), config.batch_size, config.seed, config.data.shuffle)
         self.pad_id = runtime.tokenizer.pad_token_id or 0
         self.started = time.monotonic()
+        # No monitor runs beside SFT: the main rank writes the run's metrics files itself.
+        self.records = SftRecords(config.output_dir, f"sft-rank{runtime.ctx.rank}") if runtime.ctx.is_main else None
 
     def rows(self, samples: list[Sample]) -> list[RowTensors]:
         """This rank's share of ``samples``, packed."""
@@ -92,11 +96,14 @@ class SftLoop:
             metrics["time/save_ckpt"] = self.checkpoint(step)
             metrics["time/step"] = time.perf_counter() - started
             metrics["progress/epoch"] = (step - 1) // self.plan.steps_per_epoch
-            if self.rt.ctx.is_main:
+            if self.records is not None:
                 self.telemetry.metrics(step, metrics)
+                self.records.write(step, metrics)
                 if step % self.config.log_interval == 0 or step == self.total_steps:
                     self.log_progress(step, metrics)
         self.save_final()
+        if self.records is not None:
+            self.records.close()
 
     def validate(self) -> float:
         return self.rt.trainer.evaluate(self.rows(self.val), sum(s.num_loss_tokens for s in self.val))
@@ -114,7 +121,8 @@ class SftLoop:
         if self.config.save_final and not already:
             self.rt.save(step, weights_only=True)
         if self.rt.ctx.is_main:
-            logger.info("SFT done: weights of step {} in {}", step, self.rt.ckpt.weights / f"step_{step}")
+            logger.info("SFT done: weights of step {} in {}; per-step figures in {}", step,
+                        self.rt.ckpt.weights / f"step_{step}", self.records.steps.path if self.records else "-")
 
     def log_progress(self, step: int, metrics: dict[str, float]) -> None:
         done = step / self.total_steps
@@ -130,12 +138,13 @@ class SftLoop:
 
 def run_sft(config: SftConfig) -> int:
     """Entry of ``rlbus sft``."""
+    train_rows, val_rows = load_examples(config)  # first: a data mistake needs no tokenizer to be found
     tokenizer = load_tokenizer(config.model)
-    train_rows, val_rows = load_examples(config)
     builder = SampleBuilder(tokenizer, config.data, config.seq_len)
     train, val = [builder.build(r) for r in train_rows], [builder.build(r) for r in val_rows]
     if not train:
-        raise ValueError(f"no SFT examples in {config.data.path or config.data.synthetic}")
+        raise UserError(f"no SFT examples in {config.data.path or config.data.synthetic}: give data.path a file "
+                        "with at least one example")
     if config.val_interval and not val:
         logger.warning("val_interval = {} but there are no validation examples (set data.val_fraction or "
                        "data.val_path): no validation", config.val_interval)  # fmt: skip

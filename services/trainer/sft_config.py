@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rlbus.config import ConfigModel
 from rlbus.services.trainer.config import TrainingConfig
@@ -44,7 +44,8 @@ class SftDataConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> SftDataConfig:
-        if (self.path is None) == (self.synthetic is None):
+        # Neither is refused by SftConfig: the default here is "not given yet".
+        if self.path is not None and self.synthetic is not None:
             raise ValueError(f"set exactly one of data.path ({self.path!r}) and data.synthetic ({self.synthetic!r})")
         if self.min_words > self.max_words:
             raise ValueError(f"data.min_words ({self.min_words}) must not exceed data.max_words ({self.max_words})")
@@ -56,8 +57,8 @@ class SftConfig(TrainingConfig):
 
     SERVICE: ClassVar[str] = "sft"
 
-    data: SftDataConfig = SftDataConfig(synthetic="reverse-text")
-    """Examples and loss masking."""
+    data: SftDataConfig = Field(default_factory=SftDataConfig, validate_default=True)
+    """Examples and loss masking; ``data.path`` (or, for the built-in toy task, ``data.synthetic``) is required."""
     batch_size: int = Field(32, ge=1)
     """Examples per optimizer step."""
     seq_len: int = Field(1024, ge=8)
@@ -70,3 +71,12 @@ class SftConfig(TrainingConfig):
     """Steps between progress lines."""
     save_final: bool = True
     """Write the HF weights of the last step to ``weights/step_N`` even with checkpoints off."""
+
+    @field_validator("data")
+    @classmethod
+    def _data_given(cls, data: SftDataConfig) -> SftDataConfig:
+        # No silent default: training on the toy task would hide a forgotten --data.path.
+        if data.path is None and data.synthetic is None:
+            raise ValueError("no SFT data given: set --data.path (a .jsonl, .json or .parquet file or a saved "
+                             "dataset folder), or --data.synthetic reverse-text for the built-in toy task")
+        return data

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from rlbus.errors import UserError
 from rlbus.packing import deal_to_ranks, first_fit_decreasing
 from rlbus.services.trainer.data.loading import Row
 from rlbus.services.trainer.sft_config import SftDataConfig
@@ -70,8 +71,9 @@ class SampleBuilder:
             return self.chat_pieces(messages, [m["role"] in config.train_on_roles for m in messages], tools)
         prompt, completion = row.get(config.prompt_column), row.get(config.completion_column)
         if prompt is None or completion is None:
-            raise ValueError(f"example has neither {config.messages_column!r} nor {config.prompt_column!r} and "
-                             f"{config.completion_column!r}; its keys are {sorted(row)}")  # fmt: skip
+            raise UserError(f"SFT example has neither {config.messages_column!r} nor {config.prompt_column!r} and "
+                            f"{config.completion_column!r}; its keys are {sorted(row)} (set data.messages_column, "
+                            "data.prompt_column and data.completion_column)")  # fmt: skip
         if isinstance(prompt, str) and isinstance(completion, str):
             return [(prompt, False), (completion + (self.tokenizer.eos_token or ""), True)]
         prompt_messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)

@@ -36,8 +36,8 @@ class TamperingStore(WeightStore):
 
     corrupt_steps: set[int]
 
-    def bucket(self, step: int, index: int):
-        reply = super().bucket(step, index)
+    def bucket(self, step: int, index: int, nonce: int = 0):
+        reply = super().bucket(step, index, nonce)
         if step in self.corrupt_steps and isinstance(reply, WeightsBucket) and index == 0:
             tampered = reply.tensors[0].copy()
             tampered.reshape(-1).view(np.uint8)[0] ^= 0xFF
@@ -118,6 +118,8 @@ class Replica:
         self.port = free_tcp_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.config_path = workdir / "inference.toml"
+        self.lora_dir = workdir / "loras"
+        """The only folder ``POST /rlbus/load_lora`` loads adapters from."""
         self.log_path = workdir / "inference.log"
         self.process: subprocess.Popen | None = None
         self.first_health: dict = {}
@@ -130,7 +132,7 @@ class Replica:
 
         config = InferenceConfig(model=str(self.model_dir), output_dir=workdir / "out", port=self.port,
                                  max_model_len=512, max_num_seqs=16, replica_id="replica-test",
-                                 enable_lora=True, max_lora_rank=8,
+                                 enable_lora=True, max_lora_rank=8, lora_dir=self.lora_dir,
                                  startup_weights_timeout_s=30, bus=self.bus_config)  # fmt: skip
         self.config_path.write_text(to_toml(config))
 

@@ -202,15 +202,15 @@ def test_reload_route_restores_the_base_weights(replica, client, hf_model, model
     assert greedy(client, str(model_dir)) == (hf_greedy(hf_model, base, PROMPT_IDS, NUM_TOKENS), 0)
 
 
-def test_a_lora_adapter_samples_exactly_like_the_merged_weights(replica, client, hf_model, model_dir, tmp_path):
+def test_a_lora_adapter_samples_exactly_like_the_merged_weights(replica, client, hf_model, model_dir):
     step = next(NEXT_STEPS)
     published, state = seeded_weights(model_dir, seed=200 + step)
     replica.trainer.publish(step, published)
     replica.wait_policy(step)
-    deltas = write_lora(tmp_path / "adapter", model_dir, seed=5)
+    deltas = write_lora(replica.lora_dir / "adapter", model_dir, seed=5)
     headers = {"Authorization": f"Bearer {API_KEY}"}
     response = httpx.post(f"{replica.base_url}/rlbus/load_lora", headers=headers, timeout=120,
-                          json={"lora_name": "adapter", "lora_path": str(tmp_path / "adapter")})  # fmt: skip
+                          json={"lora_name": "adapter", "lora_path": str(replica.lora_dir / "adapter")})  # fmt: skip
     assert response.status_code == 200, response.text
     merged = state | {name: state[name] + delta for name, delta in deltas.items()}
     tokens, tagged = greedy(client, "adapter")
@@ -230,7 +230,8 @@ def test_a_lora_adapter_samples_exactly_like_the_merged_weights(replica, client,
         ("/v1/completions", {"prompt": list(range(100)) * 6, "max_tokens": 5}, "context length"),
         ("/v1/chat/completions", {"messages": "hi"}, "messages"),
         ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, "role"),
-        ("/rlbus/load_lora", {"lora_name": "a", "lora_path": "/nowhere"}, "No adapter found"),
+        ("/rlbus/load_lora", {"lora_name": "a", "lora_path": "/nowhere"}, "outside inference.lora_dir"),
+        ("/rlbus/load_lora", {"lora_name": "a", "lora_path": "org/adapter"}, "absolute path"),
         ("/rlbus/load_lora", {"lora_name": "a"}, "lora_path"),
     ],
 )

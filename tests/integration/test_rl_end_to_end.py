@@ -78,3 +78,25 @@ def test_rl_run_trains_contiguous_steps_and_exits_cleanly(tmp_path):
     assert all(m["entropy/mean"] > 0 for m in trained), trained
     # float32 on both sides and a small learning rate: trainer and vLLM agree on the sampling logprobs.
     assert max(m["mismatch_kl/mean"] for m in trained) < 0.01, trained
+
+    check_front_door(run, result.stderr)
+
+
+def check_front_door(run: Path, launcher_output: str) -> None:
+    """What a person reads: steps.jsonl, samples.jsonl, the summary, logs without request lines."""
+    rows = read_jsonl(run / "steps.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, MAX_STEPS + 1)), [r["step"] for r in rows]
+    for row in rows:
+        assert row["complete"] and "trainer/loss/mean" in row and "orchestrator/reward/all/mean" in row, row
+        assert "orchestrator/reward/reverse-text/lcs_reward/mean" in row, sorted(row)
+        assert row["orchestrator/num_completion_tokens/sum"] > 0 and "orchestrator/is_truncated/mean" in row
+        assert any(key.startswith(("inference/", "env_worker/")) for key in row), sorted(row)
+    samples = read_jsonl(run / "samples.jsonl")
+    assert samples, "no samples"
+    for sample in samples:
+        assert sample["answer"] and sample["finish_reason"] in ("stop", "length"), sample
+        assert sample["num_prompt_tokens"] > 0 and 0 <= sample["num_completion_tokens"] <= 32, sample
+        assert 0 <= sample["policy_step"] < MAX_STEPS, sample
+    assert "run summary:" in launcher_output and f"steps done: {MAX_STEPS}" in launcher_output
+    assert f"steps.jsonl: {run / 'steps.jsonl'}" in launcher_output
+    assert "HTTP Request" not in (run / "logs" / "env-worker.log").read_text()

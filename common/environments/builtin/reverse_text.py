@@ -34,16 +34,22 @@ _ANSWER = re.compile(r"<reversed_text>(.*?)</reversed_text>", re.DOTALL)
 
 def make_examples(num_examples: int, seed: int, min_words: int, max_words: int) -> list[dict]:
     """``num_examples`` texts of ``min_words``-``max_words`` words, the same for the same arguments."""
-    if num_examples < 1 or not 1 <= min_words <= max_words:
-        raise ValueError(
-            f"need num_examples >= 1 and 1 <= min_words <= max_words, got {num_examples}, {min_words}, {max_words}"
-        )
+    validate_args(num_examples, min_words, max_words)
     rng = random.Random(f"reverse-text:{seed}")
     examples = []
     for _ in range(num_examples):
         text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words)))
         examples.append({"prompt": text, "answer": text[::-1], "info": {"text": text}})
     return examples
+
+
+def validate_args(num_examples: int, min_words: int, max_words: int, **_: object) -> None:
+    """Refuse sizes no example can have; the registry calls it before anything starts (any seed is valid)."""
+    if num_examples < 1 or not 1 <= min_words <= max_words:
+        raise ValueError(
+            f"need num_examples >= 1 and 1 <= min_words <= max_words, got num_examples={num_examples}, "
+            f"min_words={min_words}, max_words={max_words}"
+        )
 
 
 def parse_reversed_text(completion: str) -> str | None:

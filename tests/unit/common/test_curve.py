@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import stat
 import threading
@@ -17,7 +18,7 @@ from loguru import logger
 from rlbus.abus import AsyncBus
 from rlbus.bus import Bus, BusError
 from rlbus.config.base import BusConfig, CurveConfig
-from rlbus.curve import check_bind_allowed, is_loopback
+from rlbus.curve import check_bind_allowed, create_keys, is_loopback
 from rlbus.messages import Ack, Hello, TaskRequest
 from rlbus.pubsub import Publisher, Subscriber, TelemetryClient
 from rlbus.services.cli import main as rlbus
@@ -54,6 +55,28 @@ def test_rlbus_keys_writes_the_documented_layout_with_private_secrets(tmp_path, 
     # Never overwritten: a new server key would lock every host out.
     assert rlbus(["keys", "--out", str(tmp_path / "k")]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_secret_key_files_are_never_readable_by_others_even_while_written(tmp_path, monkeypatch):
+    seen = []  # (file mode, folder mode) of each secret file the moment it exists
+    original = zmq.auth.create_certificates
+
+    def watched(folder, name):
+        public, secret = original(folder, name)
+        seen.append((stat.S_IMODE(os.stat(secret).st_mode), stat.S_IMODE(os.stat(folder).st_mode)))
+        return public, secret
+
+    monkeypatch.setattr(zmq.auth, "create_certificates", watched)
+    old_umask = os.umask(0o022)  # the usual umask: files 0644 unless made otherwise
+    try:
+        written = create_keys(tmp_path / "k", ["a", "b"])
+    finally:
+        os.umask(old_umask)
+    assert len(seen) == 3
+    assert all(file_mode & 0o077 == 0 or folder_mode & 0o077 == 0 for file_mode, folder_mode in seen), seen
+    secrets = [path for path in written if path.name.endswith(".key_secret")]
+    assert len(secrets) == 3 and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in secrets)
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["clients", "server.key", "server.key_secret"]
 
 
 def test_keys_from_rlbus_keys_carry_a_request_and_its_reply(tmp_path):

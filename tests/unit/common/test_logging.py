@@ -34,3 +34,13 @@ def test_setup_twice_replaces_handlers(tmp_path):
     logger.info("only b")
     assert "only b" not in (tmp_path / "logs" / "a.log").read_text()
     assert "only b" in (tmp_path / "logs" / "b.log").read_text()
+
+
+def test_http_request_lines_show_only_at_debug(tmp_path):
+    path = setup_logging("env-worker", tmp_path, level="info", console=False)
+    logging.getLogger("httpx").info('HTTP Request: POST http://127.0.0.1:8000/v1/completions "HTTP/1.1 200 OK"')
+    logging.getLogger("httpx").warning("connection reset")
+    assert "HTTP Request" not in path.read_text() and "connection reset" in path.read_text()
+    path = setup_logging("env-worker", tmp_path / "debug", level="debug", console=False)
+    logging.getLogger("httpx").info("HTTP Request: POST /v1/completions")
+    assert "HTTP Request" in path.read_text()

@@ -53,6 +53,7 @@ def test_single_turn_rollouts_carry_tokens_logprobs_reward(scripted, renderer: T
     assert rollouts[0].prompt_text == "[system] Be brief.\n\n[user] say hi"
     assert rollouts[0].metrics == {"num_turns": 1.0, "num_completion_tokens": 3.0}
     assert rollouts[0].error is None and set(rollouts[0].timing) >= {"generate", "env", "score", "total"}
+    assert rollouts[0].answer == "hi"  # the example's reference answer, shown in samples.jsonl
 
 
 def guess_sequence(guesses: list[int]):
@@ -70,6 +71,7 @@ def test_multi_turn_appends_only_new_tokens(scripted, renderer: TurnRenderer, to
     (rollout,) = asyncio.run(RolloutRunner(sampler, renderer, 5).run_task(task("guess-number", num_rollouts=1), env))
     assert rollout.error is None and len(rollout.turns) == 3
     assert rollout.reward_breakdown == {"solved": 1.0, "turns_left": pytest.approx(3 / 5)}
+    assert rollout.answer == str(secret)  # an integer answer travels as text
     # Each request's prompt is exactly everything before it: earlier tokens are never re-tokenized.
     sequence: list[int] = []
     for turn, prompt in zip(rollout.turns, sampler.prompts, strict=True):

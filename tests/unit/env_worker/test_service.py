@@ -7,13 +7,16 @@ credit, exactly-once processing, acknowledgement, resending, reconnection.
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import msgspec
 import zmq
+from loguru import logger
 
 from rlbus.abus import AsyncBus
 from rlbus.config.base import BusConfig, BusEndpoints
@@ -210,6 +213,36 @@ def test_a_restarted_orchestrator_gets_fresh_credit_and_the_pending_result(scrip
     second = asyncio.run(main())
     assert {r.task_id for r in second.results} == {"t0"} and env.scored == Counter({0: 2})
     assert second.requests[0].num_tasks == 2  # a new connection starts with all free slots
+
+
+class SocketEvents:
+    """Stands in for a socket monitor: hands out queued (event, endpoint) messages."""
+
+    def __init__(self, *events: zmq.Event) -> None:
+        self.messages = [[struct.pack("=hi", event, 0), b"tcp://127.0.0.1:1"] for event in events]
+
+    async def poll(self, timeout: int) -> bool:
+        return bool(self.messages)
+
+    async def recv_multipart(self) -> list[bytes]:
+        return self.messages.pop(0)
+
+
+def test_losing_the_orchestrator_is_logged_at_info_and_a_new_handshake_reconnects() -> None:
+    # Every finished run ends with the orchestrator gone: not a warning (the monitor reports a dead one).
+    worker = SimpleNamespace(connected=True, tasks_out=SimpleNamespace(address="tcp://127.0.0.1:1"),
+                             connections=SocketEvents(zmq.EVENT_DISCONNECTED))  # fmt: skip
+    records: list[Any] = []
+    handler = logger.add(lambda message: records.append(message.record), level="DEBUG")
+    try:
+        assert asyncio.run(EnvWorker.reconnected(worker)) is False and worker.connected is False
+    finally:
+        logger.remove(handler)
+    # Only this worker's records: threads left by earlier tests may log meanwhile.
+    lost = [r["level"].name for r in records if "lost the connection to the orchestrator" in r["message"]]
+    assert lost == ["INFO"], lost
+    worker.connections = SocketEvents(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    assert asyncio.run(EnvWorker.reconnected(worker)) is True and worker.connected is True
 
 
 def test_bad_frames_and_a_broken_environment_do_not_stop_the_worker(scripted, renderer: TurnRenderer) -> None:

@@ -10,7 +10,7 @@ from rlbus.config import ConfigError, load_config
 from rlbus.services.launcher.processes import describe_exit, process_table, service_command
 from rlbus.services.launcher.run import clean_output_dir
 from rlbus.services.launcher.supervisor import Phase, RunState
-from rlbus.services.run_config import RlConfig
+from rlbus.services.run_config import RlConfig, mark_run_folder
 
 SPECS = process_table(RlConfig(num_env_workers=2), Path("out/configs"))
 
@@ -87,6 +87,7 @@ def test_clean_output_dir_refuses_home_cwd_and_their_parents(tmp_path, monkeypat
     run = tmp_path / "run"
     (run / "logs").mkdir(parents=True)
     (run / "metrics.jsonl").write_text("{}\n")
+    mark_run_folder(run)  # what every rlbus command writes into its run folder
     clean_output_dir(run)
     assert run.is_dir() and list(run.iterdir()) == []
 

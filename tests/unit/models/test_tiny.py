@@ -147,7 +147,7 @@ def test_cli_builds_the_model(tmp_path):
         (["--head-dim", "32"], ["head_dim", "64"]),
         (["--hidden-sise", "64"], ["hidden_sise", "did you mean 'hidden_size'"]),
         (["--num-heads", "4", "--num-kv-heads", "3"], ["num_kv_heads"]),
-        ([], ["out", "Field required"]),
+        ([], ["out is required", "--out VALUE"]),
     ],
 )
 def test_cli_refuses_bad_arguments_with_exit_code_2(tmp_path, capsys, args, expected):

@@ -77,14 +77,17 @@ def test_a_late_report_goes_to_the_file_and_the_sink_under_its_own_step(tmp_path
 
 def test_samples_are_written_and_tabled_with_their_step(tmp_path):
     monitor, sink = make(tmp_path, step_reporters=["trainer"])
-    samples = [Sample(env_id="reverse-text", prompt="abc", completion="cba", reward=1.0, advantage=0.5)] * 2
+    samples = [Sample(env_id="reverse-text", prompt="abc", completion="cba", reward=1.0, advantage=0.5,
+                      answer="cba", finish_reason="stop", num_prompt_tokens=12, num_completion_tokens=3,
+                      policy_step=1)] * 2  # fmt: skip
     monitor.handle(RolloutSamples(step=2, samples=samples), now=50.0)
     assert sink.tables == []
     monitor.handle(metrics("trainer", 2, loss__mean=1.0))
     assert sink.tables == [(2, 2)]
     first = lines(tmp_path / "samples.jsonl")[0]
     assert first == {"step": 2, "time": 50.0, "env_id": "reverse-text", "prompt": "abc", "completion": "cba",
-                     "reward": 1.0, "advantage": 0.5}  # fmt: skip
+                     "answer": "cba", "reward": 1.0, "advantage": 0.5, "finish_reason": "stop",
+                     "num_prompt_tokens": 12, "num_completion_tokens": 3, "policy_step": 1}  # fmt: skip
 
 
 def test_events_and_a_dead_service_are_events_lines_and_view_log_lines(tmp_path):

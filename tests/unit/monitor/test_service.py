@@ -37,7 +37,7 @@ class MonitorProcess:
         endpoints = BusEndpoints(monitor_telemetry=f"ipc://{folder}/telemetry", monitor_view=f"ipc://{folder}/view")
         self.bus_config = BusConfig(endpoints=endpoints, linger_ms=1000, request_timeout_s=10)
         self.config = MonitorConfig(output_dir=folder / "run", bus=self.bus_config, **overrides)
-        self.config_file = write_toml(self.config, folder / "monitor.toml")
+        self.config_file = write_toml(self.config, folder / "monitor.toml", reveal_secrets=True)
         clean = {k: v for k, v in os.environ.items() if not k.startswith(("RLBUS_", "WANDB_"))}
         self.proc = subprocess.Popen(rlbus("monitor", "@", str(self.config_file)), cwd=ROOT, env=clean,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip

@@ -71,13 +71,19 @@ def test_pipe_view_prints_new_lines_then_a_status_line_and_json_one_object_per_r
 def test_tail_reads_bus_and_key_from_an_rl_or_monitor_file_and_flags_win(tmp_path):
     rl = RlConfig(monitor=MonitorConfig(view_api_key="from-rl"))
     rl.bus.endpoints.monitor_view = "tcp://10.0.0.5:7000"
-    rl_file = write_toml(rl, tmp_path / "rl.toml")
+    rl_file = write_toml(rl, tmp_path / "rl.toml", reveal_secrets=True)  # a user's file: keys as written
     config = load_tail_config(["@", str(rl_file), "--json-lines", "--once"], {})
     assert (config.bus.endpoints.monitor_view, config.api_key, config.json_lines, config.once) == (
         "tcp://10.0.0.5:7000", "from-rl", True, True)
-    monitor_file = write_toml(MonitorConfig(view_api_key="from-monitor"), tmp_path / "monitor.toml")
+    monitor_file = write_toml(MonitorConfig(view_api_key="from-monitor"), tmp_path / "monitor.toml", reveal_secrets=True)
     config = load_tail_config(["@", str(monitor_file), "--api-key", "from-flag"], {})
     assert config.api_key == "from-flag" and config.bus.endpoints.monitor_view == "tcp://127.0.0.1:5556"
+
+
+def test_a_resolved_rl_file_holds_the_key_redacted_and_tail_takes_it_from_the_environment(tmp_path):
+    rl_file = write_toml(RlConfig(monitor=MonitorConfig(view_api_key="k")), tmp_path / "rl.toml")
+    assert load_tail_config(["@", str(rl_file)], {"RLBUS_MONITOR__VIEW_API_KEY": "k"}).api_key == "k"
+    assert load_tail_config(["@", str(rl_file)], {}).api_key is None  # the monitor then refuses: no key
 
 
 def test_tail_takes_the_view_key_and_bus_from_the_environment():

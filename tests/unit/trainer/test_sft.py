@@ -1,5 +1,7 @@
 """``rlbus sft`` end to end on the synthetic reverse-text set with the tiny model."""
 
+import json
+
 import pytest
 import torch
 
@@ -34,6 +36,13 @@ def test_sft_learns_reverse_text_validates_and_saves(tiny_model_dir, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     assert not torch.equal(snapshot.model.norm.weight, base.model.norm.weight)
     assert "sft [" in (tmp_path / "logs/sft.log").read_text()  # the progress bar
+    # The run folder has the files an RL run's monitor writes: one steps row per step.
+    rows = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all({"sft/loss/mean", "sft/optim/lr", "sft/progress/tokens", "sft/time/step", "elapsed_s"} <= set(r)
+               for r in rows)  # fmt: skip
+    assert rows[7]["sft/loss/mean"] == pytest.approx(metrics[8]["loss/mean"])
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 8
 
 
 def test_plan_is_a_function_of_the_step():

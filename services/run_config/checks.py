@@ -1,0 +1,230 @@
+"""Checks of a resolved config that a field's own validator cannot make: before anything starts.
+
+Pydantic refuses a value that is wrong on its own (a negative port); these refuse values that
+are wrong together or against the world: an environment that is not installed, a model folder
+without a tokenizer, two services on one port, a resume step after the last step. Each check is
+a pure function of the resolved config returning :class:`Problem` s; :func:`check_config`, called
+by the CLI entry before ``--dry-run`` writes anything and before a run starts, turns them into
+one :class:`ConfigError` (exit code 2), one line per problem. Nothing here imports torch or vLLM:
+the model folder is read as JSON and file names.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlbus.config import ConfigError, ServiceConfig
+from rlbus.environments import UnknownEnvironmentError, check_environment
+from rlbus.model_path import looks_like_path
+from rlbus.services.inference.config import InferenceConfig
+from rlbus.services.orchestrator.config import OrchestratorConfig
+from rlbus.services.run_config.rl import RlConfig
+from rlbus.services.trainer.config import TrainerConfig
+
+# A tokenizer saved by transformers has one of these (fast, sentencepiece, or BPE files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "")
+LOOPBACK_HOSTS = ("localhost", "::1")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing in a config that would fail after start: where, what, and what to do."""
+
+    key: str
+    """Dotted key, as on the command line (``orchestrator.sampling.temperature``)."""
+    value: Any
+    """The value found there."""
+    fix: str
+    """Why it cannot work and what to set instead."""
+
+    def __str__(self) -> str:
+        return f"{self.key} = {self.value!r}: {self.fix}"
+
+
+def check_config(config: ServiceConfig) -> None:
+    """Raise ConfigError naming every problem of ``config``; the one call site is the CLI entry."""
+    problems = config_problems(config)
+    if len(problems) == 1:
+        raise ConfigError(str(problems[0]))
+    if problems:
+        raise ConfigError("\n".join([f"{len(problems)} problems before start:", *(f"  {p}" for p in problems)]))
+
+
+def config_problems(config: ServiceConfig) -> list[Problem]:
+    """Problems of the merged ``rl`` config or of one service's config run alone. Looked up by exact
+    class: ``rlbus eval`` takes an orchestrator config but samples greedily on purpose."""
+    if type(config) is RlConfig:
+        return rl_problems(config)
+    checks = SERVICE_CHECKS.get(type(config), ())
+    return [problem for check in checks for problem in check(config, "")]
+
+
+def rl_problems(config: RlConfig) -> list[Problem]:
+    return [
+        *model_problems(config.model, config.inference, "inference."),
+        *orchestrator_problems(config.orchestrator, "orchestrator."),
+        *context_problems(config.orchestrator, config.inference),
+        *resume_problems(config),
+        *port_problems(config),
+    ]
+
+
+# ------------------------------------------------------------------ environments and sampling
+
+
+def orchestrator_problems(config: OrchestratorConfig, prefix: str) -> list[Problem]:
+    problems = environment_problems(config, prefix)
+    if config.sampling.temperature <= 0:
+        # The orchestrator refuses it at start too (core.Orchestrator): here it stops the command.
+        problems.append(Problem(f"{prefix}sampling.temperature", config.sampling.temperature,
+                                "training needs a temperature above 0 (the trainer divides its logits by it); "
+                                "set e.g. 1.0 (greedy decoding is for `rlbus eval`)"))  # fmt: skip
+    return problems
+
+
+def environment_problems(config: OrchestratorConfig, prefix: str) -> list[Problem]:
+    """Unknown ids, unknown arguments and arguments an environment's ``validate_args`` refuses."""
+    specs = [(f"train.env[{i}]", env) for i, env in enumerate(config.train.env)]
+    specs += [(f"eval.env[{i}]", env) for i, env in enumerate(config.eval.env)]
+    problems = []
+    for where, env in specs:
+        try:
+            check_environment(env.id, env.args)
+        except UnknownEnvironmentError as exc:
+            problems.append(Problem(f"{prefix}{where}.id", env.id, str(exc)))
+        except (ValueError, TypeError) as exc:
+            problems.append(Problem(f"{prefix}{where}.args", env.args, str(exc)))
+    return problems
+
+
+def context_problems(orchestrator: OrchestratorConfig, inference: InferenceConfig) -> list[Problem]:
+    """A completion of ``max_tokens`` must leave room for a prompt in ``max_model_len``."""
+    max_tokens, max_model_len = orchestrator.sampling.max_tokens, inference.max_model_len
+    if max_tokens < max_model_len:
+        return []
+    return [Problem("orchestrator.sampling.max_tokens", max_tokens,
+                    f"a completion this long leaves no room for the prompt in inference.max_model_len = "
+                    f"{max_model_len}; lower it below that or raise inference.max_model_len")]  # fmt: skip
+
+
+# ------------------------------------------------------------------ the model folder
+
+
+def model_problems(model: str, inference: InferenceConfig, prefix: str) -> list[Problem]:
+    """The model must be a folder with config.json and a tokenizer (a hub id is not checked: that
+    needs a network), and hold ``inference.max_model_len`` tokens."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        if not looks_like_path(model):  # a hub name (models/tiny too, while no ./models folder exists)
+            return []
+        return [Problem("model", model, "no such folder; make one with `rlbus model tiny --out DIR` "
+                                        "or pass --model with a Hugging Face model folder")]  # fmt: skip
+    missing = [] if (path / "config.json").is_file() else ["config.json"]
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        missing.append("tokenizer (tokenizer.json or tokenizer_config.json)")
+    if missing:
+        return [Problem("model", model, f"not a model folder: it has no {' and no '.join(missing)}; "
+                                        "pass --model with a folder written by save_pretrained")]  # fmt: skip
+    return _length_problems(path, inference, prefix)
+
+
+def _length_problems(path: Path, inference: InferenceConfig, prefix: str) -> list[Problem]:
+    try:
+        hf_config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return [Problem("model", str(path), f"config.json cannot be read ({exc}); pass a model folder")]
+    # Multimodal configs keep the language model's length in text_config.
+    limit = hf_config.get("max_position_embeddings") or hf_config.get("text_config", {}).get("max_position_embeddings")
+    if not isinstance(limit, int) or inference.max_model_len <= limit:
+        return []
+    return [Problem(f"{prefix}max_model_len", inference.max_model_len,
+                    f"the model takes at most {limit} tokens (max_position_embeddings in its config.json); "
+                    f"set {prefix}max_model_len to {limit} or less")]  # fmt: skip
+
+
+def inference_problems(config: InferenceConfig, prefix: str) -> list[Problem]:
+    return model_problems(config.model, config, prefix)
+
+
+# ------------------------------------------------------------------ checkpoints and resuming
+
+
+def resume_problems(config: RlConfig) -> list[Problem]:
+    """Resume steps after ``max_steps``, or with ``clean_output_dir`` (which deletes the checkpoints)."""
+    problems: dict[str, Problem] = {}
+    for name in ("trainer", "orchestrator"):
+        ckpt = getattr(config, name).ckpt
+        # Name the key the user set: the section's own, else the run's ckpt.resume_step it came from.
+        key = f"{name}.ckpt.resume_step" if "resume_step" in ckpt.model_fields_set else "ckpt.resume_step"
+        for problem in _resume_step_problems(key, ckpt.resume_step, config.max_steps):
+            problems.setdefault(key, problem)
+        if config.clean_output_dir and ckpt.resume_step not in (None, -1):
+            problems.setdefault(key, Problem(key, ckpt.resume_step,
+                                             "--clean-output-dir deletes the checkpoints it would resume from; "
+                                             "drop one of the two (-1 resumes from the latest, if any)"))  # fmt: skip
+    return list(problems.values())
+
+
+def section_resume_problems(config: OrchestratorConfig | TrainerConfig, prefix: str) -> list[Problem]:
+    return _resume_step_problems(f"{prefix}ckpt.resume_step", config.ckpt.resume_step, config.max_steps)
+
+
+def _resume_step_problems(key: str, resume_step: int | None, max_steps: int | None) -> list[Problem]:
+    if resume_step is None or max_steps is None or resume_step <= max_steps:
+        return []
+    return [Problem(key, resume_step, f"it is after max_steps = {max_steps}, so nothing is left to train; "
+                                      "resume from an earlier step or raise --max-steps")]  # fmt: skip
+
+
+# ------------------------------------------------------------------ ports
+
+
+def port_problems(config: RlConfig) -> list[Problem]:
+    """Two listening sockets on one address: the second service would fail to bind after the first started."""
+    problems = []
+    taken: list[tuple[str, str, str]] = []  # (key, host, port or ipc path) of sockets listed before
+    for key, value, host, port in _listening_addresses(config):
+        clash = next((other for other in taken if other[2] == port and _same_host(other[1], host)), None)
+        if clash is not None:
+            where = "that ipc path" if host == "ipc" else f"port {port} on {host or '*'}"
+            problems.append(Problem(key, value, f"{clash[0]} listens on {where} too; give each socket its own"))
+        taken.append((key, host, port))
+    return problems
+
+
+def _listening_addresses(config: RlConfig) -> Iterator[tuple[str, Any, str, str]]:
+    """(key, value, host, port or ipc path) of every listening socket; the HTTP port comes last, so
+    a clash is reported on it, the key users change more often than the bus's."""
+    for name, endpoint in config.bus.endpoints.model_dump().items():
+        scheme, _, rest = endpoint.partition("://")
+        if scheme == "tcp":
+            host, _, port = rest.rpartition(":")
+            yield f"bus.endpoints.{name}", endpoint, host.strip("[]"), port
+        elif scheme == "ipc":
+            yield f"bus.endpoints.{name}", endpoint, "ipc", rest
+    yield "inference.port", config.inference.port, config.inference.host, str(config.inference.port)
+
+
+def _same_host(a: str, b: str) -> bool:
+    if "ipc" in (a, b):
+        return a == b
+    if a in WILDCARD_HOSTS or b in WILDCARD_HOSTS:
+        return True
+    return _host_key(a) == _host_key(b)
+
+
+def _host_key(host: str) -> str:
+    return "loopback" if host in LOOPBACK_HOSTS or host.startswith("127.") else host
+
+
+SERVICE_CHECKS: dict[type[ServiceConfig], tuple[Callable[[Any, str], list[Problem]], ...]] = {
+    OrchestratorConfig: (orchestrator_problems, section_resume_problems),
+    TrainerConfig: (section_resume_problems,),
+    InferenceConfig: (inference_problems,),
+}
+"""Checks of a service's config when it runs alone (``rlbus orchestrator @ orchestrator.toml``)."""
