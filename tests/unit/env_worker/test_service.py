@@ -183,6 +183,11 @@ def test_an_unacknowledged_result_is_sent_again_but_not_recomputed(scripted, ren
     assert not worker.unacked
 
 
+async def _until_idle(worker) -> None:
+    while worker.running:
+        await asyncio.sleep(0.01)
+
+
 def test_a_restarted_orchestrator_gets_fresh_credit_and_the_pending_result(scripted, renderer: TurnRenderer) -> None:
     endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
     env = CountingEnvironment(1)
@@ -194,6 +199,7 @@ def test_a_restarted_orchestrator_gets_fresh_credit_and_the_pending_result(scrip
         await first.serve_until(lambda: worker.running)  # the task is running, held at setup
         first.close()  # the orchestrator dies before the result exists
         env.gate.set()
+        await asyncio.wait_for(_until_idle(worker), 30)  # the result exists, unacked: both slots free
         second = FakeOrchestrator(endpoint, [])
         try:
             await second.serve_until(lambda: bool(second.results) and not worker.unacked)
