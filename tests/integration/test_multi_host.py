@@ -116,6 +116,8 @@ def test_three_hosts_over_tcp_with_curve(tmp_path):
     assert rlbus(["keys", "--out", str(tmp_path / "keys"), "--clients", ",".join(HOSTS)]) == 0
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RLBUS_", "WANDB_")) and "proxy" not in k.lower()}
     env |= {"PYTHONUNBUFFERED": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # Resolved config files hold secrets redacted: each host is given the key in its environment.
+    env |= {"RLBUS_INFERENCE__API_KEY": API_KEY, "RLBUS_ENV_WORKER__API_KEY": API_KEY}
     logs = tmp_path / "out"
     logs.mkdir()
     with NetnsLab(list(HOSTS), subnet=f"{random.randint(100, 250)}.{os.getpid() % 250}") as lab:
