@@ -19,6 +19,7 @@ from rlbus.services.models.tiny import TinyModelConfig
 from rlbus.services.monitor.config import TailConfig
 from rlbus.services.orchestrator.config import OrchestratorConfig
 from rlbus.services.run_config import SECTIONS, RlConfig
+from rlbus.services.run_config.short import markdown_short_table
 from rlbus.services.trainer.sft_config import SftConfig
 
 HEADER = """# Configuration reference
@@ -48,6 +49,7 @@ def render_config_docs() -> str:
     launcher_only = {k: v for k, v in RlConfig.model_fields.items() if k not in SECTIONS and k not in shared}
     parts.append(markdown_table("`rlbus rl` (launcher)", "Top-level keys used by the launcher only.",
                                 _only(RlConfig, launcher_only)))
+    parts.append(markdown_short_table())
     for name, cls in SECTIONS.items():
         own = {k: v for k, v in cls.model_fields.items() if k not in shared}
         parts.append(markdown_table(f"`[{name}]` — rlbus {cls.SERVICE}", " ".join((cls.__doc__ or "").split()),

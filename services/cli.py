@@ -30,6 +30,8 @@ class Command(NamedTuple):
 
 COMMANDS: dict[str, Command] = {
     "rl": Command("start every service locally from one merged config", "rlbus.services.launcher.main:main"),
+    "init": Command("print a commented short RL config that runs on a CPU (rlbus init > rl.toml)",
+                    "rlbus.services.run_config.starter:main"),
     "inference": Command("serve the policy with vLLM (OpenAI API), weights from the bus",
                          "rlbus.services.inference.main:run", "rlbus.services.inference.config:InferenceConfig",
                          "Serve the policy with vLLM."),

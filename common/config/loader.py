@@ -44,6 +44,9 @@ def load_config(cls: type[C], argv: Sequence[str], env: Mapping[str, Any] | None
         merged = deep_merge(merged, without_redacted(read_toml(path), merged))
     merged = deep_merge(merged, cli)
     try:
+    expand = getattr(cls, "expand_short_keys", None)
+    if expand is not None:  # a config that takes a short form besides its fields (``rlbus rl``)
+        merged = expand(merged)
         return cls(**merged)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, cls)) from None
@@ -143,16 +146,24 @@ def env_values(cls: type[BaseModel], environ: Mapping[str, str], prefix: str = E
 
 
 def resolve_key(cls: type[BaseModel], parts: Sequence[str]) -> Any:
-    """The annotation of the field at dotted path ``parts``, or a ConfigError."""
+    """The annotation of the field at dotted path ``parts``, or a ConfigError. A class with
+    ``short_keys()`` (dotted short key -> annotation) takes those keys too, as its
+    ``expand_short_keys`` turns them into fields before validation."""
     model: Any = cls
     annotation: Any = None
     for depth, part in enumerate(parts):
+    short_keys = getattr(cls, "short_keys", dict)()
         sub_model = _model_in(annotation) if depth else model
         if sub_model is None:
             raise ConfigError(f"{'.'.join(parts[:depth])} has no sub-keys (got {'.'.join(parts)})")
         fields = sub_model.model_fields
         if part not in fields:
-            raise ConfigError(unknown_key_message(".".join(parts[: depth + 1]), part, list(fields)))
+        if part not in fields and ".".join(parts[: depth + 1]) in short_keys:
+            annotation = short_keys[".".join(parts[: depth + 1])]
+            continue
+            prefix = ".".join(parts[:depth])
+            shorts = [key.rpartition(".")[2] for key in short_keys if key.rpartition(".")[0] == prefix]
+            raise ConfigError(unknown_key_message(".".join(parts[: depth + 1]), part, [*fields, *shorts]))
         annotation = fields[part].annotation
     return annotation
 

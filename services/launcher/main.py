@@ -8,13 +8,18 @@ from collections.abc import Sequence
 from rlbus.config.help import usage_text
 from rlbus.services.entry import run_config_command
 from rlbus.services.run_config import RlConfig
+from rlbus.services.run_config.short import FLAG_ALIASES
 
 SUMMARY = ("Start every service locally from one merged config; with --slurm, submit them as SLURM job "
            "arrays and follow them (--slurm-cancel cancels a run submitted from this host).")  # fmt: skip
-ALIASES = {"--slurm": "--slurm.enabled", "--no-slurm": "--no-slurm.enabled"}
+ALIASES = {"--slurm": "--slurm.enabled", "--no-slurm": "--no-slurm.enabled", **FLAG_ALIASES}
 FLAGS = {
     "--slurm": "submit the services as SLURM job arrays and follow them (--slurm.enabled; docs/slurm.md)",
     "--slurm-cancel": "cancel the SLURM run of this config's output_dir, submitted from this host, and exit",
+    "--wandb / --no-wandb": "log to W&B or not (monitor.wandb.enabled); --wandb.project/.entity/.name set "
+                            "monitor.wandb.* (short config keys: docs/config.md)",
+    "--wandb-api-key KEY": "W&B API key (monitor.wandb.api_key; also read from WANDB_API_KEY)",
+    "--ckpt": "checkpoint the trainer (trainer.ckpt.enabled; on by default through ckpt.interval)",
 }
 """Options of ``rlbus rl`` that are not config keys: its help lists them, :func:`main` takes them."""
 

@@ -22,8 +22,13 @@ class WandbConfig(ConfigModel):
     """Log to W&B at all (needs the ``monitor`` extra: ``pip install 'rlbus[monitor]'``)."""
     project: str = "rlbus"
     """W&B project."""
+    entity: str | None = None
+    """W&B team or user the run belongs to; None uses the API key's default entity."""
     name: str | None = None
     """Run name; None lets W&B choose."""
+    api_key: Secret | None = None
+    """W&B API key for online mode; None leaves it to wandb (``WANDB_API_KEY``, ``wandb login``).
+    ``rlbus rl`` also reads it from ``WANDB_API_KEY`` and ``--wandb-api-key``; written redacted."""
     mode: Literal["online", "offline", "disabled"] | None = None
     """online needs a network and an API key; offline writes under ``<output_dir>/wandb``;
     None follows the ``WANDB_MODE`` environment variable, offline when it is unset."""

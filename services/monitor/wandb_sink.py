@@ -42,10 +42,10 @@ class WandbSink:
         run_id = run_id_path.read_text().strip() if run_id_path.exists() else secrets.token_hex(6)
         config.output_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
-            project=config.wandb.project, name=config.wandb.name, id=run_id, resume="allow", mode=mode,
-            dir=str(config.output_dir), config=_run_config(config),
+            project=config.wandb.project, entity=config.wandb.entity, name=config.wandb.name, id=run_id,
+            resume="allow", mode=mode, dir=str(config.output_dir), config=_run_config(config),
             # The monitor's console is its own log; W&B must not wrap stdout/stderr.
-            settings=wandb.Settings(console="off"),
+            settings=wandb.Settings(console="off", **_api_key(config)),
         )  # fmt: skip
         run_id_path.write_text(run_id)
         self.run.define_metric("step")
@@ -67,6 +67,11 @@ class WandbSink:
 
     def close(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
+
+
+def _api_key(config: MonitorConfig) -> dict[str, str]:
+    """wandb.Settings' api_key when the config holds one; otherwise wandb finds its own."""
+    return {"api_key": config.wandb.api_key} if config.wandb.api_key else {}
 
 
 def _run_config(config: MonitorConfig) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from rlbus.services.env_worker.config import EnvWorkerConfig
 from rlbus.services.inference.config import InferenceConfig
 from rlbus.services.monitor.config import MonitorConfig
 from rlbus.services.orchestrator.config import OrchestratorConfig
+from rlbus.services.run_config.short import expand_short_keys, short_keys
 from rlbus.services.run_config.slurm import SlurmConfig
 from rlbus.services.trainer.config import TrainerConfig
 
@@ -45,6 +46,9 @@ class RunCheckpointConfig(ConfigModel):
     keep_last: int | None = Field(3, ge=1)
     """Checkpoints kept by the trainer and progress files kept by the orchestrator (unless a
     section sets its own); raise it to be able to resume further back; None keeps every one."""
+    keep_interval: int | None = Field(None, ge=1)
+    """The trainer also keeps every checkpoint whose step is a multiple of this (sets
+    ``trainer.ckpt.keep_interval`` unless the section sets its own); None keeps only ``keep_last``."""
     resume_step: int | None = Field(-1, ge=-1)
     """Every service resumes from this step's checkpoints (metrics continue from the next step);
     -1 resumes from the latest, and starts fresh when the run folder holds none, so a service
@@ -81,6 +85,10 @@ class RlConfig(ServiceConfig):
     ckpt: RunCheckpointConfig = RunCheckpointConfig()
     """Checkpoint interval and resume step of the trainer and the orchestrator together."""
 
+    # The short config of Prime's hosted RL (services/run_config/short.py), for the loader.
+    short_keys = staticmethod(short_keys)
+    expand_short_keys = staticmethod(expand_short_keys)
+
     @model_validator(mode="after")
     def _propagate_shared_fields(self) -> RlConfig:
         conflicts = []
@@ -112,6 +120,8 @@ class RlConfig(ServiceConfig):
         for section in (trainer, orchestrator):
             if "resume_step" not in section.model_fields_set:
                 section.__dict__["resume_step"] = self.ckpt.resume_step
+        if self.ckpt.keep_interval is not None and "keep_interval" not in trainer.model_fields_set:
+            trainer.__dict__["keep_interval"] = self.ckpt.keep_interval
         if self.ckpt.keep_last is not None:
             for section in (trainer, orchestrator):
                 if "keep_last" not in section.model_fields_set:
@@ -152,8 +162,14 @@ def service_env(section: str | None, environ: Mapping[str, str]) -> dict[str, An
     service takes the shared fields and its own section and ignores the rest.
     """
     values = env_values(RlConfig, environ)
+    wandb_key = environ.get("WANDB_API_KEY")
+    if section is None and wandb_key:
+        # Under files and flags (--wandb-api-key), as the short key expand_short_keys reads.
+        values.setdefault("wandb_api_key", wandb_key)
     if section is None:
         return values
+    if section == "monitor" and wandb_key and "api_key" not in values.get("monitor", {}).get("wandb", {}):
+        values = deep_merge(values, {"monitor": {"wandb": {"api_key": wandb_key}}})
     shared = {key: value for key, value in values.items() if key in ServiceConfig.SHARED_FIELDS}
     own = values.get(section, {})
     inference_key = values.get("inference", {}).get("api_key")
