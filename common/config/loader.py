@@ -26,9 +26,10 @@ from rlbus.config.errors import ConfigError, format_validation_error, unknown_ke
 ENV_PREFIX = "RLBUS_"
 # Variables under the prefix that belong to the scripts, not to any config: scripts/setup_env.sh
 # (which venv, which extras), the fuzz tests, and the chaos tests' fault points and audit trails
-# (rlbus.faults, rlbus.audit). Every other RLBUS_ name must be a config key.
+# (rlbus.faults, rlbus.audit), and the home of the run registry (``rlbus run``, RLBUS_HOME).
+# Every other RLBUS_ name must be a config key.
 TOOL_VARIABLES = frozenset({"RLBUS_VENV", "RLBUS_EXTRAS", "RLBUS_FUZZ_EXAMPLES", "RLBUS_FAULT_POINTS",
-                            "RLBUS_AUDIT_DIR"})  # fmt: skip
+                            "RLBUS_AUDIT_DIR", "RLBUS_HOME"})  # fmt: skip
 C = TypeVar("C", bound=BaseModel)
 
 
@@ -43,10 +44,10 @@ def load_config(cls: type[C], argv: Sequence[str], env: Mapping[str, Any] | None
     for path in files:
         merged = deep_merge(merged, without_redacted(read_toml(path), merged))
     merged = deep_merge(merged, cli)
-    try:
     expand = getattr(cls, "expand_short_keys", None)
     if expand is not None:  # a config that takes a short form besides its fields (``rlbus rl``)
         merged = expand(merged)
+    try:
         return cls(**merged)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, cls)) from None
@@ -151,16 +152,16 @@ def resolve_key(cls: type[BaseModel], parts: Sequence[str]) -> Any:
     ``expand_short_keys`` turns them into fields before validation."""
     model: Any = cls
     annotation: Any = None
-    for depth, part in enumerate(parts):
     short_keys = getattr(cls, "short_keys", dict)()
+    for depth, part in enumerate(parts):
         sub_model = _model_in(annotation) if depth else model
         if sub_model is None:
             raise ConfigError(f"{'.'.join(parts[:depth])} has no sub-keys (got {'.'.join(parts)})")
         fields = sub_model.model_fields
-        if part not in fields:
         if part not in fields and ".".join(parts[: depth + 1]) in short_keys:
             annotation = short_keys[".".join(parts[: depth + 1])]
             continue
+        if part not in fields:
             prefix = ".".join(parts[:depth])
             shorts = [key.rpartition(".")[2] for key in short_keys if key.rpartition(".")[0] == prefix]
             raise ConfigError(unknown_key_message(".".join(parts[: depth + 1]), part, [*fields, *shorts]))

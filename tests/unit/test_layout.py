@@ -3,7 +3,7 @@ itself; ``rlbus`` itself never imports a service, torch or vLLM; nothing imports
 ``common`` / ``services`` names; pyproject's package list names every package folder.
 
 Only the CLI entry (``services/cli.py``, ``services/entry.py``, ``services/eval.py``), the
-launcher and the merged run config may cross services. Imports inside functions count too.
+launcher, the merged run config and the run registry (``runs``) may cross services. Imports inside functions count too.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("env_worker", "inference", "monitor", "orchestrator", "trainer", "models")
-CROSSING = ("cli.py", "entry.py", "eval.py", "keys.py", "launcher", "run_config")
+CROSSING = ("cli.py", "entry.py", "eval.py", "keys.py", "launcher", "run_config", "runs")
 # `python -m rlbus` must reach the CLI: the one import from rlbus (common/) into services.
 COMMON_MAY_IMPORT_SERVICES = ("__main__.py",)
 HEAVY = ("torch", "vllm", "transformers")

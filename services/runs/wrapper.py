@@ -1,0 +1,41 @@
+"""The detached process of a run: ``python -m rlbus.services.runs.wrapper HOME RUN_ID -- COMMAND ...``.
+
+It runs ``COMMAND`` (``rlbus rl @ ...``) in its own process group, waits for it, and records its
+exit code and end time in the registry under ``HOME``, so ``rlbus list`` can tell a run that
+completed from one that failed. SIGTERM and SIGINT reach ``COMMAND`` through the group
+(``rlbus stop``); the wrapper itself ignores them so it is still there to record the exit.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rlbus.services.runs.registry import Registry
+
+
+def main(argv: Sequence[str]) -> int:
+    home, run_id, separator, *command = argv
+    assert separator == "--" and command, "usage: wrapper HOME RUN_ID -- COMMAND ..."
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        # A Python handler, not SIG_IGN: exec resets handlers to the default, so COMMAND still stops.
+        signal.signal(signum, _ignore)
+    code = subprocess.Popen(command).wait()
+    try:
+        Registry(Path(home)).update(run_id, exit_code=code, ended=time.time())
+    except FileNotFoundError:
+        pass  # the run was deleted from the registry meanwhile
+    print(f"rlbus run {run_id}: the run ended with exit code {code}", flush=True)
+    return code if code >= 0 else 128 - code
+
+
+def _ignore(_signum: int, _frame: object) -> None:
+    pass
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
