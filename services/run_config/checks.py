@@ -70,6 +70,7 @@ def rl_problems(config: RlConfig) -> list[Problem]:
         *orchestrator_problems(config.orchestrator, "orchestrator."),
         *context_problems(config.orchestrator, config.inference),
         *resume_problems(config),
+        *schedule_problems(config.trainer, "trainer."),
         *port_problems(config),
     ]
 
@@ -181,6 +182,15 @@ def _resume_step_problems(key: str, resume_step: int | None, max_steps: int | No
                                       "resume from an earlier step or raise --max-steps")]  # fmt: skip
 
 
+def schedule_problems(config: TrainerConfig, prefix: str) -> list[Problem]:
+    """A learning-rate warmup longer than the run (the trainer's LRSchedule refuses it at start)."""
+    warmup, max_steps = config.scheduler.warmup_steps, config.max_steps
+    if max_steps is None or warmup <= max_steps:
+        return []
+    return [Problem(f"{prefix}scheduler.warmup_steps", warmup, f"it is longer than max_steps = {max_steps}; "
+                                                               "lower it (0: no warmup) or raise --max-steps")]  # fmt: skip
+
+
 # ------------------------------------------------------------------ ports
 
 
@@ -224,7 +234,7 @@ def _host_key(host: str) -> str:
 
 SERVICE_CHECKS: dict[type[ServiceConfig], tuple[Callable[[Any, str], list[Problem]], ...]] = {
     OrchestratorConfig: (orchestrator_problems, section_resume_problems),
-    TrainerConfig: (section_resume_problems,),
+    TrainerConfig: (section_resume_problems, schedule_problems),
     InferenceConfig: (inference_problems,),
 }
 """Checks of a service's config when it runs alone (``rlbus orchestrator @ orchestrator.toml``)."""

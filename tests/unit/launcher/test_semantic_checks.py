@@ -22,7 +22,11 @@ from rlbus.services.run_config.checks import Problem, config_problems
 from tests.unit.launcher.test_cli import QUICKSTART, ROOT
 from tests.unit.trainer.conftest import tiny_model_dir  # noqa: F401  (session fixture: max_position_embeddings 512)
 
-SHIPPED_RL = [*sorted((ROOT / "configs").rglob("rl.toml")), ROOT / "compose" / "rl.toml"]
+SHIPPED_RL = [
+    *sorted((ROOT / "configs").rglob("rl.toml")),
+    *sorted((ROOT / "configs" / "examples").glob("*.toml")),
+    ROOT / "compose" / "rl.toml",
+]
 ENV = "--orchestrator.train.env"
 
 # (test id, extra flags, key the one stderr line must name, words it must contain)
@@ -51,6 +55,8 @@ BAD_INPUTS = [
      "max_steps = 10"),
     ("section-resume-after-max-steps", ["--trainer.ckpt.resume-step", "20", "--max-steps", "10"],
      "trainer.ckpt.resume_step", "max_steps = 10"),
+    ("warmup-after-max-steps", ["--trainer.scheduler.warmup-steps", "5", "--max-steps", "2"],
+     "trainer.scheduler.warmup_steps", "max_steps = 2"),
     ("clean-and-resume", ["--clean-output-dir", "--ckpt.resume-step", "5"], "ckpt.resume_step", "--clean-output-dir"),
 ]  # fmt: skip
 
