@@ -40,12 +40,12 @@ def test_console_script_is_installed():
 
 
 def test_dry_run_writes_each_service_config_and_each_loads_alone(tmp_path):
-    result = rlbus("rl", "@", str(QUICKSTART), "--dry-run", "--output-dir", str(tmp_path), "--max-steps", "3")
+    result = rlbus("rl", "@", str(QUICKSTART), "--dry-run", "--output-dir", str(tmp_path), "--max-steps", "7")
     assert result.returncode == 0, result.stderr
     folder = tmp_path / "configs"
     assert {p.stem for p in folder.glob("*.toml")} == SERVICE_FILES | {"rl"}
     merged = tomllib.loads((folder / "rl.toml").read_text())
-    assert merged["max_steps"] == 3
+    assert merged["max_steps"] == 7  # more than the quickstart's 5 warmup steps, which the check requires
     assert merged["orchestrator"]["batch_size"] == tomllib.loads(QUICKSTART.read_text())["orchestrator"]["batch_size"]
     for service in SERVICE_FILES:
         written = folder / f"{service}.toml"
@@ -55,7 +55,7 @@ def test_dry_run_writes_each_service_config_and_each_loads_alone(tmp_path):
         reloaded = tomllib.loads((again / "configs" / f"{service}.toml").read_text())
         original = tomllib.loads(written.read_text())
         assert {**reloaded, "output_dir": None} == {**original, "output_dir": None}, service
-        assert original["max_steps"] == 3 and original["seed"] == merged["seed"]
+        assert original["max_steps"] == 7 and original["seed"] == merged["seed"]
 
 
 @pytest.mark.parametrize(

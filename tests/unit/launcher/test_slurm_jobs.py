@@ -133,8 +133,12 @@ def test_slurm_flags_parse(tmp_path):
         load_config(RlConfig, ["--slurm.trainer.gpus", "-1"], env={})
 
 
-def test_slurm_dry_run_writes_submittable_scripts_and_submits_nothing(tmp_path, capsys):
+def test_slurm_dry_run_writes_submittable_scripts_and_submits_nothing(tmp_path, capsys, monkeypatch):
     from rlbus.services.launcher.main import main
+
+    # The default model, models/tiny, is a local path once ./models exists (after the quickstart):
+    # from an empty folder it stays a name, as on a fresh checkout.
+    monkeypatch.chdir(tmp_path)
 
     code = main(["--slurm", "--dry-run", "--output-dir", str(tmp_path / "run"), "--bus.curve.allow-insecure-remote",
                  "--slurm.trainer.gpus", "2", "--num-env-workers", "3"])  # fmt: skip
