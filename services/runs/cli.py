@@ -136,10 +136,9 @@ def logs_main(argv: Sequence[str]) -> int:
     parser.add_argument("--service", help="this service's log instead: rl, monitor, inference, trainer, ...")
     parser.add_argument("-n", "--lines", type=int, help="only the last N lines")
     args = parser.parse_args(list(argv))
-    try:
-        record = Registry(rlbus_home()).load(args.id)
-    except UnknownRun as exc:
-        return _usage_error("logs", str(exc))
+    record = _record_or_error(Registry(rlbus_home()), "logs", args.id)
+    if isinstance(record, int):
+        return record
     path = Path(record.console)
     if args.service:
         path = Path(record.output_dir) / "logs" / f"{args.service}.log"
@@ -193,10 +192,9 @@ def stop_main(argv: Sequence[str]) -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a graceful stop (60)")
     args = parser.parse_args(list(argv))
     registry = Registry(rlbus_home())
-    try:
-        record = registry.load(args.id)
-    except UnknownRun as exc:
-        return _usage_error("stop", str(exc))
+    record = _record_or_error(registry, "stop", args.id)
+    if isinstance(record, int):
+        return record
     status = status_of(record, process.is_alive(record))
     if status not in ACTIVE:
         return _usage_error("stop", f"run {record.id} is not running ({status})")
@@ -222,10 +220,9 @@ def delete_main(argv: Sequence[str]) -> int:
     parser.add_argument("--force", action="store_true", help="kill the run first if it is still running")
     args = parser.parse_args(list(argv))
     registry = Registry(rlbus_home())
-    try:
-        record = registry.load(args.id)
-    except UnknownRun as exc:
-        return _usage_error("delete", str(exc))
+    record = _record_or_error(registry, "delete", args.id)
+    if isinstance(record, int):
+        return record
     if _active(record):
         if not args.force:
             return _usage_error("delete", f"run {record.id} is still running: stop it first ('rlbus stop "
@@ -254,6 +251,14 @@ def delete_folder(registry: Registry, record: RunRecord) -> str:
 
 def _active(record: RunRecord) -> bool:
     return status_of(record, process.is_alive(record)) in ACTIVE
+
+
+def _record_or_error(registry: Registry, command: str, run_id: str) -> RunRecord | int:
+    """The run ``run_id`` names (or starts), or the exit code of a usage error saying why not."""
+    try:
+        return registry.load(run_id)
+    except UnknownRun as exc:
+        return _usage_error(command, str(exc))
 
 
 def _usage_error(command: str, message: str) -> int:
