@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from rlbus.errors import UserError
 
@@ -28,3 +29,10 @@ def check_model_path(model: str) -> None:
         what = "is a file, not a model folder" if path.exists() else "does not exist"
         raise UserError(f"no model folder at {model} ({what}): fix --model (a local model folder, "
                         "or a hub name such as Qwen/Qwen3-0.6B)")
+
+
+def position_limit(hf_config: dict[str, Any]) -> int | None:
+    """The longest sequence a model's ``config.json`` (as a dict) allows, or None when it does not say."""
+    # Multimodal configs keep the language model's length in text_config.
+    limit = hf_config.get("max_position_embeddings") or hf_config.get("text_config", {}).get("max_position_embeddings")
+    return limit if isinstance(limit, int) else None

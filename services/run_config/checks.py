@@ -19,7 +19,7 @@ from typing import Any
 
 from rlbus.config import ConfigError, ServiceConfig
 from rlbus.environments import UnknownEnvironmentError, check_environment
-from rlbus.model_path import looks_like_path
+from rlbus.model_path import looks_like_path, position_limit
 from rlbus.services.inference.config import InferenceConfig
 from rlbus.services.orchestrator.config import OrchestratorConfig
 from rlbus.services.run_config.rl import RlConfig
@@ -139,9 +139,8 @@ def _length_problems(path: Path, inference: InferenceConfig, prefix: str) -> lis
         hf_config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         return [Problem("model", str(path), f"config.json cannot be read ({exc}); pass a model folder")]
-    # Multimodal configs keep the language model's length in text_config.
-    limit = hf_config.get("max_position_embeddings") or hf_config.get("text_config", {}).get("max_position_embeddings")
-    if not isinstance(limit, int) or inference.max_model_len <= limit:
+    limit = position_limit(hf_config)
+    if limit is None or inference.max_model_len <= limit:
         return []
     return [Problem(f"{prefix}max_model_len", inference.max_model_len,
                     f"the model takes at most {limit} tokens (max_position_embeddings in its config.json); "

@@ -20,6 +20,7 @@ from typing import Any
 
 from rlbus.config import ConfigError, ServiceConfig
 from rlbus.config.loader import resolve_key
+from rlbus.model_path import position_limit
 from rlbus.services.inference.config import InferenceConfig
 from rlbus.services.monitor.config import MonitorConfig
 from rlbus.services.orchestrator.config import OrchestratorConfig
@@ -144,9 +145,7 @@ def model_length_limit(model: str) -> int | None:
         hf_config = json.loads((Path(model).expanduser() / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    # Multimodal configs keep the language model's length in text_config.
-    limit = hf_config.get("max_position_embeddings") or hf_config.get("text_config", {}).get("max_position_embeddings")
-    return limit if isinstance(limit, int) else None
+    return position_limit(hf_config)
 
 
 def _take(values: dict[str, Any], row: ShortKey) -> list[tuple[str, str, Any]]:
