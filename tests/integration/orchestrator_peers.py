@@ -240,3 +240,22 @@ class MonitorSink:
             if isinstance(message, MetricsReport) and message.service == "orchestrator":
                 reports.append(message)
         return reports
+
+
+def run_good_peers(config: OrchestratorConfig, orchestrator: OrchestratorThread, max_steps: int,
+                   join_timeout_s: float, on_batch: Callable[[TrainBatch], None] | None = None) -> FakeTrainer:
+    """A well-behaved env-worker and trainer finish ``orchestrator``'s run after a test has
+    attacked it; returns the trainer (its ``acked`` steps tell what was trained)."""
+    policy = PolicyClock()
+    worker = FakeWorker(config.bus, policy, seed=1, max_delay_s=0.01)
+    trainer = FakeTrainer(config.bus, policy, 1, max_steps, seed=2, on_batch=on_batch)
+    for peer in (worker, trainer):
+        peer.start()
+    try:
+        assert orchestrator.finish() == 0
+    finally:
+        worker.stop_event.set()
+        for peer in (worker, trainer):
+            peer.join(join_timeout_s)
+    assert worker.error is None and trainer.error is None, (worker.error, trainer.error)
+    return trainer

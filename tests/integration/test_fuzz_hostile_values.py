@@ -35,7 +35,7 @@ from tests.unit.orchestrator.fakes import roll_out, stub_loader
 
 from .fuzz_frames import wait_for_count
 from .hostile_messages import Spoiled, hostile_requests, hostile_results
-from .orchestrator_peers import FakeTrainer, FakeWorker, OrchestratorThread, PolicyClock, tcp_bus_config
+from .orchestrator_peers import OrchestratorThread, run_good_peers, tcp_bus_config
 
 pytestmark = pytest.mark.slow
 NUM_EXAMPLES = int(os.environ.get("RLBUS_FUZZ_EXAMPLES", "2000")) // 10
@@ -162,22 +162,6 @@ def fuzz_results(peer: HostilePeer, config: OrchestratorConfig) -> int:
     return len(sent)
 
 
-def run_good_peers(config: OrchestratorConfig, orchestrator: OrchestratorThread, on_batch) -> FakeTrainer:
-    policy = PolicyClock()
-    worker = FakeWorker(config.bus, policy, seed=1, max_delay_s=0.01)
-    trainer = FakeTrainer(config.bus, policy, 1, MAX_STEPS, seed=2, on_batch=on_batch)
-    for peer in (worker, trainer):
-        peer.start()
-    try:
-        assert orchestrator.finish() == 0
-    finally:
-        worker.stop_event.set()
-        for peer in (worker, trainer):
-            peer.join(TIMEOUT_S)
-    assert worker.error is None and trainer.error is None, (worker.error, trainer.error)
-    return trainer
-
-
 def test_hostile_values_from_an_admitted_peer_are_refused_and_never_trained(tmp_path):
     config = make_config(tmp_path)
     orchestrator = OrchestratorThread(config, SIZES)
@@ -193,7 +177,7 @@ def test_hostile_values_from_an_admitted_peer_are_refused_and_never_trained(tmp_
         assert orchestrator.is_alive(), orchestrator.error
 
         inspector = BatchInspector(config.seq_len)
-        trainer = run_good_peers(config, orchestrator, inspector)
+        trainer = run_good_peers(config, orchestrator, MAX_STEPS, TIMEOUT_S, on_batch=inspector)
     assert peer.accepted == [], f"spoiled results accepted: {peer.accepted}"
     assert peer.num_refused == num_spoiled + 4 and num_spoiled >= NUM_EXAMPLES // 2
     assert trainer.acked == list(range(1, MAX_STEPS + 1)) and trainer.refused == []
