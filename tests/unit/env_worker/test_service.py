@@ -218,7 +218,10 @@ def test_a_restarted_orchestrator_gets_fresh_credit_and_the_pending_result(scrip
 
     second = asyncio.run(main())
     assert {r.task_id for r in second.results} == {"t0"} and env.scored == Counter({0: 2})
-    assert second.requests[0].num_tasks == 2  # a new connection starts with all free slots
+    # A new connection starts with all free slots. The credit the finished task gave back while no
+    # orchestrator was there may be queued in the socket and arrive first: it is not the reconnection's.
+    offered = [request.num_tasks for request in second.requests if request.num_tasks > 0]
+    assert 2 in offered[:2] and max(offered) == 2, offered
 
 
 class SocketEvents:
