@@ -38,6 +38,13 @@ class BatchStore:
     def is_acked(self, step: int) -> bool:
         return step < self.acked_below or step in self.acked
 
+    def first_unacked(self, start: int) -> int:
+        """The first step at or after ``start`` not acknowledged yet."""
+        step = start
+        while self.is_acked(step):
+            step += 1
+        return step
+
     def add(self, step: int, batches: list[TrainBatch]) -> list[tuple[bytes, TrainBatch]]:
         """Hold ``step``'s batches; returns the waiting requests they answer."""
         self.built[step] = batches

@@ -80,6 +80,8 @@ class Orchestrator:
         self.max_steps = config.max_steps
         state = resume or ProgressState()
         self.step = state.step + 1
+        self.resumed_step = state.step
+        """Progress is saved only once its step is acknowledged: steps up to here were trained before."""
         """Next batch step to build."""
         self.totals = Counter(samples=state.total_samples, tokens=state.total_tokens, problems=state.total_problems)
         ratios = [env.ratio for env in config.train.env]
@@ -110,8 +112,7 @@ class Orchestrator:
         if replay is not None:
             self._restore(replay)
         if self.max_steps is not None and state.step >= self.max_steps:
-            # Progress is saved only once its step is acknowledged: every step is trained, and no
-            # trainer will ask again (a kill right after the last ack would otherwise wait forever).
+            # Every step is trained and no trainer will ask again: its requests are answered as such.
             self.store.ack_below(state.step + 1)
 
     def _restore(self, replay: Replay) -> None:
@@ -155,7 +156,10 @@ class Orchestrator:
 
     @property
     def _all_trained(self) -> bool:
-        return self.max_steps is not None and self.store.acked_below > self.max_steps
+        # Steps up to the resumed progress count as trained here (only for finishing: a trainer that
+        # resumes from an older checkpoint still gets them again, see _rewind). Otherwise an
+        # orchestrator restarted near the end waits forever for a trainer that has finished.
+        return self.max_steps is not None and self.store.first_unacked(self.resumed_step + 1) > self.max_steps
 
     def waiting_for(self) -> str | None:
         """What progress is blocked on, for heartbeats; None when nothing is."""

@@ -324,6 +324,20 @@ def test_an_orchestrator_restarted_after_the_last_ack_is_done(tmp_path):
     assert isinstance(reply, Refused) and reply.next_step == 7
 
 
+def test_an_orchestrator_restarted_before_the_last_ack_finishes_on_it(tmp_path):
+    """Killed after saving step 5's progress, restarted, then acked step 6 by a trainer that then
+    exits: the run is done (before: it waited forever for "the trainer to train step 1")."""
+    config = make_config(tmp_path, max_steps=6)
+    store = ProgressStore(tmp_path / "progress")
+    store.save(ProgressState(step=5, sampler=SamplerState(epochs=[0, 0], positions=[0, 0])))
+    core = make_core(config, progress=store, resume=store.load(-1))
+    load_policy(core, 5)
+    finish(core, request_tasks(core), 5)
+    assert not core.done and sorted(core.store.built) == [6]
+    core.on_batch_ack(BatchAck(trainer_id="t", step=6))
+    assert core.done and core.waiting_for() is None
+
+
 def test_rollouts_the_trainer_would_reject_are_refused_or_repaired(tmp_path):
     core = make_core(make_config(tmp_path))
     tasks = request_tasks(core)
