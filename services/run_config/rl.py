@@ -49,6 +49,13 @@ class RunCheckpointConfig(ConfigModel):
     keep_interval: int | None = Field(None, ge=1)
     """The trainer also keeps every checkpoint whose step is a multiple of this (sets
     ``trainer.ckpt.keep_interval`` unless the section sets its own); None keeps only ``keep_last``."""
+    weights_only: bool | None = None
+    """The trainer saves only the HF weights, no optimizer state (sets ``trainer.ckpt.weights_only``
+    unless the section sets its own): smaller and faster, but a run whose trainer is restarted
+    cannot resume (prime-rl's ``--ckpt.weights-only``). None leaves the trainer's setting."""
+    save_async: bool | None = None
+    """The trainer writes checkpoints on a background thread (sets ``trainer.ckpt.save_async``
+    unless the section sets its own; prime-rl's ``--ckpt.save-async``). None leaves the trainer's setting."""
     resume_step: int | None = Field(-1, ge=-1)
     """Every service resumes from this step's checkpoints (metrics continue from the next step);
     -1 resumes from the latest, and starts fresh when the run folder holds none, so a service
@@ -122,6 +129,10 @@ class RlConfig(ServiceConfig):
                 section.__dict__["resume_step"] = self.ckpt.resume_step
         if self.ckpt.keep_interval is not None and "keep_interval" not in trainer.model_fields_set:
             trainer.__dict__["keep_interval"] = self.ckpt.keep_interval
+        for name in ("weights_only", "save_async"):
+            value = getattr(self.ckpt, name)
+            if value is not None and name not in trainer.model_fields_set:
+                trainer.__dict__[name] = value
         if self.ckpt.keep_last is not None:
             for section in (trainer, orchestrator):
                 if "keep_last" not in section.model_fields_set:

@@ -237,6 +237,7 @@ def markdown_short_table() -> str:
         "",
         "Flags: "
         + ", ".join(f"`{flag}` = `{full}`" for flag, full in FLAG_ALIASES.items())
-        + "; `--wandb.project/.entity/.name` as in the table; `--ckpt.keep-interval` is `ckpt.keep_interval`.",
+        + "; `--wandb.project/.entity/.name` as in the table; `--ckpt.keep-interval`, `--ckpt.weights-only` and `--ckpt.save-async` are "
+        "`ckpt.keep_interval`, `ckpt.weights_only` and `ckpt.save_async`.",
     ]
     return "\n".join(lines) + "\n"

@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from rlbus import faults
 from rlbus.durable import EXCHANGE_UNSUPPORTED, exchange, fsync_dir, fsync_tree
+from rlbus.services.trainer.ckpt_writer import BackgroundWriter, detached_copy
 from rlbus.services.trainer.config import CheckpointConfig
 from rlbus.services.trainer.distributed import DistContext
 from rlbus.services.trainer.model import full_state_dict, load_state, read_hf_weights, save_hf_snapshot
@@ -72,6 +73,9 @@ class CheckpointManager:
         self.ctx = ctx
         self.checkpoints = Path(output_dir) / "checkpoints"
         self.weights = Path(output_dir) / "weights"
+        self.writer = BackgroundWriter()
+        self.unsynced = False
+        """A ``save_async`` save was started on this rank and not yet waited for."""
 
     def due(self, step: int) -> bool:
         return self.config.enabled and step % self.config.interval == 0
@@ -98,6 +102,11 @@ class CheckpointManager:
             return None
         steps = complete_steps(self.checkpoints)
         if wanted == -1:
+            if not steps and self.config.weights_only and complete_steps(self.weights):
+                raise ValueError(
+                    f"ckpt.weights_only = true: {self.weights} holds weights of steps {complete_steps(self.weights)} "
+                    f"but {self.checkpoints} no checkpoint with the optimizer state, so this trainer cannot resume "
+                    "where the run is; restart the run from scratch (--clean-output-dir), or without weights_only")
             if not steps:
                 logger.warning("ckpt.resume_step = -1 but {} holds no checkpoint: starting fresh", self.checkpoints)
                 return None
@@ -108,20 +117,49 @@ class CheckpointManager:
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokenizer: Any,
              progress: dict[str, Any], weights_only: bool | None = None) -> None:  # fmt: skip
-        """Save ``step`` (every rank calls this: the state is gathered), then prune old ones."""
+        """Save ``step`` (every rank calls this: the state is gathered), then prune old ones.
+
+        With ``save_async`` the state is copied here and written by a background thread:
+        call :meth:`wait` before anything that needs the checkpoint on disk (acknowledging the
+        step's batch, the end of the run). Without it, the checkpoint is on disk on return.
+        """
         weights_only = self.config.weights_only if weights_only is None else weights_only
+        self.wait()  # one write at a time, in step order
         model_state = full_state_dict(model)
         optimizer_state = None if weights_only else _full_optimizer_state(model, optimizer)
+        if not self.config.save_async:
+            if self.ctx.is_main:
+                self._write(step, model, model_state, optimizer_state, tokenizer, progress, weights_only)
+            self.ctx.barrier()
+            return
         if self.ctx.is_main:
-            started = time.perf_counter()
-            if weights_only:
-                self._write_weights(step, model, model_state, tokenizer)
-            else:
-                self._write_checkpoint(step, model, model_state, optimizer_state, tokenizer, progress)
-            self.prune()
-            logger.info("saved {} of step {} in {:.2f}s", "weights" if weights_only else "checkpoint", step,
-                        time.perf_counter() - started)  # fmt: skip
-        self.ctx.barrier()
+            # Copies: training goes on and changes the live tensors while the thread writes.
+            model_state, optimizer_state = detached_copy(model_state), detached_copy(optimizer_state)
+            self.writer.submit(self._write, step, model, model_state, optimizer_state, tokenizer, progress,
+                               weights_only)  # fmt: skip
+        self.unsynced = True
+
+    def wait(self) -> float:
+        """Block until the background write (``save_async``) is on disk on every rank; re-raises
+        its error. Returns the seconds waited."""
+        started = time.perf_counter()
+        if self.ctx.is_main:
+            self.writer.wait()
+        if self.unsynced:
+            self.ctx.barrier()
+            self.unsynced = False
+        return time.perf_counter() - started
+
+    def _write(self, step: int, model: torch.nn.Module, model_state: dict, optimizer_state: dict | None,
+               tokenizer: Any, progress: dict[str, Any], weights_only: bool) -> None:  # fmt: skip
+        started = time.perf_counter()
+        if weights_only:
+            self._write_weights(step, model, model_state, tokenizer)
+        else:
+            self._write_checkpoint(step, model, model_state, optimizer_state, tokenizer, progress)
+        self.prune()
+        logger.info("saved {} of step {} in {:.2f}s{}", "weights" if weights_only else "checkpoint", step,
+                    time.perf_counter() - started, " (in the background)" if self.config.save_async else "")  # fmt: skip
 
     def _write_weights(self, step: int, model: torch.nn.Module, state: dict, tokenizer: Any) -> None:
         partial = _fresh_partial(self.weights, step)

@@ -61,7 +61,13 @@ class CheckpointConfig(ConfigModel):
     resume_step: int | None = Field(None, ge=-1)
     """Resume from this step; -1 is the latest; None starts fresh."""
     weights_only: bool = False
-    """Save only the HF-format weights, not optimizer and progress."""
+    """Save only the HF-format weights (``weights/step_N``), not the optimizer state and progress:
+    smaller and faster, but a restarted trainer cannot resume from them (it stops with an error
+    rather than start over)."""
+    save_async: bool = False
+    """Write checkpoints on a background thread: the trainer copies the state and goes on (RL:
+    the write overlaps the weight broadcast to inference; SFT: the next steps), and waits for the
+    write only where it must be on disk (before acknowledging the step's batch, at the end)."""
 
 
 class TrainingConfig(ServiceConfig):

@@ -161,8 +161,7 @@ class RlLoop:
                 self.reject(step, str(exc))
                 return
             metrics = self.rt.trainer.run(step, rows, batch.num_loss_tokens)
-            metrics["time/broadcast_weights"] = self.weights.publish(step, self.rt.model)
-            metrics["time/save_ckpt"] = self.checkpoint(step)
+            metrics.update(self.publish_and_checkpoint(step))
             # Acknowledged only once checkpointed (when due): a trainer killed before that resumes
             # from its previous checkpoint and gets this very batch again from the orchestrator.
             self.record(batch, ok=True)
@@ -219,6 +218,20 @@ class RlLoop:
         self.batches.ack(step, ok=False, reason=reason)
         self.telemetry.event("bad_batch", reason, level="error", step=step)
 
+    def publish_and_checkpoint(self, step: int) -> dict[str, float]:
+        """Send the step's weights to inference and checkpoint it when due. With ``save_async`` the
+        state is copied first and written while the weights go out; either way the checkpoint is
+        on disk on return. ``time/save_ckpt`` is the time the step spent on it."""
+        due = self.rt.ckpt.due(step)
+        if not (due and self.config.ckpt.save_async):
+            published = self.weights.publish(step, self.rt.model)
+            return {"time/broadcast_weights": published, "time/save_ckpt": self.checkpoint(step)}
+        started = time.perf_counter()
+        self.rt.save(step)
+        staged = time.perf_counter() - started
+        published = self.weights.publish(step, self.rt.model)
+        return {"time/broadcast_weights": published, "time/save_ckpt": staged + self.rt.ckpt.wait()}
+
     def checkpoint(self, step: int) -> float:
         if not self.rt.ckpt.due(step):
             return 0.0
@@ -229,6 +242,7 @@ class RlLoop:
     def close(self) -> None:
         self.pulse.stop()
         self.weights.stop()
+        self.rt.ckpt.writer.close()
 
 
 def log_step(step: int, metrics: dict[str, float]) -> None:

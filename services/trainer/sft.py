@@ -120,6 +120,7 @@ class SftLoop:
         already = self.rt.ckpt.due(step) or step <= self.rt.start_step
         if self.config.save_final and not already:
             self.rt.save(step, weights_only=True)
+        self.rt.ckpt.wait()  # save_async: the run is done when its checkpoints are on disk
         if self.rt.ctx.is_main:
             logger.info("SFT done: weights of step {} in {}; per-step figures in {}", step,
                         self.rt.ckpt.weights / f"step_{step}", self.records.steps.path if self.records else "-")

@@ -33,8 +33,10 @@ def test_rl_resumes_the_whole_run_from_a_checkpoint_step(tmp_path):
     model = build_tiny_model(tmp_path / "tiny", TinyModelConfig(out=tmp_path / "tiny"))
     config = write_config(tmp_path, model, max_steps=3, num_env_workers=1)
     run = tmp_path / "run"
-    rl(config)
+    rl(config, "--ckpt.save-async")  # the checkpoints resumed from below are written off the training thread
     first = (run / "metrics.jsonl").read_text().splitlines()
+    assert "saved checkpoint of step 2 in" in (run / "logs" / "trainer.log").read_text()
+    assert "(in the background)" in (run / "logs" / "trainer.log").read_text()
 
     rl(config, "--max-steps", "4", "--ckpt.resume-step", "2")
 

@@ -151,7 +151,8 @@ def test_wandb_and_checkpoint_flags(tiny_model_dir, tmp_path, capsys):  # noqa: 
     path = tmp_path / "minimal.toml"
     path.write_text(f'model = "{tiny_model_dir}"\noutput_dir = "{tmp_path / "run"}"\nbatch_size = 4\n')
     flags = ["--wandb", "--wandb.project", "p", "--wandb.entity", "e", "--wandb.name", "n",
-             "--orchestrator.group-size", "2", "--ckpt", "--ckpt.keep-interval", "10"]  # fmt: skip
+             "--orchestrator.group-size", "2", "--ckpt", "--ckpt.keep-interval", "10", "--ckpt.weights-only",
+             "--ckpt.save-async"]  # fmt: skip
     assert rl(capsys, "@", str(path), *flags) == (0, [])
     config = resolved(tmp_path)
     assert config["monitor"]["wandb"] | {"samples_interval": 0} == {
@@ -159,6 +160,7 @@ def test_wandb_and_checkpoint_flags(tiny_model_dir, tmp_path, capsys):  # noqa: 
     assert (config["orchestrator"]["batch_size"], config["orchestrator"]["rollouts_per_example"]) == (8, 2)
     assert (config["trainer"]["ckpt"]["enabled"], config["trainer"]["ckpt"]["keep_interval"]) == (True, 10)
     assert config["ckpt"]["keep_interval"] == 10
+    assert (config["trainer"]["ckpt"]["weights_only"], config["trainer"]["ckpt"]["save_async"]) == (True, True)
     # A [wandb] table enables W&B; --no-wandb turns it off again.
     assert rl(capsys, "@", str(example(tmp_path, tiny_model_dir)), "--no-wandb") == (0, [])
     assert resolved(tmp_path)["monitor"]["wandb"]["enabled"] is False
