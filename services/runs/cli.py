@@ -2,15 +2,15 @@
 
 ``rlbus run`` checks the config in this process (exit 2 on a mistake, before anything is
 detached), records the run under ``$RLBUS_HOME/runs`` and starts ``rlbus rl`` with the same
-arguments in a session of its own, its output in ``<output_dir>/logs/console.out``. Each
-command answers with one exit code: 0 done, 1 failed, 2 a usage mistake (unknown id, a run
-that is not running).
+arguments in a session of its own, its output in ``<output_dir>/logs/console.out``. With
+``--slurm`` that ``rlbus rl`` submits the job arrays and follows them; the registry records their
+ids, and stop, list and delete reach the jobs through SLURM (:mod:`.slurm`). Each command answers
+with one exit code: 0 done, 1 failed, 2 a usage mistake (unknown id, a run that is not running).
 """
 
 from __future__ import annotations
 
 import argparse
-import codecs
 import difflib
 import json
 import os
@@ -23,10 +23,13 @@ from pathlib import Path
 
 from rlbus.config import ConfigError, load_config
 from rlbus.services.launcher.main import ALIASES
+from rlbus.services.launcher.slurm_ctl import SlurmCtl
+from rlbus.services.launcher.slurm_jobs import check_binds_allowed
 from rlbus.services.run_config import RUN_MARKER, RlConfig, check_cleanable, mark_run_folder, service_env
 from rlbus.services.run_config.checks import check_config
-from rlbus.services.runs import process
-from rlbus.services.runs.registry import ACTIVE, Registry, RunRecord, UnknownRun, rlbus_home, status_of
+from rlbus.services.runs import logs, process, slurm
+from rlbus.services.runs.registry import ACTIVE, Registry, RunRecord, UnknownRun, rlbus_home
+from rlbus.services.runs.state import state_of, wait_ended
 from rlbus.services.runs.table import list_rows, print_table
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -41,7 +44,7 @@ run's id, its folder and how to follow it. The config is checked first (exit 2 o
 nothing started). Every option of 'rlbus rl --help' applies. Then:
   rlbus list                 every run: status, step, reward
   rlbus logs -f ID           follow its console (--service NAME: one service's log)
-  rlbus stop ID              stop it gracefully (again: kill it)
+  rlbus stop ID              stop it gracefully (again: kill it); with --slurm: scancel its jobs
   rlbus delete ID            forget it and delete its run folder
 """
 
@@ -77,6 +80,10 @@ def checked_config(args: list[str]) -> RlConfig:
     check_config(config)
     if config.clean_output_dir:
         check_cleanable(config.output_dir)
+    if config.slurm.enabled:
+        check_binds_allowed(config)
+        if shutil.which("sbatch") is None:
+            raise ValueError("--slurm: sbatch is not on PATH: submit from a SLURM login node (slurm-client installed)")
     return config
 
 
@@ -104,12 +111,14 @@ def new_record(run_id: str, config: RlConfig, args: list[str]) -> RunRecord:
         output_dir=str(output_dir), console=str(output_dir / "logs" / "console.out"), argv=args,
         cwd=os.getcwd(), host=socket.gethostname(), started=time.time(),
         envs=[env.id for env in config.orchestrator.train.env], max_steps=config.max_steps,
+        slurm=config.slurm.enabled,
     )  # fmt: skip
 
 
 def say_started(record: RunRecord) -> None:
+    how = f"SLURM job arrays, followed by pid {record.pid}" if record.slurm else f"pid {record.pid}"
     sys.stdout.write(
-        f"started run {record.id} ({record.name}: {record.model}, pid {record.pid})\n"
+        f"started run {record.id} ({record.name}: {record.model}, {how})\n"
         f"  run folder: {record.output_dir}\n  console:    {record.console}\n"
         f"  follow it:  rlbus logs -f {record.id}\n  all runs:   rlbus list\n  stop it:    rlbus stop {record.id}\n"
     )  # fmt: skip
@@ -119,7 +128,9 @@ def list_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="rlbus list", description="Every run on this machine, oldest first.")
     parser.add_argument("--json", action="store_true", help="one JSON list, for scripts")
     args = parser.parse_args(list(argv))
-    rows = list_rows(Registry(rlbus_home()).records(), process.is_alive, time.time())
+    registry = Registry(rlbus_home())
+    records = [slurm.record_jobs(registry, record) for record in registry.records()]
+    rows = list_rows(records, state_of, time.time())
     if args.json:
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
     elif not rows:
@@ -130,63 +141,49 @@ def list_main(argv: Sequence[str]) -> int:
 
 
 def logs_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="rlbus logs", description="A run's console output, or one service's log.")
+    parser = argparse.ArgumentParser(prog="rlbus logs", description="A run's console output, or one service's logs.")
     parser.add_argument("id", help="run id (or its start)")
     parser.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the run ends")
-    parser.add_argument("--service", help="this service's log instead: rl, monitor, inference, trainer, ...")
-    parser.add_argument("-n", "--lines", type=int, help="only the last N lines")
+    parser.add_argument("--service", help="that service's logs instead: rl, monitor, inference, trainer, env-worker "
+                        "(every env-worker), env-worker-1 (one process), ...; several files each under a header")  # fmt: skip
+    parser.add_argument("-n", "--lines", type=int, help="only the last N lines (of each file)")
     args = parser.parse_args(list(argv))
-    record = _record_or_error(Registry(rlbus_home()), "logs", args.id)
+    registry = Registry(rlbus_home())
+    record = _record_or_error(registry, "logs", args.id)
     if isinstance(record, int):
         return record
-    path = Path(record.console)
-    if args.service:
-        path = Path(record.output_dir) / "logs" / f"{args.service}.log"
-        if not path.is_file() and not (args.follow and _active(record)):
-            known = sorted(p.stem for p in path.parent.glob("*.log"))
-            close = difflib.get_close_matches(args.service, known, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            return _usage_error("logs", f"run {record.id} has no log of service {args.service!r} in {path.parent}"
-                                        f" ({hint}there are: {', '.join(known) or 'none yet'})")  # fmt: skip
-    offset = print_file(path, args.lines)
+    logs_dir = Path(record.output_dir) / "logs"
+
+    def paths() -> list[Path]:  # asked again while following: a service's files may appear late
+        return logs.service_logs(logs_dir, args.service) if args.service else [Path(record.console)]
+
+    if args.service and not paths() and not (args.follow and _active(record)):
+        return _no_service_logs(record, logs_dir, args.service)
+    printer = logs.Printer(sys.stdout)
+    printer.print_start(paths(), args.lines)
     if args.follow:
-        follow(record, path, offset)
+        logs.follow(printer, paths, lambda: _alive_now(registry, record.id), FOLLOW_POLL_S)
     return EXIT_OK
 
 
-def print_file(path: Path, num_lines: int | None) -> int:
-    """Print ``path`` (its last ``num_lines`` lines); the offset printed up to."""
-    if not path.is_file():
-        return 0
-    data = path.read_bytes()
-    text = data.decode(errors="replace")
-    if num_lines is not None:
-        text = "".join(text.splitlines(keepends=True)[-num_lines:]) if num_lines > 0 else ""
-    sys.stdout.write(text)
-    sys.stdout.flush()
-    return len(data)
+def _alive_now(registry: Registry, run_id: str) -> bool:
+    try:
+        return state_of(slurm.record_jobs(registry, registry.load(run_id))).alive
+    except UnknownRun:  # deleted meanwhile
+        return False
 
 
-def follow(record: RunRecord, path: Path, offset: int) -> None:
-    """Print what is appended to ``path`` until the run is no longer alive."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    while True:
-        alive = process.is_alive(record)  # asked before reading, so the last lines are read after the end
-        if path.is_file():
-            with path.open("rb") as handle:
-                handle.seek(offset)
-                data = handle.read()
-            offset += len(data)
-            sys.stdout.write(decoder.decode(data))
-            sys.stdout.flush()
-        if not alive:
-            return
-        time.sleep(FOLLOW_POLL_S)
+def _no_service_logs(record: RunRecord, logs_dir: Path, service: str) -> int:
+    known = logs.known_services(logs_dir)
+    close = difflib.get_close_matches(logs.service_name(service), known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return _usage_error("logs", f"run {record.id} has no log of service {service!r} in {logs_dir}"
+                                f" ({hint}there are: {', '.join(known) or 'none yet'})")  # fmt: skip
 
 
 def stop_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="rlbus stop", description="Stop a run: SIGTERM to all of it; "
-                                     "a second stop (or --force) kills it with SIGKILL.")  # fmt: skip
+    parser = argparse.ArgumentParser(prog="rlbus stop", description="Stop a run: SIGTERM to all of it (a SLURM run: "
+                                     "scancel of its jobs); a second stop (or --force) kills it with SIGKILL.")  # fmt: skip
     parser.add_argument("id", help="run id (or its start)")
     parser.add_argument("--force", action="store_true", help="kill at once (SIGKILL)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a graceful stop (60)")
@@ -195,23 +192,40 @@ def stop_main(argv: Sequence[str]) -> int:
     record = _record_or_error(registry, "stop", args.id)
     if isinstance(record, int):
         return record
-    status = status_of(record, process.is_alive(record))
+    status = state_of(record).status
     if status not in ACTIVE:
         return _usage_error("stop", f"run {record.id} is not running ({status})")
     record = registry.update(record.id, stop_requested=record.stop_requested or time.time())
     if args.force or status != "running":
-        process.kill(record)
-        process.wait_dead(record, 10.0)
-        sys.stdout.write(f"run {record.id} killed (SIGKILL to all its processes)\n")
+        kill(record)
+        wait_ended(registry, record.id, 10.0)
+        what = "processes and SLURM jobs" if record.slurm else "processes"
+        sys.stdout.write(f"run {record.id} killed (SIGKILL to all its {what})\n")
         return EXIT_OK
-    process.terminate(record)
-    sys.stdout.write(f"stopping run {record.id} (SIGTERM); waiting up to {args.timeout:g}s ...\n")
+    terminate(record)
+    sys.stdout.write(f"stopping run {record.id} ({'scancel' if record.slurm else 'SIGTERM'}); waiting up to "
+                     f"{args.timeout:g}s ...\n")  # fmt: skip
     sys.stdout.flush()
-    if process.wait_dead(record, args.timeout):
+    if wait_ended(registry, record.id, args.timeout):
         sys.stdout.write(f"run {record.id} stopped\n")
         return EXIT_OK
     sys.stdout.write(f"run {record.id} is still stopping; 'rlbus stop {record.id}' again kills it\n")
     return EXIT_FAILED
+
+
+def terminate(record: RunRecord) -> None:
+    """A graceful stop. A SLURM run's wrapper cancels its jobs itself (the monitor last); without it, scancel."""
+    if process.is_alive(record) or not record.slurm:
+        process.terminate(record)
+    else:
+        slurm.cancel(record, SlurmCtl(), force=False)
+
+
+def kill(record: RunRecord) -> None:
+    """SIGKILL to the run's processes, and to its SLURM jobs' services."""
+    process.kill(record)
+    if record.slurm:
+        slurm.cancel(record, SlurmCtl(), force=True)
 
 
 def delete_main(argv: Sequence[str]) -> int:
@@ -227,8 +241,8 @@ def delete_main(argv: Sequence[str]) -> int:
         if not args.force:
             return _usage_error("delete", f"run {record.id} is still running: stop it first ('rlbus stop "
                                           f"{record.id}') or pass --force to kill it")  # fmt: skip
-        process.kill(registry.update(record.id, stop_requested=record.stop_requested or time.time()))
-        process.wait_dead(record, 10.0)
+        kill(registry.update(record.id, stop_requested=record.stop_requested or time.time()))
+        wait_ended(registry, record.id, 10.0)
     sys.stdout.write(delete_folder(registry, record) + "\n")
     registry.remove(record.id)
     sys.stdout.write(f"deleted run {record.id}\n")
@@ -250,13 +264,13 @@ def delete_folder(registry: Registry, record: RunRecord) -> str:
 
 
 def _active(record: RunRecord) -> bool:
-    return status_of(record, process.is_alive(record)) in ACTIVE
+    return state_of(record).status in ACTIVE
 
 
 def _record_or_error(registry: Registry, command: str, run_id: str) -> RunRecord | int:
     """The run ``run_id`` names (or starts), or the exit code of a usage error saying why not."""
     try:
-        return registry.load(run_id)
+        return slurm.record_jobs(registry, registry.load(run_id))
     except UnknownRun as exc:
         return _usage_error(command, str(exc))
 

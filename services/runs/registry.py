@@ -7,8 +7,10 @@ in, so the status rules are plain functions. A run's status follows from what wa
   ``stopped`` if a stop was asked for, else ``completed`` (0) or ``failed``;
 - none was, and the process is alive: ``running`` (``stopping`` once a stop was asked for);
 - none was, and the process is gone (killed with -9, the machine rebooted): ``stopped`` if a
-  stop was asked for, else ``failed``. A pid that was reused after a reboot is no proof of
-  life: :mod:`.process` compares the process's start time with the recorded one.
+  stop was asked for, else how the run ended as far as it can be told without an exit code
+  (``failed`` for local runs; for a SLURM run, what the controller says of its jobs:
+  :mod:`.slurm`). A pid that was reused after a reboot is no proof of life: :mod:`.process`
+  compares the process's start time with the recorded one.
 
 Every write replaces the file atomically (temp file + ``os.replace``) under a lock, so a reader
 never sees half a record and the wrapper's exit record and ``rlbus stop`` do not lose each other's fields.
@@ -70,17 +72,22 @@ class RunRecord:
     ended: float | None = None
     exit_code: int | None = None
     """Exit code of ``rlbus rl`` (negative: killed by that signal), recorded by the wrapper."""
+    slurm: bool = False
+    """Submitted as SLURM job arrays (``--slurm``): the wrapper follows them from this host."""
+    slurm_jobs: dict[str, str] = field(default_factory=dict)
+    """Service -> array job id, recorded once the arrays are submitted (:mod:`.slurm`)."""
 
 
-def status_of(record: RunRecord, alive: bool) -> str:
-    """The run's status from its record and whether its process is alive (see the module docstring)."""
+def status_of(record: RunRecord, alive: bool, ended_as: str = FAILED) -> str:
+    """The run's status from its record and whether its processes are alive (see the module docstring);
+    ``ended_as``: what a run that ended without an exit record is taken to have done."""
     if record.exit_code is not None:
         if record.stop_requested is not None:
             return STOPPED
         return COMPLETED if record.exit_code == 0 else FAILED
     if alive:
         return STOPPING if record.stop_requested is not None else RUNNING
-    return STOPPED if record.stop_requested is not None else FAILED
+    return STOPPED if record.stop_requested is not None else ended_as
 
 
 class UnknownRun(ValueError):

@@ -10,21 +10,22 @@ from typing import Any, TextIO
 
 from rlbus.services.launcher.summary import format_duration
 from rlbus.services.runs.progress import read_progress
-from rlbus.services.runs.registry import RunRecord, status_of
+from rlbus.services.runs.registry import RunRecord
+from rlbus.services.runs.state import RunState
 
 COLUMNS = ("id", "name", "model", "status", "step", "reward", "started", "duration")
 MAX_CELL = 32
 """Longer names and model paths are cut from the left: their ends tell them apart."""
 
 
-def list_rows(records: Sequence[RunRecord], is_alive: Callable[[RunRecord], bool], now: float) -> list[dict[str, Any]]:
+def list_rows(records: Sequence[RunRecord], state_of: Callable[[RunRecord], RunState], now: float) -> list[dict]:
     """Each record with its status, progress and duration (seconds)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for record in records:
-        alive = is_alive(record)
+        alive, status = state_of(record)
         progress = read_progress(Path(record.output_dir))
         row = dataclasses.asdict(record)
-        row.update(status=status_of(record, alive), step=progress.step, reward=progress.reward,
+        row.update(status=status, step=progress.step, reward=progress.reward,
                    duration_s=round(end_time(record, alive, now) - record.started, 1))  # fmt: skip
         rows.append(row)
     return rows

@@ -222,7 +222,15 @@ def test_init_config_runs(home, capsys, tmp_path, tiny):
     code, out, err = rlbus(capsys, "run", "@", str(config), "--output-dir", str(tmp_path / "refused"), *SMALL)
     assert (code, out) == (2, "") and "trainer.scheduler.warmup_steps = 5" in err, err
     assert rows(capsys) == {} and not (tmp_path / "refused").exists()
-    run_id = start(capsys, tiny, config, tmp_path / "my-run", "--trainer.scheduler.warmup-steps", "1")
+    run_id = start(capsys, tiny, config, tmp_path / "my-run", "--trainer.scheduler.warmup-steps", "1",
+                   "--num-env-workers", "2")  # fmt: skip
     assert_completed(wait_status(capsys, run_id, "completed"))
     code, out, _ = rlbus(capsys, "logs", run_id, "--service", "orchestrator")
     assert code == 0 and "all 2 steps trained" in out, out[-2000:]
+    # Both env-workers append to env-worker.log; each one's console is env-worker-<i>.out.
+    code, out, _ = rlbus(capsys, "logs", run_id, "--service", "env_worker")
+    assert code == 0 and all(f"env-worker env-worker-{i} taking tasks" in out for i in range(2)), out[-2000:]
+    code, out, _ = rlbus(capsys, "logs", run_id, "--service", "env-worker-1")
+    assert code == 0 and "env-worker-1 taking tasks" in out and "env-worker-0 taking" not in out, out[-2000:]
+    code, _, err = rlbus(capsys, "logs", run_id, "--service", "env-worker-2")
+    assert code == 2 and "there are: " in err and "env-worker-1, inference" in err, err

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from rlbus.services.launcher.slurm_ctl import expand_task_ids
+from rlbus.services.launcher.slurm_ctl import TERMINAL_STATES, expand_task_ids
 from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 from tests.conftest import free_tcp_port
 from tests.integration.small_run import TRAINING_TOML, loopback_endpoints
@@ -76,7 +76,7 @@ def run_config(tmp_path: Path, model: Path, num_replicas: int = 1) -> Path:
     path = tmp_path / "rl.toml"
     path.write_text(f"""
 model = "{model}"
-output_dir = "{tmp_path / 'run'}"
+output_dir = "{tmp_path / "run"}"
 max_steps = {MAX_STEPS}
 num_env_workers = {NUM_ENV_WORKERS}
 
@@ -84,7 +84,7 @@ num_env_workers = {NUM_ENV_WORKERS}
 {endpoints}
 
 [bus.curve]
-keys_dir = "{tmp_path / 'keys'}"
+keys_dir = "{tmp_path / "keys"}"
 
 [inference]
 port = {free_tcp_port()}
@@ -92,7 +92,7 @@ max_model_len = 512
 
 {TRAINING_TOML}
 [slurm]
-output = "{tmp_path / 'node-out'}/%x-%A_%a.out"
+output = "{tmp_path / "node-out"}/%x-%A_%a.out"
 poll_interval_s = 1.0
 num_inference_replicas = {num_replicas}
 """)
@@ -220,3 +220,77 @@ def test_cancelling_ends_every_task(slurm_env, tiny_model, tmp_path, how):
     assert {s: len(rows) for s, rows in tasks.items()} == arrays(1), tasks
     assert all(state == "CANCELLED" for rows in tasks.values() for _, state in rows), tasks
     assert service_processes(run) == []
+
+
+def rlbus_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rlbus", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+
+
+def listed(env: dict[str, str], run_id: str) -> dict:
+    result = rlbus_cli(env, "list", "--json")
+    assert result.returncode == 0, result.stderr
+    return next(row for row in json.loads(result.stdout) if row["id"] == run_id)
+
+
+def wait_listed(env: dict[str, str], run_id: str, condition, what: str, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while not condition(row := listed(env, run_id)):
+        if time.monotonic() > deadline:
+            console = Path(row["console"])
+            tail = console.read_text()[-4000:] if console.is_file() else "(no console)"
+            raise AssertionError(f"run {run_id} not {what} after {timeout_s:g}s: {row}\n{tail}")
+        time.sleep(1.0)
+    return row
+
+
+def start_run(env: dict[str, str], config: Path, *flags: str) -> str:
+    result = rlbus_cli(env, "run", "@", str(config), "--slurm", "--max-steps", "2", *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SLURM job arrays" in result.stdout, result.stdout
+    return result.stdout.split()[2]
+
+
+def test_rlbus_run_slurm_list_logs_stop(slurm_env, tiny_model, tmp_path):
+    env = {**slurm_env, "RLBUS_HOME": str(tmp_path / "home")}
+    (tmp_path / "done").mkdir()
+    done = start_run(env, run_config(tmp_path / "done", tiny_model))
+    row = wait_listed(env, done, lambda r: r["slurm_jobs"] and r["status"] == "running", "submitted", 60)
+    run = tmp_path / "done" / "run"
+    assert row["slurm_jobs"] == {
+        a["service"]: a["array_job_id"] for a in json.loads((run / "slurm_jobs.json").read_text())
+    }
+    row = wait_listed(env, done, lambda r: r["status"] != "running", "ended", 600)
+    assert (row["status"], row["step"], row["max_steps"], row["exit_code"]) == ("completed", 2, 2, 0), row
+    assert all(state in ("COMPLETED", "CANCELLED") for rows in controller_tasks(env, run).values() for _, state in rows)
+
+    # Every env-worker task appends to one env-worker.log; each task's console came back as <task>.out.
+    logs = rlbus_cli(env, "logs", done, "--service", "env_worker")
+    assert logs.returncode == 0 and "env-worker" in logs.stdout and "==>" not in logs.stdout, logs.stdout[-2000:]
+    logs = rlbus_cli(env, "logs", done, "--service", "inference-0", "-n", "5")
+    assert logs.returncode == 0 and logs.stdout.strip(), logs.stderr
+    logs = rlbus_cli(env, "logs", done, "--service", "nope")
+    assert logs.returncode == 2 and "env-worker-1" in logs.stderr and "inference-0" in logs.stderr, logs.stderr
+    assert "ended with exit code 0" in rlbus_cli(env, "logs", done, "-n", "1").stdout
+
+    # Stopped while its launcher follows it (the launcher cancels the arrays), and stopped after its
+    # launcher was killed with -9 (the jobs live on: running, as SLURM says, until stop scancels them).
+    for name in ("stopped", "orphaned"):
+        (tmp_path / name).mkdir()
+        run_id = start_run(env, run_config(tmp_path / name, tiny_model), "--max-steps", "500")
+        row = wait_listed(env, run_id, lambda r: r["slurm_jobs"], "submitted", 60)
+        if name == "orphaned":
+            os.killpg(row["pid"], signal.SIGKILL)
+            time.sleep(2.0)
+            assert listed(env, run_id)["status"] == "running"
+        result = rlbus_cli(env, "stop", run_id, "--timeout", "120")
+        assert result.returncode == 0 and f"run {run_id} stopped" in result.stdout, (result.stdout, result.stderr)
+        assert listed(env, run_id)["status"] == "stopped"
+        tasks = controller_tasks(env, tmp_path / name / "run")
+        assert tasks["orchestrator"] == tasks["trainer"] == [("0", "CANCELLED")], json.dumps(tasks)
+        assert all(state in TERMINAL_STATES for rows in tasks.values() for _, state in rows), json.dumps(tasks)
+        assert service_processes(tmp_path / name / "run") == []
+
+    result = rlbus_cli(env, "delete", done)
+    assert result.returncode == 0 and not run.exists(), result.stderr
+    assert rlbus_cli(env, "logs", done).returncode == 2

@@ -202,3 +202,20 @@ def test_clean_output_dir_is_done_before_detaching(runs, capsys, monkeypatch, tm
     # The launcher must not clean again: it would delete the console file the run writes to.
     wait_for(lambda: console_has(runs, run_id, "args @ rl.toml --clean-output-dir --no-clean-output-dir"))
     assert not (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out" / ".rlbus-run").is_file()
+
+
+def test_logs_of_a_service_follow_each_of_its_files(runs, capsys, monkeypatch, tmp_path):
+    # Two env-workers' consoles, the second appearing while the logs are followed (SLURM-like layout).
+    script = ("import pathlib, time\nlogs = pathlib.Path('out/logs')\nfor i in range(4):\n"
+              "    with (logs / f'env-worker-{i % 2}.out').open('a') as f: f.write(f'line {i}\\n')\n"
+              "    time.sleep(0.3)")  # fmt: skip
+    run_id = start(capsys, monkeypatch, script)
+    wait_for(lambda: (tmp_path / "out" / "logs" / "env-worker-0.out").is_file())
+    assert main(["logs", "-f", run_id, "--service", "env_worker"]) == 0
+    out = capsys.readouterr().out
+    first, second = (f"==> {tmp_path / 'out' / 'logs' / f'env-worker-{i}.out'} <==" for i in range(2))
+    assert out.startswith("line 0\n") and f"{second}\nline 1\n" in out and f"{first}\nline 2\n" in out, out
+    assert main(["logs", run_id, "--service", "env-worker-1"]) == 0
+    assert capsys.readouterr().out == "line 1\nline 3\n"
+    assert main(["logs", run_id, "--service", "inference"]) == 2
+    assert "there are: env-worker, env-worker-0, env-worker-1)" in capsys.readouterr().err
