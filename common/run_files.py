@@ -18,6 +18,7 @@ Lines are appended and flushed one by one, so a crash loses nothing already writ
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -68,3 +69,19 @@ def figure_name(service: str, name: str) -> str:
 
 def finite_or_null(record: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of ``path`` (none when it is missing); a line that does not parse (cut off
+    by a crash, or still being written by a running run) is skipped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows

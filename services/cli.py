@@ -49,6 +49,7 @@ COMMANDS: dict[str, Command] = {
                    "rlbus.services.trainer.sft_config:SftConfig", "Supervised fine-tuning."),
     "eval": Command("evaluate environments against an OpenAI-compatible endpoint", "rlbus.services.eval:main"),
     "tail": Command("live view of a running job from the monitor", "rlbus.services.entry:tail_main"),
+    "plot": Command("draw a run's charts (PNG); several runs: compared in one chart each", "rlbus.services.plot:main"),
     "probe": Command("healthcheck: does the monitor answer (and hear --service on this host)?",
                      "rlbus.services.entry:probe_main"),
     "keys": Command("create CurveZMQ server and client keys for the bus", "rlbus.services.keys:main"),

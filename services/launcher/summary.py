@@ -9,14 +9,13 @@ must not hide why the run ended.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
-from rlbus.run_files import EVENTS_FILE, METRICS_FILE, SAMPLES_FILE, STEPS_FILE
+from rlbus.run_files import EVENTS_FILE, METRICS_FILE, SAMPLES_FILE, STEPS_FILE, read_rows
 
 NUM_AVERAGED = 3
 """Steps averaged at each end of the run for the first and last reward (one step is noisy)."""
@@ -42,7 +41,7 @@ def run_summary(output_dir: Path, wall_time_s: float) -> list[str]:
     lines += [f"{name}: {output_dir / name}" for name in (STEPS_FILE, METRICS_FILE, SAMPLES_FILE, EVENTS_FILE)
               if (output_dir / name).exists()]  # fmt: skip
     charts = chart_files(output_dir)
-    lines.append("charts: " + (", ".join(map(str, charts)) if charts else "none written (plot steps.jsonl)"))
+    lines.append("charts: " + (", ".join(map(str, charts)) if charts else "none written (rlbus plot <output_dir>)"))
     return lines
 
 
@@ -73,24 +72,9 @@ def final_weights(weights_dir: Path) -> Path | None:
 
 
 def chart_files(output_dir: Path) -> list[Path]:
-    """Plots written into the run folder or its ``charts/`` folder (the monitor writes none today)."""
+    """Charts in the run folder or its ``charts/`` folder (the monitor draws them there as it stops)."""
     candidates = [*output_dir.glob("*"), *(output_dir / "charts").glob("*")]
     return sorted(p for p in candidates if p.suffix in CHART_SUFFIXES and p.is_file())
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of ``path``; a line that does not parse (cut off by a crash) is skipped."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def format_duration(seconds: float) -> str:

@@ -18,6 +18,7 @@ from loguru import logger
 from rlbus.bus import Bus, BusSocket, PeerUnreachable
 from rlbus.identity import service_id
 from rlbus.messages import Event, Heartbeat, MetricsReport, RolloutSamples, ViewRequest
+from rlbus.plots import draw_run_charts
 from rlbus.services.monitor.config import MonitorConfig
 from rlbus.services.monitor.monitor import Monitor
 
@@ -99,7 +100,8 @@ class MonitorService:
 
 
 def run_monitor(config: MonitorConfig) -> int:
-    """``rlbus monitor``: run until SIGTERM or Ctrl-C, then close files and the W&B run."""
+    """``rlbus monitor``: run until SIGTERM or Ctrl-C, then close files and the W&B run and draw the
+    run's charts into ``<output_dir>/charts/``."""
     sink = None
     if config.wandb.enabled:
         from rlbus.services.monitor.wandb_sink import WandbSink
@@ -121,6 +123,7 @@ def run_monitor(config: MonitorConfig) -> int:
             drained = service.drain_telemetry()
             service.report_bus_metrics()
             monitor.close(exit_code)
+            draw_run_charts(config.output_dir)  # after close: every row is on disk
             logger.info("monitor stopped (drained {} last messages); handled {}, decode errors {}",
                         drained, dict(monitor.counts), dict(bus.stats.decode_errors))  # fmt: skip
     return exit_code

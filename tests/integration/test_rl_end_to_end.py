@@ -99,4 +99,9 @@ def check_front_door(run: Path, launcher_output: str) -> None:
         assert 0 <= sample["policy_step"] < MAX_STEPS, sample
     assert "run summary:" in launcher_output and f"steps done: {MAX_STEPS}" in launcher_output
     assert f"steps.jsonl: {run / 'steps.jsonl'}" in launcher_output
+    # The monitor drew the charts as it stopped, before the summary listed them.
+    charts = sorted(path.name for path in (run / "charts").glob("*.png"))
+    assert charts == sorted(f"{name}.png" for name in ("reward", "loss", "entropy", "mismatch_kl", "throughput",
+                                                       "step_time")), charts  # fmt: skip
+    assert f"charts: {run / 'charts' / 'entropy.png'}, " in launcher_output
     assert "HTTP Request" not in (run / "logs" / "env-worker.log").read_text()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("env_worker", "inference", "monitor", "orchestrator", "trainer", "models")
-CROSSING = ("cli.py", "entry.py", "eval.py", "keys.py", "launcher", "run_config", "runs")
+CROSSING = ("cli.py", "entry.py", "eval.py", "keys.py", "plot.py", "launcher", "run_config", "runs")
 # `python -m rlbus` must reach the CLI: the one import from rlbus (common/) into services.
 COMMON_MAY_IMPORT_SERVICES = ("__main__.py",)
 HEAVY = ("torch", "vllm", "transformers")

@@ -172,3 +172,5 @@ def test_sigterm_releases_waiting_steps_and_exits_0(folder: Path):
     log = (process.output_dir / "logs" / "monitor.log").read_text()
     assert "step 5 | reward/all/mean 0.75 | (no report from trainer)" in log
     assert "monitor stopped" in log
+    # The run's charts, drawn as the monitor stopped: reward only, the one figure reported.
+    assert [p.name for p in (process.output_dir / "charts").iterdir()] == ["reward.png"]

@@ -25,3 +25,5 @@ def test_each_step_is_a_metrics_line_and_a_steps_row(tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and all(r["complete"] for r in rows)
     assert set(rows[1]) == {*STEP_ROW_KEYS, "sft/loss/mean", "sft/optim/lr", "sft/progress/tokens", "sft/time/step"}
     assert rows[1]["sft/progress/tokens"] == 200.0 and rows[1]["elapsed_s"] >= rows[0]["elapsed_s"] >= 0
+    # Its charts, drawn as the run ends: the figures an SFT run has (no reward, no eval).
+    assert sorted(p.name for p in (tmp_path / "charts").iterdir()) == ["loss.png", "step_time.png"]
