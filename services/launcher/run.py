@@ -9,9 +9,11 @@ Run folder layout (``output_dir``)::
     weights/        published policy weights
     metrics.jsonl   one line per service report (the monitor), with samples.jsonl and events.jsonl
     steps.jsonl     one line per step, every service's figures of it (the monitor)
+    charts/         PNG charts of steps.jsonl, drawn by the monitor as it stops (rlbus.plots)
 
 When the run ends the launcher logs a summary: steps, rewards, last evaluation, wall time and
-where the results are (:mod:`rlbus.services.launcher.summary`).
+where the results are (:mod:`rlbus.services.launcher.summary`); with ``--bench`` it also prints
+the table of throughput figures (:mod:`rlbus.bench`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from pathlib import Path
 
 from loguru import logger
 
+from rlbus.bench import RL_BENCH, print_bench_table
 from rlbus.config.base import secret_paths
 from rlbus.config.loader import ENV_PREFIX
+from rlbus.run_files import STEPS_FILE, read_rows
 from rlbus.services.entry import open_run_folder
 from rlbus.services.launcher.processes import CommandFor, process_table, service_command
 from rlbus.services.launcher.summary import log_run_summary
@@ -40,10 +44,13 @@ def run_rl(config: RlConfig, command_for: CommandFor = service_command) -> int:
         # Logging, the resolved configs and the marker were set up before the folder was cleaned: again.
         open_run_folder(config)
         logger.info("cleaned {}", config.output_dir)
+    if config.bench:
+        logger.info("bench mode: {} steps with W&B, checkpoints, resuming and evaluation off; the table of "
+                    "figures comes at the end", config.max_steps)  # fmt: skip
     if config.slurm.enabled:
         from rlbus.services.launcher.slurm import run_slurm
 
-        return run_slurm(config)
+        return with_bench_table(config, run_slurm(config))
     specs = process_table(config, config.output_dir / "configs")
     logs_dir = config.output_dir / "logs"
     logger.info("run folder {}: {} processes; live view: rlbus tail @ {}", config.output_dir, len(specs),
@@ -52,7 +59,15 @@ def run_rl(config: RlConfig, command_for: CommandFor = service_command) -> int:
     result = Supervisor(specs, command_for, logs_dir, config.stop_timeout_s,
                         env=child_environment(config, os.environ), max_restarts=config.max_restarts).run()  # fmt: skip
     log_run_summary(config.output_dir, time.monotonic() - started)
-    return result.exit_code
+    return with_bench_table(config, result.exit_code)
+
+
+def with_bench_table(config: RlConfig, exit_code: int) -> int:
+    """Under ``--bench``, print the table of the run's steps (steps.jsonl, complete once the monitor
+    stopped); ``exit_code`` either way. A failed run gets the table of the steps it finished."""
+    if config.bench:
+        print_bench_table(read_rows(config.output_dir / STEPS_FILE), RL_BENCH)
+    return exit_code
 
 
 def child_environment(config: RlConfig, environ: Mapping[str, str]) -> dict[str, str]:

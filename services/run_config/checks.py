@@ -20,15 +20,19 @@ from typing import Any
 from rlbus.config import ConfigError, ServiceConfig
 from rlbus.environments import UnknownEnvironmentError, check_environment
 from rlbus.model_path import looks_like_path, position_limit
+from rlbus.run_files import METRICS_FILE, STEPS_FILE
 from rlbus.services.inference.config import InferenceConfig
 from rlbus.services.orchestrator.config import OrchestratorConfig
 from rlbus.services.run_config.rl import RlConfig
-from rlbus.services.trainer.config import TrainerConfig
+from rlbus.services.trainer.config import TrainerConfig, TrainingConfig
+from rlbus.services.trainer.sft_config import SftConfig
 
 # A tokenizer saved by transformers has one of these (fast, sentencepiece, or BPE files).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "")
 LOOPBACK_HOSTS = ("localhost", "::1")
+BENCH_REFUSED = (STEPS_FILE, METRICS_FILE, "checkpoints")
+"""What a run folder holds once a run trained in it (configs/ and logs/ alone: a --dry-run, a failed start)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ def rl_problems(config: RlConfig) -> list[Problem]:
         *resume_problems(config),
         *schedule_problems(config.trainer, "trainer."),
         *port_problems(config),
+        *bench_folder_problems(config, ""),
     ]
 
 
@@ -181,13 +186,28 @@ def _resume_step_problems(key: str, resume_step: int | None, max_steps: int | No
                                       "resume from an earlier step or raise --max-steps")]  # fmt: skip
 
 
-def schedule_problems(config: TrainerConfig, prefix: str) -> list[Problem]:
+def schedule_problems(config: TrainingConfig, prefix: str) -> list[Problem]:
     """A learning-rate warmup longer than the run (the trainer's LRSchedule refuses it at start)."""
     warmup, max_steps = config.scheduler.warmup_steps, config.max_steps
     if max_steps is None or warmup <= max_steps:
         return []
     return [Problem(f"{prefix}scheduler.warmup_steps", warmup, f"it is longer than max_steps = {max_steps}; "
                                                                "lower it (0: no warmup) or raise --max-steps")]  # fmt: skip
+
+
+def bench_folder_problems(config: RlConfig | SftConfig, prefix: str) -> list[Problem]:
+    """``--bench`` in a folder that holds a run: the monitor and SFT append to its files, so the bench's
+    rows would land among that run's and (``rlbus rl``) the table would read both."""
+    output_dir = config.output_dir
+    if not config.bench or getattr(config, "clean_output_dir", False) or not output_dir.is_dir():
+        return []
+    found = [name for name in BENCH_REFUSED if (output_dir / name).exists()]
+    if not found:
+        return []
+    clean = " or add --clean-output-dir to delete it" if isinstance(config, RlConfig) else ""
+    return [Problem(f"{prefix}output_dir", str(output_dir),
+                    f"--bench needs a run folder of its own, and this one holds a run ({', '.join(found)}): "
+                    f"pick another --output-dir{clean}")]  # fmt: skip
 
 
 # ------------------------------------------------------------------ ports
@@ -235,5 +255,6 @@ SERVICE_CHECKS: dict[type[ServiceConfig], tuple[Callable[[Any, str], list[Proble
     OrchestratorConfig: (orchestrator_problems, section_resume_problems),
     TrainerConfig: (section_resume_problems, schedule_problems),
     InferenceConfig: (inference_problems,),
+    SftConfig: (schedule_problems, bench_folder_problems),
 }
 """Checks of a service's config when it runs alone (``rlbus orchestrator @ orchestrator.toml``)."""

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, model_validator
 
+from rlbus.bench import MIN_RL_BENCH_STEPS, bench_steps
 from rlbus.config import ConfigModel, ServiceConfig, deep_merge, env_values
 from rlbus.services.env_worker.config import EnvWorkerConfig
 from rlbus.services.inference.config import InferenceConfig
@@ -91,10 +92,38 @@ class RlConfig(ServiceConfig):
     many times per service, instead of stopping the run; 0 stops the run at the first failure."""
     ckpt: RunCheckpointConfig = RunCheckpointConfig()
     """Checkpoint interval and resume step of the trainer and the orchestrator together."""
+    bench: bool = False
+    """Benchmark mode (``--bench``): run the real loop for 5 steps (``max_steps`` when smaller, at
+    least 3: the first is warm-up) with W&B, checkpoints, resuming and evaluation off (and the
+    learning-rate warmup cut to the steps run), then print step time, trainer and generation
+    tokens/s, MFU and peak memory per step and as mean ± std over the steps after the first. Needs
+    a run folder without a run in it (or ``--clean-output-dir``)."""
 
     # The short config of Prime's hosted RL (services/run_config/short.py), for the loader.
     short_keys = staticmethod(short_keys)
     expand_short_keys = staticmethod(expand_short_keys)
+
+    @model_validator(mode="after")
+    def _bench_mode(self) -> RlConfig:
+        # First of the validators: the ones below propagate max_steps and the run's ckpt settings
+        # into the sections. Values are set through __dict__, as there: assignment would validate again.
+        if not self.bench:
+            return self
+        self.__dict__["max_steps"] = bench_steps(self.max_steps)
+        if self.max_steps < MIN_RL_BENCH_STEPS:
+            raise ValueError(
+                f"bench = true with max_steps = {self.max_steps}: the first step is warm-up and a "
+                f"mean ± std needs two more; give --max-steps {MIN_RL_BENCH_STEPS} or more"
+            )
+        scheduler = self.trainer.scheduler
+        if scheduler.warmup_steps > self.max_steps:  # refused at start; the rate does not change the speed
+            scheduler.__dict__["warmup_steps"] = self.max_steps
+        self.ckpt.__dict__.update(interval=None, resume_step=None)
+        self.trainer.ckpt.__dict__.update(enabled=False, resume_step=None)
+        self.orchestrator.ckpt.__dict__["resume_step"] = None
+        self.orchestrator.eval.__dict__["interval"] = None
+        self.monitor.wandb.__dict__["enabled"] = False
+        return self
 
     @model_validator(mode="after")
     def _propagate_shared_fields(self) -> RlConfig:
@@ -138,8 +167,10 @@ class RlConfig(ServiceConfig):
                 if "keep_last" not in section.model_fields_set:
                     section.__dict__["keep_last"] = self.ckpt.keep_last
         if trainer.enabled and trainer.interval != orchestrator.interval:
-            raise ValueError(f"trainer.ckpt.interval = {trainer.interval} but orchestrator.ckpt.interval = "
-                             f"{orchestrator.interval}: they must checkpoint at the same steps (set ckpt.interval)")
+            raise ValueError(
+                f"trainer.ckpt.interval = {trainer.interval} but orchestrator.ckpt.interval = "
+                f"{orchestrator.interval}: they must checkpoint at the same steps (set ckpt.interval)"
+            )
         return self
 
     @model_validator(mode="after")

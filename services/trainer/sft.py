@@ -13,11 +13,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from loguru import logger
 
+from rlbus.bench import SFT_BENCH, print_bench_table
 from rlbus.bus import Bus
+from rlbus.environments.builtin import larger_number
 from rlbus.errors import UserError
 from rlbus.pubsub import TelemetryClient
 from rlbus.services.trainer.data import reverse_text
@@ -34,10 +37,13 @@ from rlbus.services.trainer.sft_records import SftRecords
 def load_examples(config: SftConfig) -> tuple[list[Row], list[Row]]:
     """Training and validation rows, per ``data``."""
     data = config.data
-    if data.synthetic == "reverse-text":
+    if data.synthetic is not None:
         num_val = round(data.num_examples * data.val_fraction / (1 - data.val_fraction))
-        rows = reverse_text.generate(data.num_examples + num_val, config.seed, data.min_words, data.max_words)
-        return rows[:data.num_examples], rows[data.num_examples:]
+        if data.synthetic == "reverse-text":
+            rows = reverse_text.generate(data.num_examples + num_val, config.seed, data.min_words, data.max_words)
+        else:
+            rows = larger_number.generate_sft(data.num_examples + num_val, config.seed)
+        return rows[: data.num_examples], rows[data.num_examples :]
     assert data.path is not None
     rows = read_rows(data.path, data.split)
     if data.val_path is not None:
@@ -64,7 +70,7 @@ class SftPlan:
         epoch, index = divmod(step - 1, self.steps_per_epoch)
         order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_examples) if self.shuffle
                  else np.arange(self.num_examples))  # fmt: skip
-        return order[index * self.batch_size:(index + 1) * self.batch_size]
+        return order[index * self.batch_size : (index + 1) * self.batch_size]
 
 
 class SftLoop:
@@ -78,6 +84,8 @@ class SftLoop:
         self.started = time.monotonic()
         # No monitor runs beside SFT: the main rank writes the run's metrics files itself.
         self.records = SftRecords(config.output_dir, f"sft-rank{runtime.ctx.rank}") if runtime.ctx.is_main else None
+        self.bench_rows: list[dict[str, Any]] = []
+        """The steps rows of this run, for the ``--bench`` table (main rank)."""
 
     def rows(self, samples: list[Sample]) -> list[RowTensors]:
         """This rank's share of ``samples``, packed."""
@@ -90,20 +98,27 @@ class SftLoop:
             started = time.perf_counter()
             samples = [self.train[i] for i in self.plan.indices(step)]
             metrics = self.rt.trainer.run(step, self.rows(samples), sum(s.num_loss_tokens for s in samples))
-            if self.val and self.config.val_interval and (step % self.config.val_interval == 0
-                                                          or step == self.total_steps):
+            if (
+                self.val
+                and self.config.val_interval
+                and (step % self.config.val_interval == 0 or step == self.total_steps)
+            ):
                 metrics["val/loss"] = self.validate()
             metrics["time/save_ckpt"] = self.checkpoint(step)
             metrics["time/step"] = time.perf_counter() - started
             metrics["progress/epoch"] = (step - 1) // self.plan.steps_per_epoch
             if self.records is not None:
                 self.telemetry.metrics(step, metrics)
-                self.records.write(step, metrics)
+                row = self.records.write(step, metrics)
+                if self.config.bench:
+                    self.bench_rows.append(row)
                 if step % self.config.log_interval == 0 or step == self.total_steps:
                     self.log_progress(step, metrics)
         self.save_final()
         if self.records is not None:
             self.records.close()
+            if self.config.bench:
+                print_bench_table(self.bench_rows, SFT_BENCH)
 
     def validate(self) -> float:
         return self.rt.trainer.evaluate(self.rows(self.val), sum(s.num_loss_tokens for s in self.val))
@@ -122,8 +137,12 @@ class SftLoop:
             self.rt.save(step, weights_only=True)
         self.rt.ckpt.wait()  # save_async: the run is done when its checkpoints are on disk
         if self.rt.ctx.is_main:
-            logger.info("SFT done: weights of step {} in {}; per-step figures in {}", step,
-                        self.rt.ckpt.weights / f"step_{step}", self.records.steps.path if self.records else "-")
+            logger.info(
+                "SFT done: weights of step {} in {}; per-step figures in {}",
+                step,
+                "none written (bench mode)" if self.config.bench else self.rt.ckpt.weights / f"step_{step}",
+                self.records.steps.path if self.records else "-",
+            )
 
     def log_progress(self, step: int, metrics: dict[str, float]) -> None:
         done = step / self.total_steps
@@ -144,8 +163,10 @@ def run_sft(config: SftConfig) -> int:
     builder = SampleBuilder(tokenizer, config.data, config.seq_len)
     train, val = [builder.build(r) for r in train_rows], [builder.build(r) for r in val_rows]
     if not train:
-        raise UserError(f"no SFT examples in {config.data.path or config.data.synthetic}: give data.path a file "
-                        "with at least one example")
+        raise UserError(
+            f"no SFT examples in {config.data.path or config.data.synthetic}: give data.path a file "
+            "with at least one example"
+        )
     if config.val_interval and not val:
         logger.warning("val_interval = {} but there are no validation examples (set data.val_fraction or "
                        "data.val_path): no validation", config.val_interval)  # fmt: skip
@@ -153,8 +174,9 @@ def run_sft(config: SftConfig) -> int:
         logger.warning("{} example(s) longer than seq_len = {} were truncated", builder.num_truncated, config.seq_len)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total_steps = config.max_steps or config.num_epochs * steps_per_epoch
-    logger.info("SFT on {} examples ({} for validation), {} steps of {} examples", len(train), len(val),
-                total_steps, config.batch_size)  # fmt: skip
+    logger.info("SFT on {} examples ({} for validation), {} steps of {} examples{}", len(train), len(val),
+                total_steps, config.batch_size, " (bench mode: checkpoints, final weights and validation off)"
+                if config.bench else "")  # fmt: skip
     runtime = build_runtime(config, None, total_steps)
     try:
         with Bus(config.bus) as bus:
