@@ -1,20 +1,29 @@
 """``reverse-text``: reverse a short text character by character.
 
-The answer goes inside ``<reversed_text>`` tags; the reward is the difflib
-``SequenceMatcher`` ratio between the parsed answer and the reversed text, and
-0 when the tags are missing (the task of prime-rl's reverse-text example).
-Texts are words and short phrases drawn from a built-in word list with a seed,
-so every process that loads the environment with the same arguments gets the
-same examples and nothing is downloaded.
+The answer goes inside ``<reversed_text>`` tags. The reward (``lcs_reward``) is
+the difflib ``SequenceMatcher`` ratio between the tagged answer and the
+reversed text, but only for a completion whose answer is where it ends:
+
+- exactly one ``<reversed_text>`` and one ``</reversed_text>``, in that order;
+- nothing but whitespace (or an end-of-text marker) after the closing tag;
+- not truncated: the model stopped by itself before ``max_tokens``.
+
+Anything else scores 0. Without these rules the task is gameable: a policy
+that closes the tag and keeps writing (``<reversed_text>tevek</reversed_text>
+en</reversed_text>niw e``, cut off at ``max_tokens``) kept the first span's
+score, and RL learned to never stop (is_truncated 0.16 -> 0.97 in the CPU
+quickstart). Text before the opening tag is allowed. The task is prime-rl's
+reverse-text example. Texts are words and short phrases drawn from a built-in
+word list with a seed, so every process that loads the environment with the
+same arguments gets the same examples and nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import random
-import re
 from difflib import SequenceMatcher
 
-from rlbus.environments.base import Environment, Rubric
+from rlbus.environments.base import Environment, RolloutState, Rubric
 
 SYSTEM_PROMPT = "Reverse the text character-by-character. Put your answer in <reversed_text> tags."
 
@@ -29,7 +38,10 @@ WORDS = (
     "cold", "early", "late", "north", "south", "east", "west", "the", "a", "of", "and", "under", "over", "near",
     "far", "red", "old", "new",
 )  # fmt: skip
-_ANSWER = re.compile(r"<reversed_text>(.*?)</reversed_text>", re.DOTALL)
+OPEN_TAG, CLOSE_TAG = "<reversed_text>", "</reversed_text>"
+# What may follow the closing tag besides whitespace: a server that keeps special tokens in the
+# text shows the end-of-sequence token the model stopped on.
+END_OF_TEXT = ("<|im_end|>", "<|endoftext|>")
 
 
 def make_examples(num_examples: int, seed: int, min_words: int, max_words: int) -> list[dict]:
@@ -53,13 +65,32 @@ def validate_args(num_examples: int, min_words: int, max_words: int, **_: object
 
 
 def parse_reversed_text(completion: str) -> str | None:
-    """The text inside the last ``<reversed_text>`` tags, stripped; None without them."""
-    found = _ANSWER.findall(completion)
-    return found[-1].strip() if found else None
+    """The text inside the completion's one ``<reversed_text>`` span, stripped; None unless the
+    completion has exactly one opening and one closing tag and ends at the closing tag (only
+    whitespace or an end-of-text marker after it)."""
+    if completion.count(OPEN_TAG) != 1 or completion.count(CLOSE_TAG) != 1:
+        return None
+    _, _, rest = completion.partition(OPEN_TAG)
+    answer, closed, after = rest.partition(CLOSE_TAG)
+    if not closed or not ends_here(after):
+        return None  # closed before it opened, or the model went on writing
+    return answer.strip()
 
 
-def lcs_reward(completion: str, answer: str) -> float:
-    """SequenceMatcher ratio of the parsed answer and the reversed text; 0 without tags."""
+def ends_here(after: str) -> bool:
+    """True when ``after`` (the text after the closing tag) is blank, or one end-of-text marker."""
+    return after.strip() in ("", *END_OF_TEXT)
+
+
+def lcs_reward(completion: str, answer: str, state: RolloutState | None = None) -> float:
+    """SequenceMatcher ratio of the parsed answer and the reversed text; 0 when the completion was
+    truncated or :func:`parse_reversed_text` finds no answer that ends it.
+
+    ``state`` is the rollout's (the rubric always passes it); a caller scoring a bare text leaves
+    it out and must have checked truncation itself.
+    """
+    if state is not None and state.is_truncated:
+        return 0.0  # the model did not stop: whatever it tagged, it was not an answer it ended
     parsed = parse_reversed_text(completion)
     if parsed is None:
         return 0.0

@@ -23,11 +23,51 @@ BUILT_INS = ("reverse-text", "arithmetic", "guess-number", "calculator")
 
 def test_reverse_text_reward_is_the_similarity_of_the_tagged_answer() -> None:
     assert reverse_text.lcs_reward("<reversed_text>olleh</reversed_text>", "olleh") == 1.0
-    assert reverse_text.lcs_reward("sure: <reversed_text>\n olleh \n</reversed_text>", "olleh") == 1.0
+    assert reverse_text.lcs_reward("sure: <reversed_text>\n olleh \n</reversed_text>\n", "olleh") == 1.0
     assert reverse_text.lcs_reward("<reversed_text>olleb</reversed_text>", "olleh") == pytest.approx(0.8)
     assert reverse_text.lcs_reward("olleh", "olleh") == 0.0  # no tags
     assert reverse_text.lcs_reward("<reversed_text>olleh", "olleh") == 0.0  # unclosed
+    assert reverse_text.lcs_reward("</reversed_text>olleh<reversed_text>", "olleh") == 0.0  # closed before opened
     assert reverse_text.lcs_reward("<reversed_text></reversed_text>", "olleh") == 0.0
+
+
+def reverse_text_reward(completion: str, answer: str, finish_reason: str = "stop") -> float:
+    """The reward the env-worker's rubric gives one sampled completion (state and all)."""
+    env = reverse_text.load_environment(num_examples=1)
+    state = RolloutState({"prompt": "x", "answer": answer}, [], 0, completions=[completion])
+    state.is_truncated = finish_reason == "length"
+    return env.rubric.total({name: func(**env.rubric.inputs(func, state))
+                             for name, func in zip(env.rubric.names, env.rubric.funcs, strict=True)})  # fmt: skip
+
+
+def test_reverse_text_a_correct_answer_that_ends_the_completion_scores_1() -> None:
+    assert reverse_text_reward("<reversed_text>\nniw ekevek\n</reversed_text>", "niw ekevek") == 1.0
+    # A server that keeps special tokens in the text shows the one the model stopped on.
+    assert reverse_text_reward("<reversed_text>olleh</reversed_text><|im_end|>", "olleh") == 1.0
+
+
+def test_reverse_text_the_gamed_completion_of_the_quickstart_scores_0() -> None:
+    """Closing the tag and writing on until max_tokens: the first span was scored, the rest ignored."""
+    gamed = "<reversed_text>\ntevek\n</reversed_text>\nen\n</reversed_text>\nniw e"
+    assert reverse_text_reward(gamed, "tevek", finish_reason="length") == 0.0
+    assert reverse_text_reward(gamed, "tevek", finish_reason="stop") == 0.0  # two closing tags, text after
+
+
+def test_reverse_text_text_after_the_closing_tag_scores_0() -> None:
+    assert reverse_text_reward("<reversed_text>olleh</reversed_text> and more", "olleh") == 0.0
+    assert reverse_text_reward("<reversed_text>olleh</reversed_text>\n<|im_end|>x", "olleh") == 0.0
+
+
+def test_reverse_text_several_answer_spans_score_0() -> None:
+    two = "<reversed_text>olleh</reversed_text>\n<reversed_text>olleh</reversed_text>"
+    assert reverse_text_reward(two, "olleh") == 0.0
+    nested = "<reversed_text>o<reversed_text>olleh</reversed_text>"
+    assert reverse_text_reward(nested, "olleh") == 0.0
+
+
+def test_reverse_text_a_truncated_completion_scores_0_even_with_a_perfect_answer() -> None:
+    assert reverse_text_reward("<reversed_text>olleh</reversed_text>", "olleh", finish_reason="length") == 0.0
+    assert reverse_text_reward("<reversed_text>olleh</reversed_text>   ", "olleh", finish_reason="length") == 0.0
 
 
 def test_arithmetic_reward_is_exact_match_on_the_tagged_answer() -> None:
