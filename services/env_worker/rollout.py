@@ -244,7 +244,6 @@ class RolloutRunner:
         if type(env).setup is not Environment.setup:  # skip the thread hop for the no-op default
             await caller("setup", env.setup, state)
         context, new_ids = list(prompt.ids), list(prompt.ids)
-        seed = None if task.sampling.seed is None else task.sampling.seed + index
         while state.turn < env.max_turns:
             max_tokens = task.sampling.max_tokens
             if prompt.max_model_len is not None:
@@ -261,6 +260,7 @@ class RolloutRunner:
                 record.timing["generate"] += first.generate_s
             else:
                 generate_started = time.monotonic()
+                seed = turn_seed(task, index, state.turn)
                 completion = await self.sampler.complete(context, task.sampling, max_tokens, seed)
                 record.timing["generate"] += time.monotonic() - generate_started
             check_continuity(completion, context)
@@ -320,6 +320,18 @@ def failed_rollout(task: RolloutTask, index: int, reason: str, prompt_text: str 
 def answer_text(answer: Any) -> str | None:
     """An example's reference answer as text for people; None when it has none (verifiers uses "")."""
     return None if answer is None or answer == "" else str(answer)
+
+
+def turn_seed(task: RolloutTask, index: int, turn: int) -> int | None:
+    """The sampling seed of rollout ``index``'s turn ``turn``; None for an unseeded task.
+
+    Turn 0 gets ``seed + index``, what vLLM gives the ``index``-th sample of a seeded request for
+    ``n`` samples; each later turn moves on by ``num_rollouts``, so no two requests of a task
+    replay the same random stream.
+    """
+    if task.sampling.seed is None:
+        return None
+    return task.sampling.seed + turn * task.num_rollouts + index
 
 
 def first_turn_max_tokens(task: RolloutTask, prompt: TokenizedChat) -> int:

@@ -21,8 +21,8 @@ from rlbus.services.inference.idle_spin import export_for_workers
 from rlbus.services.inference.worker_extension import WORKER_EXTENSION
 
 
-def vllm_argv(config: InferenceConfig) -> list[str]:
-    """The ``vllm serve`` command line equivalent to ``config``."""
+def vllm_argv(config: InferenceConfig, on_cpu: bool = False) -> list[str]:
+    """The ``vllm serve`` command line equivalent to ``config`` (``on_cpu``: vLLM runs on the CPU)."""
     argv = [
         "--model", config.model, "--served-model-name", config.resolved_model_name(),
         "--host", config.host, "--port", str(config.port), "--seed", str(config.seed),
@@ -39,15 +39,22 @@ def vllm_argv(config: InferenceConfig) -> list[str]:
         argv += ["--enable-lora", "--max-lora-rank", str(config.max_lora_rank), "--max-loras", str(config.max_loras)]
     if not config.access_log:
         argv.append("--disable-uvicorn-access-log")
+    if on_cpu:
+        # Training requests carry a sampling seed. vLLM's CPU runner crashes its engine when a
+        # seeded request's prefill is split across steps ("CPU Generator does not use offset": it
+        # rewinds the generator like a CUDA one); whole prefills also keep the numerics independent
+        # of how requests happened to arrive. ``vllm_args`` can turn chunking back on.
+        argv.append("--no-enable-chunked-prefill")
     return argv + list(config.vllm_args)
 
 
 def vllm_args(config: InferenceConfig) -> Namespace:
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.platforms import current_platform
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="rlbus inference"))
-    args = parser.parse_args(vllm_argv(config))
+    args = parser.parse_args(vllm_argv(config, on_cpu=current_platform.is_cpu()))
     validate_parsed_serve_args(args)
     return args
 

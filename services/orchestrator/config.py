@@ -33,6 +33,16 @@ class EvalEnvSpec(ConfigModel):
     """Examples evaluated per evaluation."""
     rollouts_per_example: int = Field(1, ge=1)
     """k of avg@k and pass@k."""
+    temperature: float | None = Field(None, ge=0)
+    """Sampling temperature of this evaluation; 0 is greedy (with ``rollouts_per_example = 1``: the
+    greedy avg@1); None samples as training does (``sampling.temperature``)."""
+    name: str | None = None
+    """Name in the metrics (``eval/<name>/avg@k``); None uses ``id``. Give one to evaluate the same
+    environment twice, e.g. greedily and sampled."""
+
+    @property
+    def metric_name(self) -> str:
+        return self.name or self.id
 
 
 class TrainEnvsConfig(ConfigModel):
@@ -52,6 +62,15 @@ class EvalConfig(ConfigModel):
     """Evaluation environments."""
     pass_threshold: float = 1.0
     """A rollout counts as solved for pass@k when its reward is at least this."""
+
+    @model_validator(mode="after")
+    def _one_name_per_evaluation(self) -> EvalConfig:
+        names = [spec.metric_name for spec in self.env]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"eval.env: {twice} evaluated more than once under the same name; give each "
+                             "evaluation of the same environment its own `name` (its metrics are eval/<name>/...)")
+        return self
 
 
 class SamplingConfig(ConfigModel):

@@ -48,7 +48,7 @@ from rlbus.services.orchestrator.evaluation import EvalRound, EvalScheduler
 from rlbus.services.orchestrator.journal import Journal, Replay
 from rlbus.services.orchestrator.leases import Completion, TaskLedger, WorkerPool, dispatch
 from rlbus.services.orchestrator.rollouts import result_problem
-from rlbus.services.orchestrator.sampler import Draw, TaskSampler, existing_draws
+from rlbus.services.orchestrator.sampler import Draw, TaskSampler, existing_draws, sampling_seed
 from rlbus.services.orchestrator.step_metrics import StepMetrics
 
 
@@ -106,6 +106,8 @@ class Orchestrator:
         # Task ids must never repeat across restarts: workers may still hold old ones.
         self.run_id = os.urandom(4).hex()
         self._num_tasks = 0
+        self._seed_slot = (0, -1)
+        """(batch step, slot) of the latest training task's sampling seed (:meth:`_next_sampling_seed`)."""
         self.step_tasks: dict[int, list[str]] = {}
         """Task ids of each built step not acknowledged yet (journaled again when renumbered)."""
         self.journal = journal
@@ -329,6 +331,8 @@ class Orchestrator:
             groups = self.buffer.take(self.step, self.groups_per_batch)
             if groups is None:
                 return
+            # Results arrive in any order; a batch in draw order packs (and sums) the same way every run.
+            groups.sort(key=lambda group: (group.draw.env_index, group.draw.example_id))
             self.step_tasks[self.step] = [g.task_id for g in groups]
             if self.journal is not None:
                 self.journal.built(self.step, self.step_tasks[self.step])
@@ -356,7 +360,8 @@ class Orchestrator:
             draw = self.pending_draws.popleft() if self.pending_draws else self.sampler.draw()
             spec = self.config.train.env[draw.env_index]
             task = self._task(spec.id, spec.args, draw.example_id, self.config.rollouts_per_example,
-                              is_eval=False, min_policy_step=max(0, self.step - 1 - self.config.max_async_level))
+                              is_eval=False, min_policy_step=max(0, self.step - 1 - self.config.max_async_level),
+                              seed=self._next_sampling_seed())  # fmt: skip
             self.draw_of[task.task_id] = draw
             self.ledger.add(task)
 
@@ -382,16 +387,30 @@ class Orchestrator:
         planned = self.evals.start(policy_step, self._new_task_id)
         for task_id, spec, example_id in planned:
             self.ledger.add(self._task(spec.id, spec.args, example_id, spec.rollouts_per_example, is_eval=True,
-                                       min_policy_step=policy_step, task_id=task_id))  # fmt: skip
+                                       min_policy_step=policy_step, task_id=task_id,
+                                       temperature=spec.temperature))  # fmt: skip
         logger.info("evaluating policy step {}: {} tasks", policy_step, len(planned))
 
     def _task(self, env_id: str, env_args: dict, example_id: int, num_rollouts: int, is_eval: bool,
-              min_policy_step: int, task_id: str | None = None) -> RolloutTask:  # fmt: skip
+              min_policy_step: int, task_id: str | None = None, seed: int | None = None,
+              temperature: float | None = None) -> RolloutTask:  # fmt: skip
+        sampling = self.sampling if seed is None else msgspec.structs.replace(self.sampling, seed=seed)
+        if temperature is not None:
+            sampling = msgspec.structs.replace(sampling, temperature=temperature)
         return RolloutTask(
             task_id=task_id or self._new_task_id(), env_id=env_id, env_args=dict(env_args), example_id=example_id,
-            num_rollouts=num_rollouts, sampling=self.sampling, is_eval=is_eval, lease_s=self.config.task_lease_s,
+            num_rollouts=num_rollouts, sampling=sampling, is_eval=is_eval, lease_s=self.config.task_lease_s,
             issued_at=0.0, min_policy_step=min_policy_step,
         )  # fmt: skip
+
+    def _next_sampling_seed(self) -> int:
+        """The seed of the next training task issued for batch ``self.step``. Not from the task id (it
+        is random per process) nor from arrival order: at ``max_async_level`` 0 the same seed gives
+        the same seeds to the same examples, hence the same rollouts."""
+        step, slot = self._seed_slot
+        slot = slot + 1 if step == self.step else 0
+        self._seed_slot = (self.step, slot)
+        return sampling_seed(self.config.seed, self.step, slot)
 
     def _new_task_id(self) -> str:
         # An id a result already named (a forged or confused peer) is skipped: reusing it would

@@ -93,9 +93,10 @@ class EvalRound:
     def metrics(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for index, spec in enumerate(self.specs):
-            metrics |= env_metrics(spec.id, self.rewards[index], spec.rollouts_per_example, self.threshold)
-            metrics[f"eval/{spec.id}/errored_rollouts"] = float(self.num_errored[index])
-            metrics[f"eval/{spec.id}/abandoned_tasks"] = float(self.num_abandoned[index])
+            name = spec.metric_name
+            metrics |= env_metrics(name, self.rewards[index], spec.rollouts_per_example, self.threshold)
+            metrics[f"eval/{name}/errored_rollouts"] = float(self.num_errored[index])
+            metrics[f"eval/{name}/abandoned_tasks"] = float(self.num_abandoned[index])
         return metrics
 
 

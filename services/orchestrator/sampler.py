@@ -8,6 +8,11 @@ the progress checkpoint and a resumed run continues the same sequence.
   seeded with ``(seed, i)``.
 - Example within an environment: walk a permutation of its examples seeded
   with ``(seed, env_index, epoch)``; a new epoch reshuffles.
+- Sampling seed of a training task (:func:`sampling_seed`): from ``(seed,
+  step, slot)``, the slot counting the tasks issued for that batch step; the
+  env-worker offsets it per rollout and turn, and vLLM gives each seeded
+  request its own random generator, so what a request samples does not depend
+  on which other requests shared its batch.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import msgspec
 import numpy as np
 from loguru import logger
 
-# Distinguishes the environment stream from the per-environment permutations.
+# Distinguish the environment stream and the sampling seeds from the per-environment permutations.
 _ENV_STREAM = 0x5EED
+_SAMPLING_STREAM = 0x5A3B
 
 
 class Environment(Protocol):
@@ -113,3 +119,12 @@ def existing_draws(draws: Sequence[Draw], num_examples: Sequence[int]) -> list[D
         logger.warning("dropped {} drawn examples that the training environments no longer have",
                        len(draws) - len(valid))  # fmt: skip
     return valid
+
+
+def sampling_seed(seed: int, step: int, slot: int) -> int:
+    """The vLLM seed of the ``slot``-th training task issued for batch ``step`` of a run seeded ``seed``.
+
+    Below 2**62: the env-worker adds small per-rollout offsets and vLLM takes a signed 64-bit seed.
+    """
+    entropy = [seed % 2**64, _SAMPLING_STREAM, step, slot]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) >> 2

@@ -65,7 +65,7 @@ SHORT_KEYS: tuple[ShortKey, ...] = (
              "`[[env]]` items: `id`, `args`, `ratio`; `name` (a display name) has no rlbus field and is dropped",
              drop_item_keys=("name",)),
     ShortKey("eval.*", "orchestrator.eval.*",
-             "`interval`, `[[eval.env]]` (`id`, `args`, `num_examples`, `rollouts_per_example`)"),
+             "`interval`, `[[eval.env]]` (`id`, `args`, `num_examples`, `rollouts_per_example`, `temperature`, `name`)"),
     ShortKey("wandb", "monitor.wandb.enabled", "`wandb = true` (TOML); `--wandb` / `--no-wandb` on the command line",
              short_form=False),
     ShortKey("wandb.*", "monitor.wandb.*",

@@ -207,6 +207,7 @@ def test_example_configs_finish_a_run(home, tiny, capsys, tmp_path, monkeypatch)
     assert "max_words = 3" in orchestrator and "seed = 1" in orchestrator, orchestrator
     metrics = (tmp_path / "eval" / "metrics.jsonl").read_text()
     assert '"eval/reverse-text/avg@2"' in metrics, metrics[-2000:]
+    assert '"eval/reverse-text-greedy/avg@1"' in metrics, metrics[-2000:]
     (wandb_run,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*")
     assert list(wandb_run.glob("run-*.wandb")), sorted(wandb_run.iterdir())
     assert "rlbus-examples" in (tmp_path / "wandb" / "configs" / "monitor.toml").read_text()

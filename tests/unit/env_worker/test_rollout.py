@@ -241,8 +241,10 @@ def test_a_groups_first_turn_is_one_request_for_all_its_rollouts(scripted, rende
     rollouts = asyncio.run(RolloutRunner(sampler, renderer, 5).run_task(task(num_rollouts=3, seed=10), env))
     assert sampler.groups == [(3, 10)]
     assert [len(r.turns) for r in rollouts] == [2, 2, 2] and all(r.error is None for r in rollouts)
-    # Turn 0 of rollout i is the group's i-th sample; turn 1 is its own request with seed 10 + i.
+    # Turn 0 of rollout i is the group's i-th sample (seed 10 + i); turn 1 is its own request, seeded
+    # 10 + 3 + i so that it does not replay turn 0's random stream.
     assert [tokenizer.decode(r.turns[0].completion_ids[:-1]) for r in rollouts] == ["guess 10", "guess 11", "guess 12"]
+    assert [tokenizer.decode(r.turns[1].completion_ids[:-1]) for r in rollouts] == ["guess 13", "guess 14", "guess 15"]
     assert len(inner.prompts) == 6
 
 

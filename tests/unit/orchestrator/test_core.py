@@ -417,3 +417,24 @@ def test_a_trainer_restarted_from_an_older_checkpoint_repeats_the_steps_since_wi
     # Steps in a checkpoint are never replayed.
     refused = core.on_batch_request(b"t3", BatchRequest(trainer_id="t", rank=0, world_size=1, step=2))
     assert isinstance(refused, Refused) and refused.next_step == 4
+
+
+def test_an_environment_evaluated_greedily_and_sampled_reports_both_under_their_names(tmp_path):
+    greedy = {"id": "a", "name": "a-greedy", "num_examples": 2, "temperature": 0.0}
+    sampled = {"id": "a", "num_examples": 2, "rollouts_per_example": 2}
+    core = make_core(make_config(tmp_path, eval={"interval": 1, "env": [greedy, sampled]}))
+    load_policy(core, 0)
+    evals = [t for t in request_tasks(core, num_tasks=10) if t.is_eval]
+    temperatures = sorted((t.num_rollouts, t.sampling.temperature) for t in evals)
+    assert temperatures == [(1, 0.0), (1, 0.0), (2, 1.0), (2, 1.0)]
+    for task in evals:
+        core.on_result(roll_out(task, 0, rewards=[1.0] * task.num_rollouts if task.num_rollouts == 1 else [0.0, 1.0]))
+    ((_, metrics),) = core.tick().metrics
+    assert metrics["eval/a-greedy/avg@1"] == 1.0 and metrics["eval/a/avg@2"] == 0.5
+    assert metrics["eval/a/pass@2"] == 1.0
+
+
+def test_the_same_environment_evaluated_twice_needs_two_names(tmp_path):
+    twice = [{"id": "a", "temperature": 0.0}, {"id": "a", "rollouts_per_example": 4}]
+    with pytest.raises(ValueError, match=r"\['a'\] evaluated more than once under the same name"):
+        make_config(tmp_path, eval={"interval": 1, "env": twice})

@@ -1,0 +1,20 @@
+"""The ``vllm serve`` arguments rlbus derives from its inference config."""
+
+from __future__ import annotations
+
+from rlbus.services.inference.config import InferenceConfig
+from rlbus.services.inference.server import vllm_args, vllm_argv
+
+
+def test_on_the_cpu_a_prefill_is_never_split():
+    """vLLM's CPU runner crashes when a seeded request's split prefill is rewound; training requests are seeded."""
+    config = InferenceConfig(model="m", max_model_len=4096)
+    assert "--no-enable-chunked-prefill" in vllm_argv(config, on_cpu=True)
+    assert "--no-enable-chunked-prefill" not in vllm_argv(config, on_cpu=False)
+    args = vllm_args(config)  # this test machine runs vLLM on the CPU
+    assert args.enable_chunked_prefill is False
+
+
+def test_vllm_args_can_turn_chunked_prefill_back_on():
+    args = vllm_args(InferenceConfig(model="m", vllm_args=["--enable-chunked-prefill"]))
+    assert args.enable_chunked_prefill is True
