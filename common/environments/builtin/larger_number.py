@@ -1,18 +1,21 @@
 """``larger-number``: say which of two numbers is larger — a task only the reward teaches.
 
 The user turn is two distinct integers (``"37 52"``); the answer is the position of the
-larger one, ``1`` or ``2``, inside ``<answer>`` tags. ``correct`` (weight 1) is 1 when the
-completion is exactly one ``<answer>N</answer>`` naming the larger number's position and
-ends there (only whitespace or an end-of-text marker after it, not truncated), else 0;
-``has_answer`` (weight 0) says whether it had that shape at all.
+larger one, ``1`` or ``2``, and nothing else. ``correct`` (weight 1) is 1 when the
+completion is exactly the larger number's position (surrounding whitespace and an
+end-of-text marker allowed; not truncated), else 0; ``has_answer`` (weight 0) says whether
+it was a bare ``1`` or ``2`` at all. A completion that says more scores 0: the answer must
+end where it ends.
 
-Why it is the CPU quickstart's RL task: its warm-up demonstrations (:func:`sft_example`)
-show the answer format with a position picked at random, so SFT can teach the format but
-not which position to pick (on that data SFT alone stays at chance, ~0.5);
-only the reward tells right from wrong, and comparing two-digit numbers is a rule a
-1M-parameter model can learn from it in minutes. A held-out ``split = "eval"`` holds
-the pairs the training split never shows (one pair in five, chosen by the pair itself,
-so any seed and any number of examples keep the two apart).
+What it is for: a task whose warm-up demonstrations (:func:`sft_example`,
+``data.synthetic = "larger-number"``) show only the format, with a position picked at
+random, so SFT on them stays at chance (~0.5) and whatever rises above it comes from the
+reward. A held-out ``split = "eval"`` holds the pairs the training split never shows (one
+pair in five, chosen by the pair itself, so any seed and any number of examples keep the
+two apart). Measured on a 2-core CPU with the quickstart's 1M-parameter model, it is too
+hard for that model: 45 RL steps of 128 rollouts left the reward at 0.48-0.53, and even
+SFT on 960 correct answers left the loss at ln 2 per answer (the comparison was not
+learned); a larger model is needed.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from typing import Any, Literal
 
 from rlbus.environments.base import Environment, RolloutState, Rubric
 
-SYSTEM_PROMPT = "Which number is larger? Reply 1 for the first, 2 for the second, inside <answer></answer> tags."
-_ONE_ANSWER = re.compile(r"\s*<answer>\s*(-?\d+)\s*</answer>(.*)", re.DOTALL)
+SYSTEM_PROMPT = "Which number is larger? Answer 1 or 2."
+"""Offered with ``system_prompt = true``; off by default, as every prompt token costs CPU time in
+training and the warm-up teaches what the bare question means."""
+_ANSWER = re.compile(r"\s*([12])\s*")
 END_OF_TEXT = ("<|im_end|>", "<|endoftext|>")
 EVAL_EVERY = 5
 """One unordered pair in this many belongs to the eval split."""
@@ -57,11 +62,11 @@ def make_pairs(num_examples: int, seed: int, min_value: int, max_value: int, spl
 
 
 def parse_answer(completion: str) -> int | None:
-    """The number of a completion that is one ``<answer>N</answer>`` and ends there; else None."""
-    match = _ONE_ANSWER.fullmatch(completion)
-    if match is None or match.group(2).strip() not in ("", *END_OF_TEXT):
-        return None
-    return int(match.group(1))
+    """1 or 2 when that is all the completion says (an end-of-text marker after it allowed); else None."""
+    for marker in END_OF_TEXT:
+        completion = completion.removesuffix(marker)
+    match = _ANSWER.fullmatch(completion)
+    return None if match is None else int(match.group(1))
 
 
 def correct(completion: str, answer: str, state: RolloutState | None = None) -> float:
@@ -80,8 +85,8 @@ def has_answer(completion: str, state: RolloutState | None = None) -> float:
 def sft_example(a: int, b: int, rng: random.Random) -> dict[str, Any]:
     """A warm-up demonstration: the environment's prompt and format, the position picked at random."""
     return {
-        "prompt": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": f"{a} {b}"}],
-        "completion": [{"role": "assistant", "content": f"<answer>{rng.choice((1, 2))}</answer>"}],
+        "prompt": [{"role": "user", "content": f"{a} {b}"}],
+        "completion": [{"role": "assistant", "content": str(rng.choice((1, 2)))}],
     }
 
 
@@ -94,8 +99,9 @@ def generate_sft(num_examples: int, seed: int = 0, min_value: int = 10, max_valu
 
 
 def load_environment(num_examples: int = 1000, seed: int = 0, min_value: int = 10, max_value: int = 99,
-                     split: Literal["train", "eval"] = "train") -> Environment:  # fmt: skip
+                     split: Literal["train", "eval"] = "train", system_prompt: bool = False) -> Environment:  # fmt: skip
     """Pairs of distinct integers in ``[min_value, max_value]`` from ``split``, generated from ``seed``."""
     pairs = make_pairs(num_examples, seed, min_value, max_value, split)
     examples = [{"prompt": f"{a} {b}", "answer": "1" if a > b else "2"} for a, b in pairs]
-    return Environment(examples, Rubric([correct, has_answer], [1.0, 0.0]), system_prompt=SYSTEM_PROMPT)
+    rubric = Rubric([correct, has_answer], [1.0, 0.0])
+    return Environment(examples, rubric, system_prompt=SYSTEM_PROMPT if system_prompt else None)

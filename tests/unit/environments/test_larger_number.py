@@ -14,24 +14,24 @@ def state(truncated: bool = False) -> RolloutState:
 
 
 @pytest.mark.parametrize(("completion", "reward"), [
-    ("<answer>2</answer>", 1.0),
-    ("  <answer> 2 </answer>\n", 1.0),
-    ("<answer>2</answer><|im_end|>", 1.0),
-    ("<answer>1</answer>", 0.0),                           # the smaller one
-    ("<answer>2</answer> or 1", 0.0),                      # went on writing after the answer
-    ("<answer>1</answer><answer>2</answer>", 0.0),         # two answers: no picking the right one
-    ("2", 0.0),                                            # no tags
-    ("The second: <answer>2</answer>", 0.0),               # one answer and nothing else
-    ("<answer>2", 0.0),
+    ("2", 1.0),
+    ("  2\n", 1.0),
+    ("2<|im_end|>", 1.0),
+    ("1", 0.0),                      # the smaller one
+    ("2 or 1", 0.0),                 # went on writing after the answer
+    ("12", 0.0),                     # two answers: no picking the right one
+    ("The second: 2", 0.0),          # the answer and nothing else
+    ("<answer>2</answer>", 0.0),
+    ("", 0.0),
 ])  # fmt: skip
-def test_only_exactly_the_larger_numbers_position_as_the_one_answer_scores(completion, reward):
+def test_only_exactly_the_larger_numbers_position_scores(completion, reward):
     assert env.correct(completion, "2", state()) == reward
 
 
 def test_a_truncated_completion_scores_zero_even_with_the_right_answer():
-    assert env.correct("<answer>2</answer>", "2", state(truncated=True)) == 0.0
-    assert env.has_answer("<answer>2</answer>", state(truncated=True)) == 0.0
-    assert env.has_answer("<answer>1</answer>", state()) == 1.0
+    assert env.correct("2", "2", state(truncated=True)) == 0.0
+    assert env.has_answer("2", state(truncated=True)) == 0.0
+    assert env.has_answer("1", state()) == 1.0 and env.has_answer("3", state()) == 0.0
 
 
 def test_train_and_eval_splits_never_share_a_pair():
@@ -45,7 +45,7 @@ def test_sft_demonstrations_have_the_format_but_pick_at_random():
     rows = env.generate_sft(400, seed=0)
     picks = []
     for row in rows:
-        a, b = map(int, row["prompt"][1]["content"].split())
+        a, b = map(int, row["prompt"][-1]["content"].split())
         answer = env.parse_answer(row["completion"][0]["content"])
         assert answer in (1, 2) and not env.is_eval_pair(a, b)
         picks.append(answer == (1 if a > b else 2))
@@ -54,6 +54,8 @@ def test_sft_demonstrations_have_the_format_but_pick_at_random():
 
 def test_loaded_through_the_registry_with_its_split():
     eval_env = load_environment("larger-number", {"split": "eval", "num_examples": 20, "seed": 3})
+    assert eval_env.system_prompt is None
+    assert load_environment("larger-number", {"system_prompt": True}).system_prompt == env.SYSTEM_PROMPT
     example = eval_env.example(0)
     a, b = map(int, example["prompt"].split())
     assert example["answer"] == ("1" if a > b else "2") and env.is_eval_pair(a, b)
