@@ -5,7 +5,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${RLBUS_VENV:-$ROOT/.venv}"
-EXTRAS="${RLBUS_EXTRAS:-trainer,models,inference,monitor,test}"
+EXTRAS="${RLBUS_EXTRAS:-trainer,models,inference,monitor,verifiers,test}"
 PYTHON="${PYTHON:-python3}"
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -26,17 +26,28 @@ from typing import Any
 from rlbus.environments import Environment, Message, Rubric, parse_hermes_tool_calls
 from rlbus.messages import Rollout, RolloutTask, Turn
 from rlbus.services.env_worker.inference import InferenceError
-from rlbus.services.env_worker.rollout import Sampler, answer_text, check_continuity, failed_rollout, turn_of
+from rlbus.services.env_worker.rollout import (
+    Sampler,
+    answer_text,
+    check_continuity,
+    failed_rollout,
+    turn_of,
+    turn_seed,
+)
 from rlbus.services.env_worker.tokens import TurnRenderer
 
 
-def load_verifiers_environment(env_id: str, args: dict[str, Any]) -> VerifiersEnvironment:
+def load_verifiers_environment(env_id: str, args: dict[str, Any]) -> Environment:
     try:
         import verifiers
     except ImportError:
         raise ValueError(
             f"environment 'verifiers:{env_id}' needs the verifiers library: pip install 'rlbus[verifiers]'"
         ) from None
+    if not hasattr(verifiers, "load_environment"):  # 0.4 and later: only the v1 API
+        from rlbus.services.env_worker.verifiers_v1 import load_v1_environment
+
+        return load_v1_environment(env_id, args)
     return VerifiersEnvironment(verifiers.load_environment(env_id, **args))
 
 
@@ -199,7 +210,7 @@ async def _get_response(client: Any, prompt: Any, model: str, tools: Any, state:
         if max_tokens < 1:
             raise vf.OverlongPromptError(f"a prompt of {len(context)} tokens fills max_model_len")
         index = list(client.conversations).index(state["trajectory_id"])
-        seed = None if task.sampling.seed is None else task.sampling.seed + index
+        seed = turn_seed(task, index, len(conversation.turns))
         completion = await client.sampler.complete(context, task.sampling, max_tokens, seed)
         check_continuity(completion, context)
     except (InferenceError, ValueError) as exc:

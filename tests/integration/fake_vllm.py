@@ -67,7 +67,7 @@ class FakePolicy:
                 raise TimeoutError(f"{self.num_held} of {count} completion requests arrived within {timeout_s}s")
 
 
-def make_handler(tokenizer: Any, policy: FakePolicy) -> type[BaseHTTPRequestHandler]:
+def make_handler(tokenizer: Any, policy: FakePolicy, max_model_len: int = 1024) -> type[BaseHTTPRequestHandler]:
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
 
     class Handler(BaseHTTPRequestHandler):
@@ -85,7 +85,7 @@ def make_handler(tokenizer: Any, policy: FakePolicy) -> type[BaseHTTPRequestHand
                     continue_final_message=body.get("continue_final_message", False), tokenize=True,
                     return_dict=False,
                 )  # fmt: skip
-                self._answer(200, {"tokens": list(ids), "max_model_len": 1024})
+                self._answer(200, {"tokens": list(ids), "max_model_len": max_model_len})
             elif self.path == "/v1/completions":
                 # ``n`` choices, each answered like a request of its own (vLLM samples them independently).
                 user_text = USER_TEXT.findall(tokenizer.decode(body["prompt"]))[-1]
@@ -111,11 +111,11 @@ def make_handler(tokenizer: Any, policy: FakePolicy) -> type[BaseHTTPRequestHand
 
 
 @contextmanager
-def serve_fake_vllm(policy: FakePolicy) -> Iterator[str]:
+def serve_fake_vllm(policy: FakePolicy, max_model_len: int = 1024) -> Iterator[str]:
     """Run the server on a free port; yields its ``/v1`` base URL."""
     from rlbus.services.models.tokenizer import build_tokenizer
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(build_tokenizer(), policy))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(build_tokenizer(), policy, max_model_len))
     server.daemon_threads = True  # a request held at the gate must not block shutdown
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

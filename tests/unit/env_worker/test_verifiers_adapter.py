@@ -52,7 +52,7 @@ def load_environment(num_examples: int = 4, multi_turn: bool = False):
 # Runs in the subprocess: scripted answers ("2"), the tiny model's real tokenizer.
 DRIVER = """
 import asyncio, json, sys, time
-sys.path.append(sys.argv[1]); sys.path.insert(0, sys.argv[2])
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2])  # 0.3.1 ahead of the venv's 0.4
 from rlbus.messages import RolloutTask, SamplingParams
 from rlbus.environments import load_environment
 from rlbus.services.env_worker.rollout import RolloutRunner
