@@ -222,8 +222,7 @@ class RlLoop:
         """Send the step's weights to inference and checkpoint it when due. With ``save_async`` the
         state is copied first and written while the weights go out; either way the checkpoint is
         on disk on return. ``time/save_ckpt`` is the time the step spent on it."""
-        due = self.rt.ckpt.due(step)
-        if not (due and self.config.ckpt.save_async):
+        if not (self.config.ckpt.save_async and self.rt.ckpt.due(step)):
             published = self.weights.publish(step, self.rt.model)
             return {"time/broadcast_weights": published, "time/save_ckpt": self.checkpoint(step)}
         started = time.perf_counter()

@@ -38,7 +38,7 @@ class Batches:
 
 def fake_loop(tmp_path, events: list[str]) -> RlLoop:
     loop = RlLoop.__new__(RlLoop)
-    loop.config = SimpleNamespace(trainer_id="t0")
+    loop.config = SimpleNamespace(trainer_id="t0", ckpt=SimpleNamespace(save_async=False))
     loop.rt = SimpleNamespace(ctx=SimpleNamespace(is_main=True), model=None,
                               trainer=SimpleNamespace(run=lambda step, rows, n: dict(METRICS)))  # fmt: skip
     loop.audit = AuditLog(tmp_path / "audit" / "trainer-t0.jsonl")
