@@ -6,16 +6,5 @@
 set -euo pipefail
 
 [ -d /usr/share/dict/scowl ] && exit 0
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "[install_scowl] no /usr/share/dict/scowl and no apt-get: install the scowl word lists by hand" >&2
-    exit 1
-fi
-as_root=()
-if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null 2>&1 || { echo "[install_scowl] missing scowl: run as root" >&2; exit 1; }
-    as_root=(sudo -n)
-fi
-echo "[install_scowl] installing scowl"
-export DEBIAN_FRONTEND=noninteractive
-"${as_root[@]}" apt-get update -qq
-"${as_root[@]}" apt-get install -y -qq --no-install-recommends scowl >/dev/null
+source "$(dirname "$0")/apt_packages.sh"
+apt_install install_scowl scowl

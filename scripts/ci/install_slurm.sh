@@ -12,16 +12,5 @@ command -v munged >/dev/null 2>&1 || missing+=(munge)
 command -v tmux >/dev/null 2>&1 || missing+=(tmux)
 [ "${#missing[@]}" -eq 0 ] && exit 0
 
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "[install_slurm] missing ${missing[*]} and no apt-get: install them by hand" >&2
-    exit 1
-fi
-as_root=()
-if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null 2>&1 || { echo "[install_slurm] missing ${missing[*]}: run as root" >&2; exit 1; }
-    as_root=(sudo -n)
-fi
-echo "[install_slurm] installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-"${as_root[@]}" apt-get update -qq
-"${as_root[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+source "$(dirname "$0")/apt_packages.sh"
+apt_install install_slurm "${missing[@]}"
