@@ -5,23 +5,17 @@ fails the others, so avg@k and pass@k are known exactly from the examples.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import tomli_w
 
 from rlbus.environments import load_environment
 
+from .eval_run import run_rlbus_eval
 from .fake_vllm import FakePolicy, even_length_answer, serve_fake_vllm
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -37,15 +31,9 @@ def test_rlbus_eval_reports_avg_and_pass_at_k_of_an_endpoint(fake_vllm, tmp_path
         "sampling": {"max_tokens": 64},
         "eval": {"env": [{"id": "reverse-text", "args": args, "num_examples": 10, "rollouts_per_example": 2}]},
     }
-    path = tmp_path / "orchestrator.toml"
-    path.write_text(tomli_w.dumps(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLBUS_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "rlbus", "eval", "@", str(path), "--client.base-url", fake_vllm],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    result, metrics = run_rlbus_eval(config, fake_vllm, env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     environment = load_environment("reverse-text", args)
     solved = [len(environment.example(i)["prompt"]) % 2 == 0 for i in range(10)]
     assert 0 < sum(solved) < 10, "the examples must mix solved and failed ones"

@@ -26,6 +26,7 @@ from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 from tests.conftest import free_tcp_port
 from tests.integration.small_run import loopback_endpoints
 
+from .eval_run import run_rlbus_eval
 from .fake_vllm import FakePolicy, serve_fake_vllm
 
 pytestmark = pytest.mark.slow
@@ -139,14 +140,8 @@ def test_rlbus_eval_reports_avg_and_pass_at_k_on_hangman(textarena_env, tmp_path
         args = GAME_ARGS | {"taskset.game": "Hangman-v0"}
         config = {"output_dir": str(tmp_path), "sampling": {"max_tokens": 16},
                   "eval": {"env": [{"id": ENV_ID, "args": args, "num_examples": 6, "rollouts_per_example": 2}]}}  # fmt: skip
-        path = tmp_path / "orchestrator.toml"
-        path.write_text(tomli_w.dumps(config))
-        result = subprocess.run(
-            [sys.executable, "-m", "rlbus", "eval", "@", str(path), "--client.base-url", url],
-            cwd=ROOT, env=textarena_env, capture_output=True, text=True, timeout=900, check=False,
-        )  # fmt: skip
+        result, metrics = run_rlbus_eval(config, url, textarena_env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     shares = [word.lower().count("e") / len(word) for word in hangman_words(6, textarena_env["NLTK_DATA"], monkeypatch)]
     assert 0 < sum(shares) and min(shares) < 1, "the words must mix rewarded and unrewarded ones"
     assert metrics[f"eval/{ENV_ID}/avg@2"] == pytest.approx(sum(shares) / 6)
