@@ -83,7 +83,7 @@ async def evaluate(config: OrchestratorConfig, env_sizes: list[int], run_task: R
                              is_eval=True, rollouts=rollouts)  # fmt: skip
 
     logger.info("evaluating {} examples over {} environment(s)", len(planned), len(config.eval.env))
-    results = await asyncio.gather(*(one(t, s.id, dict(s.args), e, s.rollouts_per_example) for t, s, e in planned))
+    results = await asyncio.gather(*(one(t, s.id, s.loader_args, e, s.rollouts_per_example) for t, s, e in planned))
     finished = None
     for result in results:
         finished = scheduler.record(result) or finished
@@ -102,7 +102,7 @@ async def _evaluate_endpoint(config: EvalRunConfig) -> dict[str, float]:
     inference = InferenceClient.from_settings([client.base_url], client, model=client.model)
     runner = RolloutRunner(inference, TurnRenderer(inference), client.rollout_timeout_s)
     environments = EnvironmentCache()
-    sizes = [(await environments.get(spec.id, dict(spec.args))).num_examples for spec in config.eval.env]
+    sizes = [(await environments.get(spec.id, spec.loader_args)).num_examples for spec in config.eval.env]
 
     async def run_task(task: RolloutTask) -> list[Rollout]:
         return await runner.run_task(task, await environments.get(task.env_id, dict(task.env_args)))

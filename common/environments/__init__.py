@@ -17,18 +17,23 @@ from rlbus.environments.base import Environment, Message, RewardFunc, RolloutSta
 from rlbus.environments.cache import EnvironmentCache
 from rlbus.environments.legacy import install_legacy_aliases
 from rlbus.environments.registry import (
+    SERVER_ADDRESS_ARG,
+    EnvironmentUnavailable,
     UnknownEnvironmentError,
     available_environments,
     available_loaders,
     check_environment,
+    checked_server_address,
     load_environment,
 )
 from rlbus.environments.tools import ToolEnvironment, parse_hermes_tool_calls, tool_schema
 
 __all__ = [
-    "Environment", "EnvironmentCache", "Message", "RewardFunc", "RolloutState", "Rubric", "ToolEnvironment",
-    "UnknownEnvironmentError",
-    "available_environments", "available_loaders", "check_environment", "checked_reward", "load_environment",
+    "SERVER_ADDRESS_ARG",
+    "Environment", "EnvironmentCache", "EnvironmentUnavailable", "Message", "RewardFunc", "RolloutState", "Rubric",
+    "ToolEnvironment", "UnknownEnvironmentError",
+    "available_environments", "available_loaders", "check_environment", "checked_reward", "checked_server_address",
+    "load_environment",
     "load_jsonl",
     "parse_hermes_tool_calls", "tool_schema",
 ]  # fmt: skip

@@ -21,6 +21,11 @@ An environment module may define ``validate_args(**args)`` next to its loader: i
 ValueError for arguments the loader would refuse, without building anything, so that
 ``rlbus rl --dry-run`` refuses them before a service starts (:func:`check_environment`).
 
+An env spec's ``server_address`` (an environment served by another process, e.g. a verifiers
+env server) reaches its prefix loader as the argument ``server_address``
+(:data:`SERVER_ADDRESS_ARG`); a loader that cannot reach the server raises
+:class:`EnvironmentUnavailable`, which :class:`~rlbus.environments.EnvironmentCache` does not keep.
+
 Importing this module imports no torch, vLLM or HTTP client.
 """
 
@@ -34,13 +39,34 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from rlbus.environments.base import Environment
+from rlbus.errors import UserError
 
 ENTRY_POINT_GROUP = "rlbus.environments"
 LOADER_GROUP = "rlbus.environment_loaders"
+SERVER_ADDRESS_ARG = "server_address"
+"""The loader argument carrying an env spec's ``server_address``."""
 
 
 class UnknownEnvironmentError(ValueError):
     """An environment id that no installed entry point (nor prefix loader) provides."""
+
+
+class EnvironmentUnavailable(UserError):
+    """The server an environment runs on does not answer; loading it again may succeed later."""
+
+
+def checked_server_address(address: str) -> str:
+    """``address`` when it is a ZeroMQ address a client can connect to: ``tcp://host:port`` or
+    ``ipc://path``; ValueError naming it otherwise."""
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme == "ipc" and rest:
+        return address
+    host, colon, port = rest.rpartition(":")
+    is_port = port.isdigit() and 0 < int(port) < 65536
+    if sep and scheme == "tcp" and colon and host.strip("[]") not in ("", "*") and is_port:
+        return address
+    raise ValueError(f"server_address {address!r} is not a ZeroMQ address to connect to: write "
+                     "tcp://host:port (port 1-65535) or ipc:///path/to/socket")  # fmt: skip
 
 
 def available_environments() -> dict[str, EntryPoint]:

@@ -43,6 +43,12 @@ class EnvWorkerConfig(ServiceConfig, InferenceClientSettings):
     env_timeout_s: float = Field(600.0, gt=0)
     """Time one rollout may spend in environment code (setup, replies, tools, rewards) before it is
     marked errored; generation time does not count."""
+    model_endpoint_host: str | None = None
+    """Host name or address at which verifiers env servers (an env spec's ``server_address``) reach
+    this worker's model endpoint, which serves their episodes' model calls. None: ``127.0.0.1`` for an
+    env server on this host, else this host's address on the route to the server. Set it when the
+    server reaches this worker under another name (containers, NAT); the endpoint then listens on
+    every interface."""
     env_ids: list[str] = []
     """Environments this worker runs (sent to the orchestrator with each TaskRequest); empty means any installed."""
     result_ack_timeout_s: float = Field(30.0, gt=0)

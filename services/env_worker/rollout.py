@@ -142,8 +142,11 @@ class RolloutRecord:
 class RolloutRunner:
     """Turns a ``RolloutTask`` into its group of scored ``Rollout`` messages."""
 
-    def __init__(self, sampler: Sampler, renderer: TurnRenderer, env_timeout_s: float) -> None:
+    def __init__(self, sampler: Sampler, renderer: TurnRenderer, env_timeout_s: float,
+                 model_endpoint_host: str | None = None) -> None:  # fmt: skip
         self.sampler, self.renderer, self.env_timeout_s = sampler, renderer, env_timeout_s
+        self.model_endpoint_host = model_endpoint_host
+        """Where env servers reach this worker's model endpoint (``EnvWorkerConfig.model_endpoint_host``)."""
 
     async def run_task(self, task: RolloutTask, env: Environment) -> list[Rollout]:
         """All ``task.num_rollouts`` rollouts, run concurrently; the prompt is rendered once for the group.
@@ -197,8 +200,10 @@ class RolloutRunner:
 
     async def run_foreign_task(self, task: RolloutTask, env: Any) -> list[Rollout]:
         """The group of an environment that runs its own loop; any failure errors the whole group."""
+        # An environment served by another process calls the model back through this worker.
+        options = {"endpoint_host": self.model_endpoint_host} if getattr(env, "calls_back", False) else {}
         try:
-            return await env.run_group(task, self.sampler, self.renderer, self.env_timeout_s)
+            return await env.run_group(task, self.sampler, self.renderer, self.env_timeout_s, **options)
         except TimeoutError:
             reason = f"environment timed out (env_timeout_s={self.env_timeout_s:g})"
         except Exception as exc:  # noqa: BLE001 - a failing environment fails its task, not the worker

@@ -322,7 +322,7 @@ class EnvWorker:
 async def serve(config: EnvWorkerConfig) -> None:
     """Run an env-worker until SIGINT or SIGTERM."""
     client = InferenceClient.from_settings(config.inference_urls, config)
-    runner = RolloutRunner(client, TurnRenderer(client), config.env_timeout_s)
+    runner = RolloutRunner(client, TurnRenderer(client), config.env_timeout_s, config.model_endpoint_host)
     try:
         with AsyncBus(config.bus) as bus:
             worker = EnvWorker(config, runner, bus, inference_stats=client.stats, inference=client)

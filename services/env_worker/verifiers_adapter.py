@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlbus.environments import Environment, Message, Rubric, parse_hermes_tool_calls
+from rlbus.environments import SERVER_ADDRESS_ARG, Environment, Message, Rubric, parse_hermes_tool_calls
 from rlbus.messages import Rollout, RolloutTask, Turn
 from rlbus.services.env_worker.inference import InferenceError
 from rlbus.services.env_worker.rollout import (
@@ -48,6 +48,9 @@ def load_verifiers_environment(env_id: str, args: dict[str, Any]) -> Environment
         from rlbus.services.env_worker.verifiers_v1 import load_v1_environment
 
         return load_v1_environment(env_id, args)
+    if SERVER_ADDRESS_ARG in args:
+        raise ValueError(f"environment 'verifiers:{env_id}': env servers (server_address) need verifiers 0.4, "
+                         f"not {getattr(verifiers, '__version__', 'this older one')}")  # fmt: skip
     return VerifiersEnvironment(verifiers.load_environment(env_id, **args))
 
 

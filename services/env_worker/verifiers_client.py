@@ -128,6 +128,14 @@ class TokenSampler:
         return Branch(branch.turns[:num_turns], context, branch.max_model_len), new_ids
 
 
+def assistant_reply(completion: Completion, has_tools: bool) -> tuple[str, list[dict[str, Any]], str]:
+    """The sampled turn as a chat reply: content, OpenAI tool calls (Hermes ``<tool_call>`` blocks, when
+    the request offered tools) and the finish reason (``length``, ``tool_calls`` or ``stop``)."""
+    content, calls = parse_hermes_tool_calls(completion.text) if has_tools else (completion.text, [])
+    finish = "length" if completion.finish_reason == "length" else ("tool_calls" if calls else "stop")
+    return content, calls, finish
+
+
 @functools.cache
 def rlbus_client_class() -> type:
     """:class:`RlbusClient`'s class, defined on first use: its base comes from verifiers 0.4."""
@@ -164,8 +172,7 @@ def rlbus_client_class() -> type:
             except (InferenceError, TemplateError) as exc:
                 # 400: a full context or an unrenderable template will not get better on a retry.
                 raise ProviderError(str(exc), status_code=400) from exc
-            content, calls = parse_hermes_tool_calls(completion.text) if wire_tools else (completion.text, [])
-            finish = "length" if completion.finish_reason == "length" else ("tool_calls" if calls else "stop")
+            content, calls, finish = assistant_reply(completion, bool(wire_tools))
             tool_calls = [ToolCall(id=c["id"], name=c["function"]["name"], arguments=c["function"]["arguments"])
                           for c in calls]  # fmt: skip
             response = Response(

@@ -18,6 +18,9 @@ worker. Rewards: every judge score and metric of the episode's traces is a
 metric, the weighted rewards add up to the reward and make the breakdown.
 A rollout whose harness produced more than one token branch, or whose episode
 failed, is errored with the reason.
+
+With ``server_address`` among the args the episodes run on a verifiers env server instead
+(:mod:`.verifiers_serve`); both build rollouts from episodes with :func:`episode_rollout`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import itertools
 import math
 from typing import Any
 
-from rlbus.environments import Environment, Rubric
+from rlbus.environments import SERVER_ADDRESS_ARG, Environment, Rubric
 from rlbus.messages import Rollout, RolloutTask
 from rlbus.services.env_worker.rollout import Sampler, answer_text, failed_rollout, num_completion_tokens
 from rlbus.services.env_worker.tokens import TurnRenderer
@@ -39,11 +42,15 @@ INFINITE_TASKSET_EXAMPLES = 1000
 UNUSED_BASE_URL = "http://127.0.0.1:9/v1"
 
 
-def load_v1_environment(env_id: str, args: dict[str, Any]) -> VerifiersV1Environment:
+def load_v1_environment(env_id: str, args: dict[str, Any]) -> Environment:
     import verifiers.v1 as vf
     from verifiers.v1.configs.agent import agent_config_fields
 
     args = nested_args(args)
+    if SERVER_ADDRESS_ARG in args:
+        from rlbus.services.env_worker.verifiers_serve import load_served_environment
+
+        return load_served_environment(env_id, args)
     num_examples = args.pop("num_examples", None)
     data = {**args, "taskset": {"id": env_id, **(args.get("taskset") or {})}, "interception": {"type": "server"}}
     config = vf.resolve_env_config(data)
@@ -87,13 +94,8 @@ class VerifiersV1Environment(Environment):
     runs_own_loop = True
 
     def __init__(self, vf_env: Any, num_examples: int | None = None) -> None:
-        taskset = vf_env.taskset
-        if num_examples is None and not taskset.bounded:
-            num_examples = INFINITE_TASKSET_EXAMPLES
-        self.tasks = list(itertools.islice(iter(taskset), num_examples))
-        if not self.tasks:
-            raise ValueError(f"verifiers taskset {vf_env.config.taskset.id!r} yielded no tasks")
-        super().__init__([_example(task.data) for task in self.tasks], Rubric([]))
+        self.tasks = first_tasks(vf_env.taskset, num_examples)
+        super().__init__([example_of(task.data) for task in self.tasks], Rubric([]))
         self.vf_env = vf_env
         self._serving: contextlib.AsyncExitStack | None = None
         self._tokens: TokenSampler | None = None
@@ -103,7 +105,7 @@ class VerifiersV1Environment(Environment):
     async def run_group(self, task: RolloutTask, sampler: Sampler, renderer: TurnRenderer,
                         timeout_s: float) -> list[Rollout]:  # fmt: skip
         tokens = await self._start(sampler, renderer)
-        keys = [f"rlbus/{task.task_id}/{i}" for i in range(task.num_rollouts)]
+        keys = rollout_keys(task)
         for index, key in enumerate(keys):
             tokens.begin(key, task, index)
         try:
@@ -114,7 +116,7 @@ class VerifiersV1Environment(Environment):
             )  # fmt: skip
         finally:
             records = [tokens.finish(key) for key in keys]
-        return [self._rollout(task, i, episode, record) for i, (episode, record) in enumerate(zip(episodes, records))]
+        return [episode_rollout(task, i, episode, record) for i, (episode, record) in enumerate(zip(episodes, records))]
 
     async def _start(self, sampler: Sampler, renderer: TurnRenderer) -> TokenSampler:
         """Enter the Env's serving resources once, with the rlbus client as its model client."""
@@ -147,23 +149,41 @@ class VerifiersV1Environment(Environment):
         sampling = vf.Sampling(temperature=task.sampling.temperature, max_tokens=task.sampling.max_tokens)
         return vf.ModelContext(model=key, client=client, sampling=sampling)
 
-    def _rollout(self, task: RolloutTask, index: int, episode: Any, record: RolloutTokens) -> Rollout:
-        reason = _failure(episode, record)
-        if reason is not None:
-            rollout = failed_rollout(task, index, reason)
-            rollout.metrics = {"num_branches": float(len(record.branches))}
-            return rollout
-        turns = record.branches[0].turns
-        reward, breakdown, metrics = _scores(episode)
-        metrics |= {"num_turns": float(len(turns)), "num_completion_tokens": float(num_completion_tokens(turns))}
-        truncated = any(trace.is_truncated for trace in episode.traces) or turns[-1].finish_reason == "length"
-        data = episode.task.data
-        return Rollout(
-            rollout_id=f"{task.task_id}/{index}", turns=turns, reward=reward, reward_breakdown=breakdown,
-            metrics=metrics, is_truncated=truncated, prompt_text=_text(getattr(data, "prompt", None)),
-            completion_text="\n\n".join(trace.transcript for trace in episode.traces),
-            answer=answer_text(getattr(data, "answer", None)),
-        )  # fmt: skip
+
+def rollout_keys(task: RolloutTask) -> list[str]:
+    """The model name of each rollout's calls: how the rlbus client finds the rollout a call belongs to."""
+    return [f"rlbus/{task.task_id}/{i}" for i in range(task.num_rollouts)]
+
+
+def first_tasks(taskset: Any, num_examples: int | None) -> list[Any]:
+    """The taskset's first ``num_examples`` tasks: all of a bounded one by default, 1000 of an infinite one."""
+    if num_examples is None and not taskset.bounded:
+        num_examples = INFINITE_TASKSET_EXAMPLES
+    tasks = list(itertools.islice(iter(taskset), num_examples))
+    if not tasks:
+        raise ValueError(f"verifiers taskset {taskset.config.id!r} yielded no tasks")
+    return tasks
+
+
+def episode_rollout(task: RolloutTask, index: int, episode: Any, record: RolloutTokens) -> Rollout:
+    """Rollout ``index`` of ``task`` from its finished episode (a v1 ``Episode``, or the ``WireEpisode``
+    an env server sends) and the token branches its model calls sampled; errored when it cannot train."""
+    reason = _failure(episode, record)
+    if reason is not None:
+        rollout = failed_rollout(task, index, reason)
+        rollout.metrics = {"num_branches": float(len(record.branches))}
+        return rollout
+    turns = record.branches[0].turns
+    reward, breakdown, metrics = _scores(episode)
+    metrics |= {"num_turns": float(len(turns)), "num_completion_tokens": float(num_completion_tokens(turns))}
+    truncated = any(trace.is_truncated for trace in episode.traces) or turns[-1].finish_reason == "length"
+    data = episode.task.data
+    return Rollout(
+        rollout_id=f"{task.task_id}/{index}", turns=turns, reward=reward, reward_breakdown=breakdown,
+        metrics=metrics, is_truncated=truncated, prompt_text=_text(getattr(data, "prompt", None)),
+        completion_text="\n\n".join(trace.transcript for trace in episode.traces),
+        answer=answer_text(getattr(data, "answer", None)),
+    )  # fmt: skip
 
 
 def _failure(episode: Any, record: RolloutTokens) -> str | None:
@@ -199,7 +219,7 @@ def _scores(episode: Any) -> tuple[float, dict[str, float], dict[str, float]]:
     return reward, breakdown, metrics
 
 
-def _example(data: Any) -> dict[str, Any]:
+def example_of(data: Any) -> dict[str, Any]:
     """A task's wire data as an rlbus example (``prompt``, ``answer``, ``info`` when it has them)."""
     return data.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
 

@@ -4,31 +4,62 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rlbus.config import ConfigModel, ServiceConfig
+from rlbus.environments.registry import SERVER_ADDRESS_ARG, checked_server_address
 
 Scalar = str | int | float | bool
+# Prefixes whose loaders run an environment on a server of its own (``server_address``).
+SERVED_PREFIXES = ("verifiers:",)
 
 
-class EnvSpec(ConfigModel):
-    """One training environment (``[[orchestrator.train.env]]``)."""
+class EnvSource(ConfigModel):
+    """Which environment, with which arguments, and where it runs (shared by train and eval specs)."""
 
     id: str
     """Environment name, as registered in the ``rlbus.environments`` entry point group."""
     args: dict[str, Scalar] = {}
     """Keyword arguments passed to the environment's loader."""
+    server_address: str | None = None
+    """ZeroMQ address (``tcp://host:port`` or ``ipc://path``) of a running verifiers env server
+    (``verifiers.v1.serve``) that runs this ``verifiers:`` environment's episodes; env-workers send it
+    each task and serve its model calls token-in/token-out. None runs the environment inside the
+    env-workers. See docs/environments.md, "Env servers"."""
+
+    @field_validator("server_address")
+    @classmethod
+    def _connectable(cls, value: str | None) -> str | None:
+        return None if value is None else checked_server_address(value)
+
+    @model_validator(mode="after")
+    def _served_by_its_loader(self) -> EnvSource:
+        if self.server_address is not None and not self.id.startswith(SERVED_PREFIXES):
+            raise ValueError(f"environment {self.id!r}: server_address {self.server_address!r} needs an environment "
+                             f"that runs on an env server, with an id starting {' or '.join(SERVED_PREFIXES)}")
+        if SERVER_ADDRESS_ARG in self.args:
+            raise ValueError(f"environment {self.id!r}: give the env server as `server_address` next to `args`, "
+                             f"not as args.{SERVER_ADDRESS_ARG}")  # fmt: skip
+        return self
+
+    @property
+    def loader_args(self) -> dict[str, Scalar]:
+        """What the environment's loader gets (and tasks carry): ``args`` plus the server address."""
+        if self.server_address is None:
+            return dict(self.args)
+        return {**self.args, SERVER_ADDRESS_ARG: self.server_address}
+
+
+class EnvSpec(EnvSource):
+    """One training environment (``[[orchestrator.train.env]]``)."""
+
     ratio: float = Field(1.0, gt=0)
     """Relative share of tasks drawn from this environment."""
 
 
-class EvalEnvSpec(ConfigModel):
+class EvalEnvSpec(EnvSource):
     """One evaluation environment (``[[orchestrator.eval.env]]``)."""
 
-    id: str
-    """Environment name, as registered in the ``rlbus.environments`` entry point group."""
-    args: dict[str, Scalar] = {}
-    """Keyword arguments passed to the environment's loader."""
     num_examples: int = Field(32, ge=1)
     """Examples evaluated per evaluation."""
     rollouts_per_example: int = Field(1, ge=1)

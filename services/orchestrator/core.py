@@ -359,7 +359,7 @@ class Orchestrator:
         for _ in range(missing):
             draw = self.pending_draws.popleft() if self.pending_draws else self.sampler.draw()
             spec = self.config.train.env[draw.env_index]
-            task = self._task(spec.id, spec.args, draw.example_id, self.config.rollouts_per_example,
+            task = self._task(spec.id, spec.loader_args, draw.example_id, self.config.rollouts_per_example,
                               is_eval=False, min_policy_step=max(0, self.step - 1 - self.config.max_async_level),
                               seed=self._next_sampling_seed())  # fmt: skip
             self.draw_of[task.task_id] = draw
@@ -386,7 +386,7 @@ class Orchestrator:
             return
         planned = self.evals.start(policy_step, self._new_task_id)
         for task_id, spec, example_id in planned:
-            self.ledger.add(self._task(spec.id, spec.args, example_id, spec.rollouts_per_example, is_eval=True,
+            self.ledger.add(self._task(spec.id, spec.loader_args, example_id, spec.rollouts_per_example, is_eval=True,
                                        min_policy_step=policy_step, task_id=task_id,
                                        temperature=spec.temperature))  # fmt: skip
         logger.info("evaluating policy step {}: {} tasks", policy_step, len(planned))

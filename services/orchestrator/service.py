@@ -44,8 +44,8 @@ WAIT_LOG_S = 60.0  # a wait that lasts is logged this often, naming what it wait
 
 def environment_sizes(config: OrchestratorConfig, loader: EnvLoader) -> tuple[list[int], list[int]]:
     """Examples in each training and each eval environment (what sampling needs of them)."""
-    train = [int(loader(spec.id, dict(spec.args)).num_examples) for spec in config.train.env]
-    evals = [int(loader(spec.id, dict(spec.args)).num_examples) for spec in config.eval.env]
+    train = [int(loader(spec.id, spec.loader_args).num_examples) for spec in config.train.env]
+    evals = [int(loader(spec.id, spec.loader_args).num_examples) for spec in config.eval.env]
     for spec, size in zip([*config.train.env, *config.eval.env], [*train, *evals]):
         if size < 1:
             raise ValueError(f"environment {spec.id!r} with args {spec.args} has no examples")
