@@ -30,8 +30,9 @@ def usage_text(command: str, cls: type[BaseModel], summary: str, flags: Mapping[
     if shared:
         lines += _wrap(f"Shared fields ({', '.join(ServiceConfig.SHARED_FIELDS)}) are set once at the top level; "
                        f"every section takes them from there, so they are listed once.", indent=2)
+    hidden = [*shared, *getattr(cls, "HELP_HIDDEN", ())]  # keys set through others: listed once, there
     for key, type_name, default, description in field_rows(cls):
-        if type_name == "table" or any(key == s or key.startswith(s + ".") for s in shared):
+        if type_name == "table" or any(key == s or key.startswith(s + ".") for s in hidden):
             continue
         option = "--" + key.replace("_", "-")
         default_text = ", required" if default == "required" else f", default {default}" if default else ""

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from rlbus.config.help import usage_text
 from rlbus.services.entry import run_config_command
 from rlbus.services.run_config import RlConfig
-from rlbus.services.run_config.short import FLAG_ALIASES
+from rlbus.services.run_config.short import FLAG_ALIASES, rewrite_flags
 
 SUMMARY = ("Start every service locally from one merged config; with --slurm, submit them as SLURM job "
            "arrays and follow them (--slurm-cancel cancels a run submitted from this host).")  # fmt: skip
@@ -20,6 +20,7 @@ FLAGS = {
                             "monitor.wandb.* (short config keys: docs/config.md)",
     "--wandb-api-key KEY": "W&B API key (monitor.wandb.api_key; also read from WANDB_API_KEY)",
     "--ckpt": "checkpoint the trainer (trainer.ckpt.enabled; on by default through ckpt.interval)",
+    "--orchestrator.prime-monitor": "stream to the Prime platform, default [prime_platform] (docs/platform.md)",
 }
 """Options of ``rlbus rl`` that are not config keys: its help lists them, :func:`main` takes them."""
 
@@ -30,7 +31,7 @@ def main(argv: Sequence[str]) -> int:
     if "-h" in argv or "--help" in argv:
         sys.stdout.write(usage_text("rl", RlConfig, SUMMARY, FLAGS))
         return 0
-    args = [ALIASES.get(arg, arg) for arg in argv]
+    args = rewrite_flags(list(argv), ALIASES)
     if "--slurm.enabled" in args and "--dry-run" in args:
         from rlbus.services.launcher.slurm import write_job_scripts
 

@@ -31,9 +31,10 @@ from rlbus.config.base import secret_paths
 from rlbus.config.loader import ENV_PREFIX
 from rlbus.run_files import STEPS_FILE, read_rows
 from rlbus.services.entry import open_run_folder
+from rlbus.services.launcher.platform import start_platform_run
 from rlbus.services.launcher.processes import CommandFor, process_table, service_command
 from rlbus.services.launcher.summary import log_run_summary
-from rlbus.services.launcher.supervisor import Supervisor
+from rlbus.services.launcher.supervisor import RunResult, Supervisor
 from rlbus.services.run_config import RlConfig, check_cleanable
 
 
@@ -47,10 +48,22 @@ def run_rl(config: RlConfig, command_for: CommandFor = service_command) -> int:
     if config.bench:
         logger.info("bench mode: {} steps with W&B, checkpoints, resuming and evaluation off; the table of "
                     "figures comes at the end", config.max_steps)  # fmt: skip
+    platform = start_platform_run(config, os.environ)  # before anything starts: no key, no run
+    result: RunResult | None = None
+    try:
+        result = run_services(config, command_for)
+    finally:
+        if platform is not None:  # every service stopped: the monitor's last uploads went first
+            platform.finish(result)
+    return with_bench_table(config, result.exit_code)
+
+
+def run_services(config: RlConfig, command_for: CommandFor) -> RunResult:
+    """Run every service locally (or as SLURM arrays) until the run ends; how it ended."""
     if config.slurm.enabled:
         from rlbus.services.launcher.slurm import run_slurm
 
-        return with_bench_table(config, run_slurm(config))
+        return run_slurm(config)
     specs = process_table(config, config.output_dir / "configs")
     logs_dir = config.output_dir / "logs"
     logger.info("run folder {}: {} processes; live view: rlbus tail @ {}", config.output_dir, len(specs),
@@ -59,7 +72,7 @@ def run_rl(config: RlConfig, command_for: CommandFor = service_command) -> int:
     result = Supervisor(specs, command_for, logs_dir, config.stop_timeout_s,
                         env=child_environment(config, os.environ), max_restarts=config.max_restarts).run()  # fmt: skip
     log_run_summary(config.output_dir, time.monotonic() - started)
-    return with_bench_table(config, result.exit_code)
+    return result
 
 
 def with_bench_table(config: RlConfig, exit_code: int) -> int:
@@ -77,7 +90,7 @@ def child_environment(config: RlConfig, environ: Mapping[str, str]) -> dict[str,
     for path in secret_paths(RlConfig):
         value = config
         for part in path:
-            value = getattr(value, part)
+            value = getattr(value, part, None)  # None below an optional section that is not set
         if value is not None:
             env[ENV_PREFIX + "__".join(path).upper()] = value
     return env

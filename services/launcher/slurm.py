@@ -150,6 +150,10 @@ class RunFollower:
         self._signals: list[int] = []
 
     def run(self) -> int:
+        return self.follow().exit_code
+
+    def follow(self) -> RunResult:
+        """Follow until the run ends; how it ended (exit code 1 at least when some task outlived its cancel)."""
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         with _Wakeup(self._signals) as wakeup:
             try:
@@ -163,7 +167,9 @@ class RunFollower:
         (logger.info if result.exit_code == 0 else logger.error)("run ended: {}", result.reason)
         if result.failed is not None:
             logger.error("its console (streamed above): {}", self.logs_dir / f"{result.failed}.out")
-        return result.exit_code if cancelled_all else max(result.exit_code, 1)
+        if cancelled_all or result.exit_code != 0:
+            return result
+        return RunResult(1, f"{result.reason}; but some tasks did not end after scancel", result.failed)
 
     def poll(self) -> None:
         for task in self.ctl.tasks(a.array_job_id for a in self.arrays):
@@ -246,14 +252,14 @@ class RunFollower:
         return True
 
 
-def run_slurm(config: RlConfig, ctl: SlurmCtl | None = None) -> int:
-    """Submit, follow until the run ends, cancel everything left; the launcher's exit code."""
+def run_slurm(config: RlConfig, ctl: SlurmCtl | None = None) -> RunResult:
+    """Submit, follow until the run ends, cancel everything left; how the run ended."""
     ctl = ctl or SlurmCtl()
     arrays = submit(config, ctl)
     logger.info("cancel from any shell on this host: rlbus rl @ {} --slurm-cancel",
                 config.output_dir / "configs" / "rl.toml")  # fmt: skip
     try:
-        return RunFollower(config, ctl, arrays).run()
+        return RunFollower(config, ctl, arrays).follow()
     except BaseException:
         ctl.cancel(a.array_job_id for a in arrays)
         raise

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from rlbus.config import BusConfig, ConfigModel, ServiceConfig
 from rlbus.config.base import Secret
@@ -34,6 +36,41 @@ class WandbConfig(ConfigModel):
     None follows the ``WANDB_MODE`` environment variable, offline when it is unset."""
     samples_interval: int = Field(10, ge=1)
     """Log a table of rollout samples at most once per this many steps."""
+
+
+DEFAULT_PLATFORM_URL = "https://api.primeintellect.ai"
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+"""What a platform run id may look like: it becomes part of a URL path."""
+
+
+class PrimePlatformConfig(ConfigModel):
+    """Streaming the run to the Prime platform's dashboard (docs/platform.md). The API key is never a
+    config value: it comes from ``PRIME_API_KEY``, else ``api_key`` in ``~/.prime/config.json``."""
+
+    run_name: str | None = None
+    """Run name on the dashboard; None: the W&B run name when set."""
+    base_url: str = DEFAULT_PLATFORM_URL
+    """The platform's API origin: requests go to ``<base_url>/api/v1/rft/...``."""
+    team_id: str | None = None
+    """Team of the run; None: ``PRIME_TEAM_ID``, then ``team_id`` of ``~/.prime/config.json``."""
+    run_id: str | None = None
+    """Run to stream into; None registers one (``rlbus rl`` does before anything starts, and sets it
+    in the monitor's resolved config; a monitor started alone does at its first start)."""
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError(f"{value!r} is not an http(s) URL of the platform, e.g. {DEFAULT_PLATFORM_URL!r}")
+        return value.rstrip("/")
+
+    @field_validator("run_id")
+    @classmethod
+    def _url_safe(cls, value: str | None) -> str | None:
+        if value is not None and not RUN_ID_PATTERN.fullmatch(value):
+            raise ValueError(f"{value!r} is not a platform run id (letters, digits and ._:- only)")
+        return value
 
 
 class MonitorConfig(ServiceConfig):
@@ -66,6 +103,9 @@ class MonitorConfig(ServiceConfig):
     configs: ``rlbus tail`` then takes it from ``--api-key`` or ``RLBUS_MONITOR__VIEW_API_KEY``."""
     wandb: WandbConfig = WandbConfig()
     """W&B settings."""
+    prime_platform: PrimePlatformConfig | None = None
+    """Stream metrics and samples to the Prime platform (docs/platform.md); None: off. ``rlbus rl``
+    takes it as the top-level ``[prime_platform]``."""
 
 
 class TailConfig(ConfigModel):

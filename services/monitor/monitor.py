@@ -55,8 +55,27 @@ class MetricsSink(Protocol):
     def close(self, exit_code: int = 0) -> None: ...
 
 
+class SinkFanOut:
+    """Several sinks as one: W&B and the Prime platform get the same rows and samples."""
+
+    def __init__(self, sinks: list[MetricsSink]) -> None:
+        self.sinks = sinks
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        for sink in self.sinks:
+            sink.log_step(step, metrics)
+
+    def log_samples(self, step: int, samples: list[Sample]) -> bool:
+        logged = [sink.log_samples(step, samples) for sink in self.sinks]  # every sink gets them, not the first
+        return any(logged)
+
+    def close(self, exit_code: int = 0) -> None:
+        for sink in self.sinks:
+            sink.close(exit_code)
+
+
 class Monitor:
-    """Telemetry in; files, console, W&B, health and the live view out."""
+    """Telemetry in; files, console, W&B, the Prime platform, health and the live view out."""
 
     def __init__(self, config: MonitorConfig, sink: MetricsSink | None = None) -> None:
         self.config = config
@@ -70,6 +89,8 @@ class Monitor:
         self.num_log_lines = 0
         self.counts: Counter[str] = Counter()
         """Messages handled by type, plus ``bad_metrics`` (non-finite or reserved names)."""
+        self.finished: set[str] = set()
+        """Services that reported a ``finished`` event (the orchestrator and trainer after their last step)."""
         self._warned: set[tuple[str, str]] = set()
 
     def handle(self, message: Message, now: float | None = None) -> None:
@@ -141,6 +162,8 @@ class Monitor:
             self.steps.add_samples(message.step, message.samples)
 
     def _on_event(self, event: Event) -> None:
+        if event.kind == "finished":
+            self.finished.add(event.service)
         self.files.events.write(event_line(event))
         self._line(event.level, f"{event.service}/{event.replica_id} {event.kind}: {event.message}", event.sent_at)
 

@@ -9,6 +9,7 @@ and W&B.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -20,7 +21,7 @@ from rlbus.identity import service_id
 from rlbus.messages import Event, Heartbeat, MetricsReport, RolloutSamples, ViewRequest
 from rlbus.plots import draw_run_charts
 from rlbus.services.monitor.config import MonitorConfig
-from rlbus.services.monitor.monitor import Monitor
+from rlbus.services.monitor.monitor import MetricsSink, Monitor, SinkFanOut
 
 TELEMETRY = (Heartbeat, MetricsReport, Event, RolloutSamples)
 TICK_S = 0.5
@@ -100,14 +101,41 @@ class MonitorService:
 
 
 def run_monitor(config: MonitorConfig) -> int:
-    """``rlbus monitor``: run until SIGTERM or Ctrl-C, then close files and the W&B run and draw the
-    run's charts into ``<output_dir>/charts/``."""
-    sink = None
+    """``rlbus monitor``: run until SIGTERM or Ctrl-C, then close files, the W&B run and the Prime platform
+    stream, and draw the run's charts into ``<output_dir>/charts/``."""
+    platform = None
+    if config.prime_platform is not None:  # first: a missing key stops the monitor before it binds
+        from rlbus.services.monitor.platform_run import open_platform_run
+
+        platform = open_platform_run(config, os.environ)
+    monitor: Monitor | None = None
+    exit_code = 1
+    try:
+        monitor = Monitor(config, _sink(config, platform.stream if platform else None))
+        exit_code = _serve(config, monitor)
+    except KeyboardInterrupt:
+        exit_code = 130
+        raise
+    finally:
+        if platform is not None:  # a monitor alone marks the run's end; one under rlbus rl leaves it to it
+            platform.finish(exit_code, monitor.finished if monitor else set(),
+                            monitor.steps.highest_step if monitor else None)  # fmt: skip
+    return exit_code
+
+
+def _sink(config: MonitorConfig, platform: MetricsSink | None) -> MetricsSink | None:
+    sinks: list[MetricsSink] = []
     if config.wandb.enabled:
         from rlbus.services.monitor.wandb_sink import WandbSink
 
-        sink = WandbSink(config)
-    monitor = Monitor(config, sink)
+        sinks.append(WandbSink(config))
+    if platform is not None:
+        sinks.append(platform)
+    return sinks[0] if len(sinks) == 1 else SinkFanOut(sinks) if sinks else None
+
+
+def _serve(config: MonitorConfig, monitor: Monitor) -> int:
+    """The loop, until SIGTERM (0) or Ctrl-C (KeyboardInterrupt); then drain, close and draw."""
     exit_code = 1
     with Bus(config.bus) as bus:
         service = MonitorService(config, monitor, bus)

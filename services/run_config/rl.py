@@ -17,7 +17,7 @@ from rlbus.bench import MIN_RL_BENCH_STEPS, bench_steps
 from rlbus.config import ConfigModel, ServiceConfig, deep_merge, env_values
 from rlbus.services.env_worker.config import EnvWorkerConfig
 from rlbus.services.inference.config import InferenceConfig
-from rlbus.services.monitor.config import MonitorConfig
+from rlbus.services.monitor.config import MonitorConfig, PrimePlatformConfig
 from rlbus.services.orchestrator.config import OrchestratorConfig
 from rlbus.services.run_config.short import expand_short_keys, short_keys
 from rlbus.services.run_config.slurm import SlurmConfig
@@ -67,6 +67,8 @@ class RlConfig(ServiceConfig):
     """Everything ``rlbus rl`` needs to start all five services locally."""
 
     SERVICE: ClassVar[str] = "rl"
+    HELP_HIDDEN: ClassVar[tuple[str, ...]] = ("monitor.prime_platform",)
+    """Keys ``--help`` leaves out: the top-level ``prime_platform`` sets them."""
 
     inference: InferenceConfig = InferenceConfig()
     """Inference replica settings."""
@@ -92,6 +94,10 @@ class RlConfig(ServiceConfig):
     many times per service, instead of stopping the run; 0 stops the run at the first failure."""
     ckpt: RunCheckpointConfig = RunCheckpointConfig()
     """Checkpoint interval and resume step of the trainer and the orchestrator together."""
+    prime_platform: PrimePlatformConfig | None = None
+    """Stream the run to the Prime platform's dashboard (docs/platform.md): a ``[prime_platform]``
+    section (even an empty one), any ``--prime_platform.*`` flag, or the bare flag
+    ``--orchestrator.prime-monitor`` enables it; it becomes ``monitor.prime_platform``. None: off."""
     bench: bool = False
     """Benchmark mode (``--bench``): run the real loop for 5 steps (``max_steps`` when smaller, at
     least 3: the first is warm-up) with W&B, checkpoints, resuming and evaluation off (and the
@@ -140,6 +146,20 @@ class RlConfig(ServiceConfig):
             raise ValueError(
                 "shared fields are set once at the top level; these sections disagree: " + "; ".join(conflicts)
             )
+        return self
+
+    @model_validator(mode="after")
+    def _platform_in_monitor(self) -> RlConfig:
+        # The monitor streams, so the settings travel in its resolved config; one value for both places.
+        top, own = self.prime_platform, self.monitor.prime_platform
+        if top is not None and own is not None and "prime_platform" in self.monitor.model_fields_set and top != own:
+            raise ValueError(
+                f"prime_platform = {_show(top)} but monitor.prime_platform = {_show(own)}: set [prime_platform] only"
+            )
+        if top is not None:
+            self.monitor.__dict__["prime_platform"] = top
+        elif own is not None:
+            self.__dict__["prime_platform"] = own
         return self
 
     @model_validator(mode="after")

@@ -80,9 +80,21 @@ FLAG_ALIASES = {
     "--wandb": "--wandb.enabled",
     "--no-wandb": "--no-wandb.enabled",
     "--ckpt": "--trainer.ckpt.enabled",
+    "--orchestrator.prime-monitor": "--prime_platform={}",
 }
-"""prime-rl's bare flags, rewritten by ``rlbus rl`` before parsing. ``--ckpt``: ``rlbus rl``
-checkpoints by default (``ckpt.interval`` = 1), the flag enables the trainer's explicitly."""
+"""prime-rl's bare flags, rewritten by ``rlbus rl`` before parsing (:func:`rewrite_flags`). ``--ckpt``:
+``rlbus rl`` checkpoints by default (``ckpt.interval`` = 1), the flag enables the trainer's explicitly.
+``--orchestrator.prime-monitor``: the Prime platform with its defaults (an empty ``[prime_platform]``)."""
+
+
+def rewrite_flags(argv: list[str], aliases: Mapping[str, str] = FLAG_ALIASES) -> list[str]:
+    """``argv`` with ``aliases`` replaced (their ``_`` and ``-`` spellings alike). An alias that sets a whole
+    table (``--x={}``) moves to the front: a later table value would replace the keys that flags such as
+    ``--x.key v`` set before it, while a table given first only gains them."""
+    spelled = {key.replace("_", "-"): value for key, value in aliases.items()}
+    args = [spelled.get(arg.replace("_", "-"), arg) if arg.startswith("--") else arg for arg in argv]
+    tables = [arg for arg in args if arg.endswith("={}") and arg in spelled.values()]
+    return [*dict.fromkeys(tables), *(arg for arg in args if arg not in tables)]
 
 DERIVED_NOTE = (
     "In a config that uses any of "

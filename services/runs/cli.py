@@ -23,10 +23,12 @@ from pathlib import Path
 
 from rlbus.config import ConfigError, load_config
 from rlbus.services.launcher.main import ALIASES
+from rlbus.services.launcher.platform import check_platform_key
 from rlbus.services.launcher.slurm_ctl import SlurmCtl
 from rlbus.services.launcher.slurm_jobs import check_binds_allowed
 from rlbus.services.run_config import RUN_MARKER, RlConfig, check_cleanable, mark_run_folder, service_env
 from rlbus.services.run_config.checks import check_config
+from rlbus.services.run_config.short import rewrite_flags
 from rlbus.services.runs import logs, process, slurm
 from rlbus.services.runs.registry import ACTIVE, Registry, RunRecord, UnknownRun, rlbus_home
 from rlbus.services.runs.state import state_of, wait_ended
@@ -75,9 +77,11 @@ def run_main(argv: Sequence[str]) -> int:
 
 
 def checked_config(args: list[str]) -> RlConfig:
-    """The run's config, checked as ``rlbus rl`` checks it; a ConfigError (or ValueError) if it is wrong."""
-    config = load_config(RlConfig, [ALIASES.get(a, a) for a in args], env=service_env(None, os.environ))
+    """The run's config, checked as ``rlbus rl`` checks it (and its Prime API key when it streams to the
+    platform); a ConfigError (or ValueError) if it is wrong."""
+    config = load_config(RlConfig, rewrite_flags(args, ALIASES), env=service_env(None, os.environ))
     check_config(config)
+    check_platform_key(config, os.environ)  # registering is the launcher's, but a missing key stops us here
     if config.clean_output_dir:
         check_cleanable(config.output_dir)
     if config.slurm.enabled:
