@@ -197,8 +197,10 @@ class RolloutTask(Message, kw_only=True):
 
     The task is leased: if no ``RolloutResult`` arrives within ``lease_s``
     seconds the orchestrator issues it again, and drops a late duplicate by
-    ``task_id``.
+    ``task_id``. Version 2 added ``training_mode``.
     """
+
+    VERSION: ClassVar[int] = 2
 
     task_id: str
     env_id: str
@@ -213,6 +215,10 @@ class RolloutTask(Message, kw_only=True):
     issued_at: float
     min_policy_step: int = 0
     """Inference replicas serving an older step must not be used."""
+    training_mode: Literal["rl", "opd", "sft"] = "rl"
+    """``rl``: the policy samples; ``opd``: the policy samples, then the teacher scores every
+    completion token (``Turn.teacher_logprobs``); ``sft``: the teacher samples (the env-worker's
+    ``[env_worker.teacher]``). Eval tasks are always ``rl``. See ``rlbus.teacher``."""
 
 
 class Turn(Payload, kw_only=True):
@@ -233,8 +239,11 @@ class Turn(Payload, kw_only=True):
     completion_mask: list[bool]
     """[C] True where the token is trained on (policy-produced and kept)."""
     policy_step: int
-    """Policy step of the weights that sampled this turn."""
+    """Policy step of the weights that sampled this turn (0 for a teacher's turn)."""
     finish_reason: str = "stop"
+    teacher_logprobs: list[float] | None = None
+    """[C] the teacher's logprob of each completion token in its context (``opd`` tasks only; finite,
+    at most ``MAX_LOGPROB``); None when no teacher scored the turn."""
 
 
 class Rollout(Payload, kw_only=True):
@@ -262,10 +271,11 @@ class RolloutResult(Message, kw_only=True):
 
     The worker keeps the result until a ``ResultAck`` arrives and sends it
     again after reconnecting, so an orchestrator restart loses nothing.
-    Version 2 added ``Rollout.answer`` (journals of version 1 still read: it defaults to None).
+    Version 2 added ``Rollout.answer``, version 3 ``Turn.teacher_logprobs`` (journals of older
+    versions still read: both default to None).
     """
 
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
     REF_FIELD: ClassVar[str | None] = "task_id"
 
     task_id: str
@@ -303,7 +313,8 @@ class MicroBatch(Payload, kw_only=True):
     loss_mask: np.ndarray
     """[L] bool, True on tokens the loss is taken over."""
     advantages: np.ndarray
-    """[L] float32 advantage of the sample, copied to each of its tokens."""
+    """[L] float32 advantage of each token: the sample's, copied to each of its tokens; in ``opd``
+    the teacher's logprob minus the sampling logprob of each token (plus a share of the sample's)."""
     inference_logprobs: np.ndarray
     """[L] float32 sampling logprob of each token (0 where masked)."""
     temperatures: np.ndarray
@@ -323,10 +334,11 @@ class TrainBatch(Message, kw_only=True):
     """Orchestrator -> trainer rank: one rank's micro-batches of one step.
 
     Every rank of a step gets the same number of micro-batches (padded with
-    zero-loss ones) so collectives never deadlock. Version 2 added ``task_ids``.
+    zero-loss ones) so collectives never deadlock. Version 2 added ``task_ids``, version 3
+    ``training_mode``.
     """
 
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
 
     step: int
     rank: int
@@ -338,6 +350,10 @@ class TrainBatch(Message, kw_only=True):
     task_ids: list[str] = []
     """Task ids of the groups the step was built from (all of them, on every rank): the
     trainer's audit trail names what it trained (``rlbus.audit``)."""
+    training_mode: Literal["rl", "opd", "sft"] = "rl"
+    """Which loss the trainer applies: the policy-gradient loss (``trainer.loss``) for ``rl`` and
+    ``opd`` (whose per-token advantages pull towards the teacher), the negative log-likelihood of
+    the loss tokens for ``sft``."""
 
 
 class BatchAck(Message, kw_only=True):

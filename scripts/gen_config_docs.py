@@ -20,6 +20,7 @@ from rlbus.services.monitor.config import TailConfig
 from rlbus.services.orchestrator.config import OrchestratorConfig
 from rlbus.services.run_config import SECTIONS, RlConfig
 from rlbus.services.run_config.short import markdown_short_table
+from rlbus.services.synthesize.config import SynthesizeConfig
 from rlbus.services.trainer.sft_config import SftConfig
 
 HEADER = """# Configuration reference
@@ -60,6 +61,14 @@ def render_config_docs() -> str:
         "`rlbus eval` reads the orchestrator's keys (it uses the `eval` and `sampling` tables) plus `[client]`, "
         "the OpenAI-compatible endpoint it samples from, and the error threshold of its exit code.",
         _only(EvalRunConfig, eval_own),
+    ))
+    synthesize_own = {k: v for k, v in SynthesizeConfig.model_fields.items() if k not in ("bus", "max_steps", "log")}
+    parts.append(markdown_table(
+        "`rlbus synthesize`",
+        " ".join((SynthesizeConfig.__doc__ or "").split()) + " Its own config, not a section of `rl`: files and "
+        "flags only, no environment variables (the API key's variable is named by `client.api_key_var`); "
+        "`log` as above. Guide: docs/synthesize.md.",
+        _only(SynthesizeConfig, synthesize_own),
     ))
     parts.append(markdown_table("`rlbus keys`", " ".join((KeysConfig.__doc__ or "").split()), KeysConfig))
     parts.append(markdown_table("`rlbus tail`", " ".join((TailConfig.__doc__ or "").split()), TailConfig))

@@ -48,6 +48,8 @@ COMMANDS: dict[str, Command] = {
     "sft": Command("supervised fine-tuning (warm-up before RL)", "rlbus.services.trainer.main:run_sft",
                    "rlbus.services.trainer.sft_config:SftConfig", "Supervised fine-tuning."),
     "eval": Command("evaluate environments against an OpenAI-compatible endpoint", "rlbus.services.eval:main"),
+    "synthesize": Command("roll out environments against an endpoint, write an SFT dataset (resumable JSONL)",
+                          "rlbus.services.synthesize.run:main"),
     "tail": Command("live view of a running job from the monitor", "rlbus.services.entry:tail_main"),
     "plot": Command("draw a run's charts (PNG); several runs: compared in one chart each", "rlbus.services.plot:main"),
     "probe": Command("healthcheck: does the monitor answer (and hear --service on this host)?",

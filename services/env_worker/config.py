@@ -8,6 +8,7 @@ from pydantic import Field
 
 from rlbus.config import ConfigModel, ServiceConfig
 from rlbus.config.base import Secret
+from rlbus.teacher import TeacherClientConfig
 
 
 class InferenceClientSettings(ConfigModel):
@@ -53,6 +54,10 @@ class EnvWorkerConfig(ServiceConfig, InferenceClientSettings):
     """Environments this worker runs (sent to the orchestrator with each TaskRequest); empty means any installed."""
     result_ack_timeout_s: float = Field(30.0, gt=0)
     """A result not acknowledged by the orchestrator within this many seconds is sent again."""
+    teacher: TeacherClientConfig | None = None
+    """The teacher of tasks whose ``training_mode`` is ``opd`` (it scores each sampled token) or
+    ``sft`` (it samples); ``rlbus rl`` copies ``[orchestrator.teacher.client]`` here. None: such
+    tasks come back errored, naming this key."""
     max_result_sends: int = Field(10, ge=1)
     """Times a result is sent without an acknowledgement before the worker drops it (counted in
     ``env_worker/results_dropped``); the orchestrator re-issues a task whose lease expires."""

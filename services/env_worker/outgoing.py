@@ -10,7 +10,8 @@ the task still completes and its good rollouts still count. The checks:
 - reward finite and at most ``MAX_ABS_REWARD`` in magnitude; reward_breakdown, metrics and timing
   finite;
 - per turn: completion ids, logprobs and mask of one length; token ids in [0, 2**31 - 1] (int32);
-  policy_step >= 0; every logprob finite, trained ones at most ``MAX_LOGPROB``;
+  policy_step >= 0; every logprob finite, trained ones at most ``MAX_LOGPROB``; teacher logprobs
+  (``opd``), when present, one per completion token, finite and at most ``MAX_LOGPROB``;
 - as many rollouts as the task asked for.
 """
 
@@ -99,6 +100,20 @@ def turn_problem(turn: Turn) -> str | None:
     if bad_at.size:
         j = int(bad_at[0])
         return f"completion_logprobs[{j}] is {float(logprobs[j])!r}: logprobs must be finite, trained ones <= {MAX_LOGPROB:g}"
+    return teacher_problem(turn)
+
+
+def teacher_problem(turn: Turn) -> str | None:
+    """The teacher's logprobs (``opd``), when present: one per completion token, finite, at most ``MAX_LOGPROB``."""
+    if turn.teacher_logprobs is None:
+        return None
+    if len(turn.teacher_logprobs) != len(turn.completion_ids):
+        return f"teacher_logprobs has {len(turn.teacher_logprobs)} values for {len(turn.completion_ids)} tokens"
+    teacher = np.asarray(turn.teacher_logprobs, dtype=np.float64)
+    bad_at = np.flatnonzero(~np.isfinite(teacher) | (teacher > MAX_LOGPROB))
+    if bad_at.size:
+        j = int(bad_at[0])
+        return f"teacher_logprobs[{j}] is {float(teacher[j])!r}: logprobs must be finite and <= {MAX_LOGPROB:g}"
     return None
 
 

@@ -6,6 +6,10 @@ given a ``RolloutTask`` and its environment it returns ``num_rollouts`` scored
 sampler with ``complete`` and a :class:`TurnRenderer`), so tests can drive it
 with the real client or a fake.
 
+With ``transcripts`` set (``rlbus synthesize``), the runner also keeps the conversation of
+every rollout that finished without error, as chat messages, by rollout id: the env-worker
+leaves it None, since rollouts travel and train as tokens.
+
 A rollout never raises: an environment hook that raises or outlives the
 rollout's ``env_timeout_s`` budget, a reward that is not a finite number, or
 inference failing after its retries gives a rollout with ``error`` set (not
@@ -132,6 +136,16 @@ def in_daemon_thread(func: Callable[[], Any], name: str) -> asyncio.Future[Any]:
 
 
 @dataclass
+class Transcript:
+    """A finished rollout's conversation in the OpenAI chat format (what ``rlbus synthesize`` writes)."""
+
+    messages: list[Message]
+    """Prompt messages, then the model's turns and the environment's replies."""
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    """OpenAI tool schemas offered to the model (empty without tools)."""
+
+
+@dataclass
 class RolloutRecord:
     """What one rollout has produced so far."""
 
@@ -143,10 +157,15 @@ class RolloutRunner:
     """Turns a ``RolloutTask`` into its group of scored ``Rollout`` messages."""
 
     def __init__(self, sampler: Sampler, renderer: TurnRenderer, env_timeout_s: float,
-                 model_endpoint_host: str | None = None) -> None:  # fmt: skip
+                 model_endpoint_host: str | None = None, transcripts: dict[str, Transcript] | None = None,
+                 ) -> None:  # fmt: skip
         self.sampler, self.renderer, self.env_timeout_s = sampler, renderer, env_timeout_s
         self.model_endpoint_host = model_endpoint_host
         """Where env servers reach this worker's model endpoint (``EnvWorkerConfig.model_endpoint_host``)."""
+        self.transcripts = transcripts
+        """Rollout id -> conversation of each rollout that finished without error; the caller takes them
+        out. None keeps none. An environment that runs its own loop keeps them only when it says it
+        can (``keeps_transcripts``)."""
 
     async def run_task(self, task: RolloutTask, env: Environment) -> list[Rollout]:
         """All ``task.num_rollouts`` rollouts, run concurrently; the prompt is rendered once for the group.
@@ -201,7 +220,11 @@ class RolloutRunner:
     async def run_foreign_task(self, task: RolloutTask, env: Any) -> list[Rollout]:
         """The group of an environment that runs its own loop; any failure errors the whole group."""
         # An environment served by another process calls the model back through this worker.
-        options = {"endpoint_host": self.model_endpoint_host} if getattr(env, "calls_back", False) else {}
+        options: dict[str, Any] = {}
+        if getattr(env, "calls_back", False):
+            options["endpoint_host"] = self.model_endpoint_host
+        if self.transcripts is not None and getattr(env, "keeps_transcripts", False):
+            options["transcripts"] = self.transcripts
         try:
             return await env.run_group(task, self.sampler, self.renderer, self.env_timeout_s, **options)
         except TimeoutError:
@@ -235,6 +258,8 @@ class RolloutRunner:
             logger.exception("task {} rollout {} failed unexpectedly", task.task_id, index)
             return self._failed(task, index, f"{type(exc).__name__}: {exc}", state, record, started)
         record.timing["total"] = time.monotonic() - started
+        if self.transcripts is not None:
+            self.transcripts[f"{task.task_id}/{index}"] = Transcript([dict(m) for m in state.messages], state.tools)
         return Rollout(
             rollout_id=f"{task.task_id}/{index}", turns=record.turns, reward=reward, reward_breakdown=breakdown,
             metrics=metrics, is_truncated=state.is_truncated, prompt_text=prompt_text, completion_text=text,
@@ -266,7 +291,7 @@ class RolloutRunner:
             else:
                 generate_started = time.monotonic()
                 seed = turn_seed(task, index, state.turn)
-                completion = await self.sampler.complete(context, task.sampling, max_tokens, seed)
+                completion = await self.sample_turn(task, state, context, max_tokens, seed)
                 record.timing["generate"] += time.monotonic() - generate_started
             check_continuity(completion, context)
             record.turns.append(turn_of(completion, new_ids))
@@ -285,6 +310,12 @@ class RolloutRunner:
             state.messages.extend(reply)
             new_ids = await self.renderer.continuation(assistant, reply, env.tools, completion.token_ids)
             context += new_ids
+
+    async def sample_turn(self, task: RolloutTask, state: RolloutState, context: list[int], max_tokens: int,
+                          seed: int | None) -> Completion:  # fmt: skip
+        """The model's next turn: the policy continues the ``context`` tokens (a teacher overrides
+        this, services/env_worker/teacher.py)."""
+        return await self.sampler.complete(context, task.sampling, max_tokens, seed)
 
     async def _score(self, env: Environment, state: RolloutState, caller: EnvCaller) -> tuple[float, dict[str, float]]:
         rubric, values = env.rubric, {}

@@ -45,6 +45,7 @@ from rlbus.services.env_worker.config import EnvWorkerConfig
 from rlbus.services.env_worker.inference import InferenceClient
 from rlbus.services.env_worker.outgoing import checked_result
 from rlbus.services.env_worker.rollout import RolloutRunner, failed_rollout, num_completion_tokens
+from rlbus.services.env_worker.teacher import ModeRunner, TeacherClient
 from rlbus.services.env_worker.tokens import TurnRenderer
 
 # How often the loop does its housekeeping (heartbeats, resends) while no message arrives.
@@ -71,7 +72,7 @@ class Unacked:
 class EnvWorker:
     """Takes tasks over the bus, runs them with a :class:`RolloutRunner`, returns acknowledged results."""
 
-    def __init__(self, config: EnvWorkerConfig, runner: RolloutRunner, bus: AsyncBus,
+    def __init__(self, config: EnvWorkerConfig, runner: RolloutRunner | ModeRunner, bus: AsyncBus,
                  environments: EnvironmentCache | None = None, inference_stats: Any = None,
                  inference: InferenceClient | None = None) -> None:  # fmt: skip
         self.config, self.runner, self.bus = config, runner, bus
@@ -322,7 +323,9 @@ class EnvWorker:
 async def serve(config: EnvWorkerConfig) -> None:
     """Run an env-worker until SIGINT or SIGTERM."""
     client = InferenceClient.from_settings(config.inference_urls, config)
-    runner = RolloutRunner(client, TurnRenderer(client), config.env_timeout_s, config.model_endpoint_host)
+    policy_runner = RolloutRunner(client, TurnRenderer(client), config.env_timeout_s, config.model_endpoint_host)
+    teacher = TeacherClient(config.teacher) if config.teacher is not None else None
+    runner = ModeRunner(policy_runner, teacher)
     try:
         with AsyncBus(config.bus) as bus:
             worker = EnvWorker(config, runner, bus, inference_stats=client.stats, inference=client)
@@ -332,3 +335,5 @@ async def serve(config: EnvWorkerConfig) -> None:
             await worker.run()
     finally:
         await client.close()
+        if teacher is not None:
+            await teacher.close()

@@ -95,6 +95,25 @@ class TurnRenderer:
             segment = segment[1:]
         return segment
 
+    async def assistant_ids(self, content: str, tools: list[dict[str, Any]], stopped: bool) -> list[int]:
+        """The tokens a model samples to answer ``content`` after a generation prompt, as the chat
+        template renders them, ending with the end-of-turn token when the answer ``stopped`` (as a
+        sampled turn does: :meth:`continuation` then adds the rest of the closing). For text from a
+        model that returns no token ids (SFT from a teacher); cut from a stand-in history as
+        :meth:`continuation` does, so the content's tokens do not depend on the conversation."""
+        closing = await self.closing(tools)
+        tokenize = self.tokenizer.tokenize_chat
+        prompt = (await tokenize([_STAND_IN_USER], tools, add_generation_prompt=True)).ids
+        answer = {"role": "assistant", "content": content}
+        rendered = (await tokenize([_STAND_IN_USER, answer], tools, add_generation_prompt=False,
+                                   continue_final_message=True)).ids  # fmt: skip
+        if rendered[: len(prompt)] != prompt:
+            raise TemplateError(
+                "the chat template does not render an assistant turn after its generation prompt: "
+                f"{rendered[len(prompt) - 8 : len(prompt)]} where the prompt ends {prompt[-8:]}"
+            )
+        return rendered[len(prompt) :] + ([closing.end_of_turn] if stopped else [])
+
     async def closing(self, tools: list[dict[str, Any]]) -> TurnClosing:
         """The template's assistant-turn closing (cached per tool set)."""
         key = json.dumps(tools, sort_keys=True)

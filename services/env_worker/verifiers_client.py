@@ -31,7 +31,7 @@ from typing import Any
 from rlbus.environments import parse_hermes_tool_calls
 from rlbus.messages import RolloutTask, Turn
 from rlbus.services.env_worker.inference import Completion, InferenceError
-from rlbus.services.env_worker.rollout import Sampler, check_continuity, turn_of, turn_seed
+from rlbus.services.env_worker.rollout import Sampler, Transcript, check_continuity, turn_of, turn_seed
 from rlbus.services.env_worker.tokens import TemplateError, TurnRenderer
 
 # Roles a harness may add after the model's turn and still extend the same token sequence.
@@ -60,6 +60,9 @@ class RolloutTokens:
     so a request whose resolved prefix ends at that turn finds where to continue."""
     overlong: bool = False
     """A request's prompt left no room to sample (the context is full)."""
+    transcript: Transcript | None = None
+    """The latest call's messages and the reply sampled for them: on a rollout of one branch, its whole
+    conversation as the model saw it (``rlbus synthesize`` writes it)."""
 
     @property
     def num_turns(self) -> int:
@@ -106,6 +109,7 @@ class TokenSampler:
         branch.turns.append(turn_of(completion, new_ids))
         branch.context = context + completion.token_ids
         rollout.ends[tuple(branch.context)] = (branch, len(branch.turns))
+        rollout.transcript = Transcript([*messages, reply_message(completion, bool(tools))], list(tools))
         return completion, context
 
     async def _branch_and_segment(self, rollout: RolloutTokens, messages: list[dict[str, Any]],
@@ -134,6 +138,12 @@ def assistant_reply(completion: Completion, has_tools: bool) -> tuple[str, list[
     content, calls = parse_hermes_tool_calls(completion.text) if has_tools else (completion.text, [])
     finish = "length" if completion.finish_reason == "length" else ("tool_calls" if calls else "stop")
     return content, calls, finish
+
+
+def reply_message(completion: Completion, has_tools: bool) -> dict[str, Any]:
+    """The sampled turn as the assistant message the harness receives (tool calls included)."""
+    content, calls, _ = assistant_reply(completion, has_tools)
+    return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
 
 
 @functools.cache

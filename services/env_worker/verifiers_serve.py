@@ -40,10 +40,16 @@ from rlbus.curve import is_loopback
 from rlbus.environments import SERVER_ADDRESS_ARG, Environment, EnvironmentUnavailable, Rubric
 from rlbus.messages import Rollout, RolloutTask
 from rlbus.services.env_worker.model_endpoint import SECRET_HEADER, ModelEndpoint
-from rlbus.services.env_worker.rollout import Sampler, failed_rollout
+from rlbus.services.env_worker.rollout import Sampler, Transcript, failed_rollout
 from rlbus.services.env_worker.tokens import TurnRenderer
 from rlbus.services.env_worker.verifiers_client import TokenSampler
-from rlbus.services.env_worker.verifiers_v1 import episode_rollout, example_of, first_tasks, rollout_keys
+from rlbus.services.env_worker.verifiers_v1 import (
+    episode_rollout,
+    example_of,
+    first_tasks,
+    keep_transcripts,
+    rollout_keys,
+)
 
 HEALTH_TIMEOUT_S = 10.0
 # While runs are in flight the server is asked for health this often, and lost when it stays silent
@@ -191,6 +197,8 @@ class ServedVerifiersEnvironment(Environment):
     runs_own_loop = True
     calls_back = True
     """:class:`~.rollout.RolloutRunner` passes ``endpoint_host`` to :meth:`run_group`."""
+    keeps_transcripts = True
+    """... and its ``transcripts``, when it keeps them."""
 
     def __init__(self, address: str, tasks: list[Any]) -> None:
         super().__init__([example_of(task.data) for task in tasks], Rubric([]))
@@ -200,7 +208,8 @@ class ServedVerifiersEnvironment(Environment):
         self._starting = asyncio.Lock()
 
     async def run_group(self, task: RolloutTask, sampler: Sampler, renderer: TurnRenderer, timeout_s: float,
-                        endpoint_host: str | None = None) -> list[Rollout]:  # fmt: skip
+                        endpoint_host: str | None = None,
+                        transcripts: dict[str, Transcript] | None = None) -> list[Rollout]:  # fmt: skip
         endpoint, link = await self._start(sampler, renderer, endpoint_host)
         await link.check_health()
         keys = rollout_keys(task)
@@ -212,10 +221,12 @@ class ServedVerifiersEnvironment(Environment):
             outcomes = await asyncio.gather(*(self._episode(link, endpoint, key, task, data, deadline) for key in keys))
         finally:
             records = [endpoint.finish(key) for key in keys]
-        return [
+        rollouts = [
             failed_rollout(task, i, outcome) if isinstance(outcome, str) else episode_rollout(task, i, outcome, record)
             for i, (outcome, record) in enumerate(zip(outcomes, records))
         ]
+        keep_transcripts(transcripts, rollouts, records)
+        return rollouts
 
     async def _episode(self, link: ServerLink, endpoint: ModelEndpoint, key: str, task: RolloutTask,
                        data: dict[str, Any], deadline: float) -> Any:  # fmt: skip

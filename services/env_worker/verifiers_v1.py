@@ -33,7 +33,7 @@ from typing import Any
 
 from rlbus.environments import SERVER_ADDRESS_ARG, Environment, Rubric
 from rlbus.messages import Rollout, RolloutTask
-from rlbus.services.env_worker.rollout import Sampler, answer_text, failed_rollout, num_completion_tokens
+from rlbus.services.env_worker.rollout import Sampler, Transcript, answer_text, failed_rollout, num_completion_tokens
 from rlbus.services.env_worker.tokens import TurnRenderer
 from rlbus.services.env_worker.verifiers_client import RolloutTokens, TokenSampler, rlbus_client_class
 
@@ -92,6 +92,8 @@ class VerifiersV1Environment(Environment):
     """An rlbus environment wrapping a verifiers v1 ``Env``; the Env runs its own episodes."""
 
     runs_own_loop = True
+    keeps_transcripts = True
+    """:class:`~.rollout.RolloutRunner` passes its ``transcripts`` to :meth:`run_group` when it keeps them."""
 
     def __init__(self, vf_env: Any, num_examples: int | None = None) -> None:
         self.tasks = first_tasks(vf_env.taskset, num_examples)
@@ -102,8 +104,8 @@ class VerifiersV1Environment(Environment):
         # Groups start concurrently: the first one starts serving, the others wait for its client.
         self._starting = asyncio.Lock()
 
-    async def run_group(self, task: RolloutTask, sampler: Sampler, renderer: TurnRenderer,
-                        timeout_s: float) -> list[Rollout]:  # fmt: skip
+    async def run_group(self, task: RolloutTask, sampler: Sampler, renderer: TurnRenderer, timeout_s: float,
+                        transcripts: dict[str, Transcript] | None = None) -> list[Rollout]:  # fmt: skip
         tokens = await self._start(sampler, renderer)
         keys = rollout_keys(task)
         for index, key in enumerate(keys):
@@ -116,7 +118,9 @@ class VerifiersV1Environment(Environment):
             )  # fmt: skip
         finally:
             records = [tokens.finish(key) for key in keys]
-        return [episode_rollout(task, i, episode, record) for i, (episode, record) in enumerate(zip(episodes, records))]
+        rollouts = [episode_rollout(task, i, ep, record) for i, (ep, record) in enumerate(zip(episodes, records))]
+        keep_transcripts(transcripts, rollouts, records)
+        return rollouts
 
     async def _start(self, sampler: Sampler, renderer: TurnRenderer) -> TokenSampler:
         """Enter the Env's serving resources once, with the rlbus client as its model client."""
@@ -184,6 +188,16 @@ def episode_rollout(task: RolloutTask, index: int, episode: Any, record: Rollout
         completion_text="\n\n".join(trace.transcript for trace in episode.traces),
         answer=answer_text(getattr(data, "answer", None)),
     )  # fmt: skip
+
+
+def keep_transcripts(transcripts: dict[str, Transcript] | None, rollouts: list[Rollout],
+                     records: list[RolloutTokens]) -> None:  # fmt: skip
+    """Put the conversation of each rollout that did not error into ``transcripts`` (when kept)."""
+    if transcripts is None:
+        return
+    for rollout, record in zip(rollouts, records, strict=True):
+        if rollout.error is None and record.transcript is not None:
+            transcripts[rollout.rollout_id] = record.transcript
 
 
 def _failure(episode: Any, record: RolloutTokens) -> str | None:

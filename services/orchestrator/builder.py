@@ -4,7 +4,9 @@ Within each group: errored rollouts are left out (and counted), the others
 get advantages from their rewards (:mod:`rlbus.services.orchestrator.advantages`).
 A group whose advantages are all zero is dropped and counted; so is a
 rollout without a trained token (e.g. an empty completion). What is left
-is packed into one ``TrainBatch`` per trainer rank.
+is packed into one ``TrainBatch`` per trainer rank. The teacher modes
+(``training_mode`` ``opd`` and ``sft``) make their samples in
+:mod:`rlbus.services.orchestrator.distill`.
 
 Reward, length and staleness metrics cover every non-errored rollout of the
 step's groups, dropped ones included: they describe what the policy did.
@@ -24,6 +26,7 @@ from rlbus.messages import Rollout, RolloutSamples, Sample, TrainBatch
 from rlbus.services.orchestrator.advantages import group_advantages, has_signal, penalised_rewards
 from rlbus.services.orchestrator.buffer import Group
 from rlbus.services.orchestrator.config import OrchestratorConfig
+from rlbus.services.orchestrator.distill import TeacherTally, opd_sample, sft_samples
 from rlbus.services.orchestrator.packing import pack_batch
 from rlbus.services.orchestrator.rollouts import (
     PackSample,
@@ -65,6 +68,7 @@ class _Tally:
     num_errored: int = 0
     num_zero_advantage_groups: int = 0
     num_no_loss_rollouts: int = 0
+    teacher: TeacherTally = field(default_factory=TeacherTally)
 
 
 def build_step(step: int, groups: Sequence[Group], config: OrchestratorConfig) -> BuiltStep:
@@ -75,7 +79,7 @@ def build_step(step: int, groups: Sequence[Group], config: OrchestratorConfig) -
     started = time.perf_counter()
     batches, stats = pack_batch(samples, step, config.seq_len, config.trainer_world_size,
                                 config.sampling.temperature)  # fmt: skip
-    metrics = _metrics(tally)
+    metrics = _metrics(tally) | tally.teacher.metrics(config.training_mode)
     metrics |= {
         "time/pack": time.perf_counter() - started,
         "batch/num_samples": float(len(samples)),
@@ -89,6 +93,7 @@ def build_step(step: int, groups: Sequence[Group], config: OrchestratorConfig) -
     for batch in batches:
         batch.metrics = {k: v for k, v in metrics.items() if k.startswith(("batch/", "off_policy/"))}
         batch.task_ids = [group.task_id for group in groups]
+        batch.training_mode = config.training_mode
     return BuiltStep(step, batches, metrics, shown[: config.samples_per_report], len(samples), stats.num_tokens,
                      len(groups))
 
@@ -105,26 +110,37 @@ def _group_samples(step: int, group: Group, config: OrchestratorConfig, tally: _
         tally.seq_lens.append(num_tokens(rollout))
         tally.truncated.append(rollout.is_truncated)
         tally.turns.append(len(rollout.turns))
-        tally.off_policy.append(group.off_policy(step))
-        tally.sampled_steps.append(group.oldest_policy_step)
+        if config.training_mode != "sft":  # a teacher's rollouts are no policy's: staleness means nothing
+            tally.off_policy.append(group.off_policy(step))
+            tally.sampled_steps.append(group.oldest_policy_step)
         tally.num_empty += tally.completion_tokens[-1] == 0
     if not ok:
         return []
+    temperature = config.sampling.temperature
+    if config.training_mode == "sft":
+        shown.append(shown_sample(group.env_id, ok[0], 0.0))
+        threshold = config.teacher.reward_threshold if config.teacher else None
+        return _with_loss_tokens(sft_samples(ok, threshold, temperature, tally.teacher), tally)
     fractions = [length_fraction(r, config.sampling.max_tokens) for r in ok]
     rewards = penalised_rewards([r.reward for r in ok], fractions, config.advantage.length_penalty)
     advantages = group_advantages(rewards, config.advantage)
     shown.append(shown_sample(group.env_id, ok[0], float(advantages[0])))
+    if config.training_mode == "opd":
+        weight = config.teacher.reward_weight if config.teacher else 0.0
+        return _with_loss_tokens([opd_sample(rollout, advantage, weight, temperature, tally.teacher)
+                                  for rollout, advantage in zip(ok, advantages.tolist())], tally)  # fmt: skip
     if not has_signal(advantages):
         tally.num_zero_advantage_groups += 1
         return []
-    samples = []
-    for rollout, advantage in zip(ok, advantages.tolist()):
-        sample = to_sample(rollout, advantage, config.sampling.temperature)
-        if sample.num_loss_tokens == 0:
-            tally.num_no_loss_rollouts += 1
-            continue
-        samples.append(sample)
-    return samples
+    samples = [to_sample(rollout, advantage, temperature) for rollout, advantage in zip(ok, advantages.tolist())]
+    return _with_loss_tokens(samples, tally)
+
+
+def _with_loss_tokens(samples: list[PackSample], tally: _Tally) -> list[PackSample]:
+    """``samples`` less those without a trained token (counted: e.g. an empty completion)."""
+    kept = [sample for sample in samples if sample.num_loss_tokens]
+    tally.num_no_loss_rollouts += len(samples) - len(kept)
+    return kept
 
 
 def shown_sample(env_id: str, rollout: Rollout, advantage: float) -> Sample:

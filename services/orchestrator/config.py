@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from rlbus.config import ConfigModel, ServiceConfig
 from rlbus.environments.registry import SERVER_ADDRESS_ARG, checked_server_address
+from rlbus.teacher import TEACHER_MODES, TeacherClientConfig, TrainingMode
 
 Scalar = str | int | float | bool
 # Prefixes whose loaders run an environment on a server of its own (``server_address``).
@@ -139,6 +140,19 @@ class ProgressCheckpointConfig(ConfigModel):
     """Progress files kept; older ones are deleted."""
 
 
+class TeacherConfig(ConfigModel):
+    """The teacher of ``training_mode = "opd"`` or ``"sft"`` (docs/training.md). Start it yourself
+    before the run: ``rlbus rl`` starts only the student's inference."""
+
+    client: TeacherClientConfig
+    """Where the teacher serves; env-workers get the same settings as ``[env_worker.teacher]``."""
+    reward_weight: float = Field(0.0, ge=0)
+    """``opd``: add this times the rollout's group advantage (from the reward) to each token's
+    teacher-minus-student advantage; 0 distills from the teacher alone."""
+    reward_threshold: float | None = None
+    """``sft``: train only on teacher rollouts with at least this reward; None keeps all."""
+
+
 class OrchestratorConfig(ServiceConfig):
     """The orchestrator hands tasks to env-workers, turns scored rollouts into
     training batches and keeps sampling within the staleness bounds."""
@@ -180,6 +194,28 @@ class OrchestratorConfig(ServiceConfig):
     """Evaluation environments and interval."""
     ckpt: ProgressCheckpointConfig = ProgressCheckpointConfig()
     """Progress checkpoints, written on the trainer's checkpoint steps."""
+    training_mode: TrainingMode = "rl"
+    """``rl``: learn from the reward; ``opd``: on-policy distillation (the student samples, the
+    teacher scores each token); ``sft``: the teacher samples, the student imitates. docs/training.md."""
+    teacher: TeacherConfig | None = None
+    """The teacher of ``opd`` and ``sft``; None in ``rl``."""
+
+    @model_validator(mode="after")
+    def _teacher_fits_the_mode(self) -> OrchestratorConfig:
+        mode, teacher = self.training_mode, self.teacher
+        if mode in TEACHER_MODES and teacher is None:
+            raise ValueError(f"training_mode = {mode!r} needs a teacher: set [orchestrator.teacher.client] base_url "
+                             "and model (opd: a vLLM server with the student's tokenizer, e.g. a second "
+                             "`rlbus inference`; sft: any OpenAI-compatible API); see docs/training.md")  # fmt: skip
+        if mode == "rl" and teacher is not None:
+            raise ValueError(f"[orchestrator.teacher] is set ({teacher.client.base_url}) but training_mode = 'rl' "
+                             "never asks it: set training_mode = 'opd' or 'sft', or remove the teacher")  # fmt: skip
+        # By value, not by "was it set": a resolved config file holds every default.
+        misplaced = {"opd": ("reward_threshold", None), "sft": ("reward_weight", 0.0)}.get(mode)
+        if teacher is not None and misplaced is not None and getattr(teacher, misplaced[0]) != misplaced[1]:
+            raise ValueError(f"teacher.{misplaced[0]} = {getattr(teacher, misplaced[0])} is not used with training_mode "
+                             f"= {mode!r} (reward_weight is for opd, reward_threshold for sft)")  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _batch_holds_whole_groups(self) -> OrchestratorConfig:

@@ -47,9 +47,13 @@ from rlbus.services.orchestrator.config import OrchestratorConfig
 from rlbus.services.orchestrator.evaluation import EvalRound, EvalScheduler
 from rlbus.services.orchestrator.journal import Journal, Replay
 from rlbus.services.orchestrator.leases import Completion, TaskLedger, WorkerPool, dispatch
-from rlbus.services.orchestrator.rollouts import result_problem
+from rlbus.services.orchestrator.rollouts import result_problem, unscored_problem
 from rlbus.services.orchestrator.sampler import Draw, TaskSampler, existing_draws, sampling_seed
 from rlbus.services.orchestrator.step_metrics import StepMetrics
+from rlbus.teacher import TrainingMode
+
+NEVER_STALE = 2**31 - 1
+"""``max_off_policy_steps`` of the buffer in ``sft`` mode."""
 
 
 @dataclass
@@ -74,6 +78,10 @@ class Orchestrator:
         if config.sampling.temperature <= 0:
             raise ValueError(f"sampling.temperature = {config.sampling.temperature}: training needs a temperature "
                              "above 0 (the trainer divides its logits by it); greedy decoding is for evaluation")
+        if config.training_mode == "opd" and (config.sampling.temperature, config.sampling.top_p) != (1.0, 1.0):
+            logger.warning("opd with sampling temperature {} and top_p {}: the teacher's prompt logprobs are at "
+                           "temperature 1 without top-p, so the advantages mix two distributions (docs/training.md)",
+                           config.sampling.temperature, config.sampling.top_p)  # fmt: skip
         self.config = config
         self.clock = clock
         self.groups_per_batch = config.batch_size // config.rollouts_per_example
@@ -90,7 +98,8 @@ class Orchestrator:
         self.pending_draws: deque[Draw] = deque(existing_draws(state.pending, train_sizes))
         self.ledger = TaskLedger(config.task_lease_s, config.max_task_issues)
         self.workers = WorkerPool()
-        self.buffer = GroupBuffer(config.max_off_policy_steps)
+        # A teacher's rollouts (sft) were sampled by no policy of this run: they never go stale.
+        self.buffer = GroupBuffer(config.max_off_policy_steps if config.training_mode != "sft" else NEVER_STALE)
         self.gate = PolicyGate(config.max_async_level)
         # Only acknowledgements seen by this process count: after a restart the trainer may
         # legitimately resume from an older checkpoint than ours (see _rewind).
@@ -229,6 +238,8 @@ class Orchestrator:
         if status is Completion.ABANDONED:
             return self._refuse(result, "abandoned: the task was given up after too many issues")
         problem = self._result_problem(result, task)
+        if problem is None and not result.is_eval and self.config.training_mode == "opd":
+            problem = unscored_problem(result)
         if result.is_eval:
             return self._on_eval_result(result, status, problem)
         draw = self.draw_of.pop(result.task_id, None) if task is not None else self._adopt(result)
@@ -361,7 +372,7 @@ class Orchestrator:
             spec = self.config.train.env[draw.env_index]
             task = self._task(spec.id, spec.loader_args, draw.example_id, self.config.rollouts_per_example,
                               is_eval=False, min_policy_step=max(0, self.step - 1 - self.config.max_async_level),
-                              seed=self._next_sampling_seed())  # fmt: skip
+                              seed=self._next_sampling_seed(), training_mode=self.config.training_mode)  # fmt: skip
             self.draw_of[task.task_id] = draw
             self.ledger.add(task)
 
@@ -393,14 +404,14 @@ class Orchestrator:
 
     def _task(self, env_id: str, env_args: dict, example_id: int, num_rollouts: int, is_eval: bool,
               min_policy_step: int, task_id: str | None = None, seed: int | None = None,
-              temperature: float | None = None) -> RolloutTask:  # fmt: skip
+              temperature: float | None = None, training_mode: TrainingMode = "rl") -> RolloutTask:  # fmt: skip
         sampling = self.sampling if seed is None else msgspec.structs.replace(self.sampling, seed=seed)
         if temperature is not None:
             sampling = msgspec.structs.replace(sampling, temperature=temperature)
         return RolloutTask(
             task_id=task_id or self._new_task_id(), env_id=env_id, env_args=dict(env_args), example_id=example_id,
             num_rollouts=num_rollouts, sampling=sampling, is_eval=is_eval, lease_s=self.config.task_lease_s,
-            issued_at=0.0, min_policy_step=min_policy_step,
+            issued_at=0.0, min_policy_step=min_policy_step, training_mode=training_mode,
         )  # fmt: skip
 
     def _next_sampling_seed(self) -> int:

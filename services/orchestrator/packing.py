@@ -42,10 +42,17 @@ def micro_batch(samples: Sequence[PackSample]) -> MicroBatch:
         input_ids=np.concatenate([s.input_ids for s in samples]).astype(np.int32),
         position_ids=np.concatenate([np.arange(n, dtype=np.int32) for n in lengths]),
         loss_mask=np.concatenate([s.loss_mask for s in samples]).astype(bool),
-        advantages=np.concatenate([np.full(n, s.advantage, np.float32) for s, n in zip(samples, lengths)]),
+        advantages=np.concatenate([token_advantages(s) for s in samples]),
         inference_logprobs=np.concatenate([s.inference_logprobs for s in samples]).astype(np.float32),
         temperatures=np.concatenate([np.full(n, s.temperature, np.float32) for s, n in zip(samples, lengths)]),
     )  # fmt: skip
+
+
+def token_advantages(sample: PackSample) -> np.ndarray:
+    """[L] float32 advantage of each token of ``sample``."""
+    if sample.token_advantages is not None:
+        return sample.token_advantages.astype(np.float32)
+    return np.full(len(sample), sample.advantage, np.float32)
 
 
 def padding_micro_batch(temperature: float = 1.0) -> MicroBatch:
@@ -62,6 +69,7 @@ def truncate(sample: PackSample, seq_len: int) -> PackSample:
         input_ids=sample.input_ids[:seq_len], loss_mask=sample.loss_mask[:seq_len],
         inference_logprobs=sample.inference_logprobs[:seq_len], advantage=sample.advantage,
         temperature=sample.temperature,
+        token_advantages=None if sample.token_advantages is None else sample.token_advantages[:seq_len],
     )  # fmt: skip
 
 

@@ -30,6 +30,8 @@ class PackSample:
     """[L] float32 sampling logprob on trained tokens, 0 elsewhere."""
     advantage: float
     temperature: float
+    token_advantages: np.ndarray | None = None
+    """[L] float32 advantage of each token (``opd``); None gives every token ``advantage``."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -79,9 +81,10 @@ def numbers_problem(rollout: Rollout) -> str | None:
         if bad:
             return f"{name} holds non-finite values {dict(list(bad.items())[:3])}"
     for t, turn in enumerate(rollout.turns):
-        bad = [lp for lp in turn.completion_logprobs if not math.isfinite(lp)]
-        if bad:
-            return f"turn {t}: completion_logprobs must be finite, got {bad[:3]}"
+        for name in ("completion_logprobs", "teacher_logprobs"):
+            bad = [lp for lp in getattr(turn, name) or [] if not math.isfinite(lp)]
+            if bad:
+                return f"turn {t}: {name} must be finite, got {bad[:3]}"
     return None
 
 
@@ -97,6 +100,29 @@ def turn_problem(turn: Turn, max_policy_step: int | None) -> str | None:
     bad = [lp for lp, m in zip(turn.completion_logprobs, turn.completion_mask) if m and lp > MAX_LOGPROB]
     if bad:
         return f"completion_logprobs of trained tokens must be finite and <= 0, got {bad[:3]}"
+    return teacher_problem(turn)
+
+
+def teacher_problem(turn: Turn) -> str | None:
+    """What is wrong with the turn's teacher logprobs, when it has them."""
+    teacher = turn.teacher_logprobs
+    if teacher is None:
+        return None
+    if len(teacher) != len(turn.completion_ids):
+        return f"{len(teacher)} teacher_logprobs for {len(turn.completion_ids)} completion tokens"
+    bad = [lp for lp in teacher if not (math.isfinite(lp) and lp <= MAX_LOGPROB)]
+    if bad:
+        return f"teacher_logprobs must be finite and <= 0, got {bad[:3]}"
+    return None
+
+
+def unscored_problem(result: RolloutResult) -> str | None:
+    """An ``opd`` result whose sound rollouts the teacher did not score (an env-worker without
+    ``[env_worker.teacher]``, or one too old to know ``training_mode``)."""
+    for i, rollout in enumerate(result.rollouts):
+        if rollout.error is None and any(t.teacher_logprobs is None for t in rollout.turns):
+            return (f"rollout {i} ({rollout.rollout_id!r:.80}) has no teacher_logprobs, but training_mode = 'opd' "
+                    "trains on them: give the env-worker [env_worker.teacher]")  # fmt: skip
     return None
 
 

@@ -6,7 +6,8 @@ without a tokenizer, two services on one port, a resume step after the last step
 a pure function of the resolved config returning :class:`Problem` s; :func:`check_config`, called
 by the CLI entry before ``--dry-run`` writes anything and before a run starts, turns them into
 one :class:`ConfigError` (exit code 2), one line per problem. Nothing here imports torch or vLLM:
-the model folder is read as JSON and file names.
+the model folder is read as JSON and file names. The one check that asks the network is the
+teacher's (``opd`` and ``sft``; services/run_config/teacher.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rlbus.run_files import METRICS_FILE, STEPS_FILE
 from rlbus.services.inference.config import InferenceConfig
 from rlbus.services.orchestrator.config import OrchestratorConfig
 from rlbus.services.run_config.rl import RlConfig
+from rlbus.services.run_config.teacher import teacher_problem
 from rlbus.services.trainer.config import TrainerConfig, TrainingConfig
 from rlbus.services.trainer.sft_config import SftConfig
 
@@ -84,7 +86,7 @@ def rl_problems(config: RlConfig) -> list[Problem]:
 
 
 def orchestrator_problems(config: OrchestratorConfig, prefix: str) -> list[Problem]:
-    problems = environment_problems(config, prefix)
+    problems = environment_problems(config, prefix) + teacher_problems(config, prefix)
     if config.sampling.temperature <= 0:
         # The orchestrator refuses it at start too (core.Orchestrator): here it stops the command.
         problems.append(Problem(f"{prefix}sampling.temperature", config.sampling.temperature,
@@ -106,6 +108,16 @@ def environment_problems(config: OrchestratorConfig, prefix: str) -> list[Proble
         except (ValueError, TypeError) as exc:
             problems.append(Problem(f"{prefix}{where}.args", env.args, str(exc)))
     return problems
+
+
+def teacher_problems(config: OrchestratorConfig, prefix: str) -> list[Problem]:
+    """A teacher that does not answer, or (opd) returns no prompt logprobs or uses another tokenizer
+    than the student's: asked over HTTP (services/run_config/teacher.py)."""
+    if config.teacher is None:
+        return []
+    problem = teacher_problem(config.training_mode, config.teacher.client, config.model)
+    return [] if problem is None else [Problem(f"{prefix}teacher.client.base_url", config.teacher.client.base_url,
+                                               problem)]  # fmt: skip
 
 
 def context_problems(orchestrator: OrchestratorConfig, inference: InferenceConfig) -> list[Problem]:

@@ -67,8 +67,8 @@ class RlConfig(ServiceConfig):
     """Everything ``rlbus rl`` needs to start all five services locally."""
 
     SERVICE: ClassVar[str] = "rl"
-    HELP_HIDDEN: ClassVar[tuple[str, ...]] = ("monitor.prime_platform",)
-    """Keys ``--help`` leaves out: the top-level ``prime_platform`` sets them."""
+    HELP_HIDDEN: ClassVar[tuple[str, ...]] = ("monitor.prime_platform", "env_worker.teacher")
+    """Keys ``--help`` leaves out: the top-level ``prime_platform`` and ``orchestrator.teacher.client`` set them."""
 
     inference: InferenceConfig = InferenceConfig()
     """Inference replica settings."""
@@ -202,6 +202,14 @@ class RlConfig(ServiceConfig):
             worker.__dict__["inference_urls"] = [f"http://{inference.host}:{inference.port}/v1"]
         if worker.api_key is None and inference.api_key is not None:
             worker.__dict__["api_key"] = inference.api_key
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_for_env_workers(self) -> RlConfig:
+        # Env-workers are the ones that ask the teacher (opd: scores, sft: answers); one setting for both.
+        teacher = self.orchestrator.teacher
+        if teacher is not None and "teacher" not in self.env_worker.model_fields_set:
+            self.env_worker.__dict__["teacher"] = teacher.client
         return self
 
     @model_validator(mode="after")

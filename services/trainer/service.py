@@ -160,7 +160,7 @@ class RlLoop:
                 self.record(batch, ok=False)
                 self.reject(step, str(exc))
                 return
-            metrics = self.rt.trainer.run(step, rows, batch.num_loss_tokens)
+            metrics = self.rt.trainer.run(step, rows, batch.num_loss_tokens, sft=batch.training_mode == "sft")
             metrics.update(self.publish_and_checkpoint(step))
             # Acknowledged only once checkpointed (when due): a trainer killed before that resumes
             # from its previous checkpoint and gets this very batch again from the orchestrator.

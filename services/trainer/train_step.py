@@ -59,38 +59,40 @@ class TrainStep:
         self.padded_rows = padded_rows
         """Run each row as a padded batch of its samples (TrainingConfig.row_layout)."""
 
-    def loss_share(self, inputs: LossInputs, num_loss_tokens: int) -> LossOutput:
-        if self.loss_config is None:
+    def loss_share(self, inputs: LossInputs, num_loss_tokens: int, sft: bool = False) -> LossOutput:
+        if sft or self.loss_config is None:
             return sft_loss(inputs, num_loss_tokens)
         return rl_loss(inputs, self.loss_config, num_loss_tokens)
 
-    def run(self, step: int, rows: list[RowTensors], num_loss_tokens: int) -> dict[str, float]:
-        """Train one step on this rank's ``rows``; returns the step's metrics (same on every rank)."""
+    def run(self, step: int, rows: list[RowTensors], num_loss_tokens: int, sft: bool = False) -> dict[str, float]:
+        """Train one step on this rank's ``rows``; returns the step's metrics (same on every rank).
+        ``sft``: the negative log-likelihood, whatever ``loss`` (a batch of SFT from a teacher)."""
         started = time.perf_counter()
+        sft = sft or self.loss_config is None
         lr = self.schedule.lr(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         stats = StepStats()
         for row in rows:
-            self._micro_step(row, num_loss_tokens, stats)
+            self._micro_step(row, num_loss_tokens, stats, sft)
         forward_backward_s = time.perf_counter() - started
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         self.optimizer.step()
         elapsed = time.perf_counter() - started
-        metrics = self._reduce(stats)
+        metrics = self._reduce(stats, sft)
         metrics.update({"optim/lr": lr, "optim/grad_norm": float(grad_norm),
                         "time/forward_backward": forward_backward_s})  # fmt: skip
         metrics.update(self._perf(metrics.pop("_tokens"), metrics.pop("_flops"), elapsed))
         return metrics
 
-    def _micro_step(self, row: RowTensors, num_loss_tokens: int, stats: StepStats) -> None:
+    def _micro_step(self, row: RowTensors, num_loss_tokens: int, stats: StepStats, sft: bool) -> None:
         logprobs, entropy = row_logprobs(self.model, row, self.padded_rows)
         ids = sample_ids(row.position_ids)
         inputs = LossInputs(logprobs=logprobs, inference_logprobs=row.inference_logprobs,
                             advantages=row.advantages, loss_mask=row.loss_mask, sample_ids=ids)  # fmt: skip
-        output = self.loss_share(inputs, num_loss_tokens)
+        output = self.loss_share(inputs, num_loss_tokens, sft)
         # FSDP2 averages gradients over ranks; the shares must be summed (see shard_model).
         (output.loss * self.ctx.world_size).backward()
         mask = row.loss_mask
@@ -101,7 +103,7 @@ class TrainStep:
         stats.add("masked_negative", output.masked_negative)
         stats.add("tokens", row.num_tokens)
         stats.add("flops", self.flops_model.training_flops(sample_lengths(row.position_ids).tolist()))
-        if self.loss_config is not None:
+        if not sft:
             self._add_mismatch(logprobs.detach(), inputs, stats)
 
     def _add_mismatch(self, logprobs: Tensor, inputs: LossInputs, stats: StepStats) -> None:
@@ -117,7 +119,7 @@ class TrainStep:
         per_sample = torch.bincount(inputs.sample_ids, weights=kl.double()) / counts.clamp(min=1)
         stats.mismatch_kl_max = max(stats.mismatch_kl_max, float(per_sample.max()) if per_sample.numel() else 0.0)
 
-    def _reduce(self, stats: StepStats) -> dict[str, float]:
+    def _reduce(self, stats: StepStats, sft: bool) -> dict[str, float]:
         sums = torch.tensor([stats.sums[k] for k in SUM_KEYS], dtype=torch.float64, device=self.ctx.device)
         self.ctx.all_reduce(sums, "sum")
         kl_max = self.ctx.all_reduce(torch.tensor([stats.mismatch_kl_max], device=self.ctx.device), "max")
@@ -130,7 +132,7 @@ class TrainStep:
             "_tokens": total["tokens"],
             "_flops": total["flops"],
         }
-        if self.loss_config is not None:
+        if not sft:
             metrics.update({
                 "mismatch_kl/mean": total["mismatch_kl"] / loss_tokens,
                 "mismatch_kl/max": float(kl_max.item()),

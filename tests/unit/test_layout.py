@@ -2,7 +2,8 @@
 itself; ``rlbus`` itself never imports a service, torch or vLLM; nothing imports the old top-level
 ``common`` / ``services`` names; pyproject's package list names every package folder.
 
-Only the CLI entry (``services/cli.py``, ``services/entry.py``, ``services/eval.py``), the
+Only the CLI entry (``services/cli.py``, ``services/entry.py``, ``services/eval.py``,
+``services/synthesize/``), the
 launcher, the merged run config and the run registry (``runs``) may cross services. Imports inside functions count too.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("env_worker", "inference", "monitor", "orchestrator", "trainer", "models")
-CROSSING = ("cli.py", "entry.py", "eval.py", "keys.py", "plot.py", "launcher", "run_config", "runs")
+CROSSING = ("cli.py", "entry.py", "eval.py", "synthesize", "keys.py", "plot.py", "launcher", "run_config", "runs")
 # `python -m rlbus` must reach the CLI: the one import from rlbus (common/) into services.
 COMMON_MAY_IMPORT_SERVICES = ("__main__.py",)
 HEAVY = ("torch", "vllm", "transformers")

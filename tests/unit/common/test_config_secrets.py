@@ -18,7 +18,9 @@ SECRETS = {"inference": {"api_key": "inf-key"}, "monitor": {"view_api_key": "vie
 
 def test_the_secret_fields_are_known():
     assert set(secret_paths(RlConfig)) == {("inference", "api_key"), ("env_worker", "api_key"),
-                                           ("monitor", "view_api_key"), ("monitor", "wandb", "api_key")}  # fmt: skip
+                                           ("monitor", "view_api_key"), ("monitor", "wandb", "api_key"),
+                                           ("orchestrator", "teacher", "client", "api_key"),
+                                           ("env_worker", "teacher", "api_key")}  # fmt: skip
 
 
 def test_resolved_config_files_hold_no_secret_and_only_their_user_reads_them(tmp_path):

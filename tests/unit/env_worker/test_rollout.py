@@ -361,3 +361,29 @@ def test_a_weighted_reward_that_overflows_errors_the_rollout(scripted, renderer:
     (rollout,) = asyncio.run(RolloutRunner(scripted(lambda p, s: "x"), renderer, 5).run_task(task(num_rollouts=1), env))
     assert rollout.error == "the weighted reward of {'big': 10.0} is inf, not a finite number"
     assert rollout.reward == 0.0
+
+
+def test_transcripts_keep_the_conversation_of_each_good_rollout_when_asked(scripted, renderer: TurnRenderer) -> None:
+    env = load_environment("guess-number", {"num_examples": 1, "max_turns": 2})
+    secret = env.example(0)["answer"]
+
+    def reply(prompt: list[int], seed: int | None) -> str:  # turn 0 of rollout 0 is seeded 10: it guesses right
+        return f"<guess>{secret}</guess>" if seed == 10 else ("oops" if seed == 11 else "<guess>0</guess>")
+
+    def no_oops(messages: list) -> float:
+        assert all(m["content"] != "oops" for m in messages), "a reward function that raises"
+        return 1.0
+
+    env.rubric = Rubric([no_oops])
+    kept: dict = {}
+    rollouts = asyncio.run(RolloutRunner(scripted(reply), renderer, 5, transcripts=kept).run_task(
+        task("guess-number", num_rollouts=3, seed=10), env))  # fmt: skip
+    assert [r.error is None for r in rollouts] == [True, False, True]
+    assert sorted(kept) == ["task-1/0", "task-1/2"]  # not the errored one
+    prompt = env.prompt_messages(env.example(0))
+    assert kept["task-1/0"].messages == [*prompt, {"role": "assistant", "content": f"<guess>{secret}</guess>"}]
+    assert kept["task-1/2"].messages == [*prompt, {"role": "assistant", "content": "<guess>0</guess>"},
+                                         {"role": "user", "content": "Higher."},
+                                         {"role": "assistant", "content": "<guess>0</guess>"}]  # fmt: skip
+    assert kept["task-1/0"].tools == []
+    assert RolloutRunner(scripted(reply), renderer, 5).transcripts is None  # the env-worker keeps none

@@ -100,7 +100,7 @@ tokenizer = build_tokenizer()
 async def run(env_id, args):
     env = load_environment(env_id, args)
     sampler = ScriptedSampler(tokenizer, lambda prompt, seed: "2")
-    runner = RolloutRunner(sampler, TurnRenderer(HFChatTokenizer(tokenizer)), 300)
+    runner = RolloutRunner(sampler, TurnRenderer(HFChatTokenizer(tokenizer)), 300, transcripts={})
     task = RolloutTask(task_id="t", env_id=env_id, example_id=2, num_rollouts=2, sampling=SamplingParams(),
                        lease_s=60, issued_at=time.time())
     rollouts = await runner.run_task(task, env)
@@ -112,6 +112,7 @@ async def run(env_id, args):
                       "turns": [[t.prompt_ids, t.completion_ids, len(t.completion_logprobs), t.policy_step]
                                 for t in r.turns]} for r in rollouts],
         "segments": [tokenizer.decode(t.prompt_ids) for t in rollouts[0].turns[1:]],
+        "transcripts": {key: [t.messages, t.tools] for key, t in runner.transcripts.items()},
     }
 
 async def main():
@@ -163,6 +164,14 @@ def test_verifiers_v1_environments_run_token_in_token_out(verifiers_python: Path
     assert again["segments"] == ["\n<|im_start|>user\nAgain.<|im_end|>\n<|im_start|>assistant\n"] * 2
     for rollout in twice["rollouts"]:
         assert rollout["turns"] == [] and "2 token branches" in rollout["error"]
+    # Kept for rlbus synthesize: each good rollout's conversation as the model saw it, with the last reply.
+    assert sorted(again["transcripts"]) == ["t/0", "t/1"] and twice["transcripts"] == {}
+    messages, tools = again["transcripts"]["t/1"]
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("user", "Say 2"), ("assistant", "2"), ("user", "Again."), ("assistant", "2"), ("user", "Again."),
+        ("assistant", "2"),
+    ]  # fmt: skip
+    assert tools == []
 
 
 def test_dotted_args_become_nested_tables_of_the_v1_env_config() -> None:

@@ -161,5 +161,7 @@ def test_rl_help_and_parser_agree_and_list_shared_fields_once(capsys):
     text = capsys.readouterr().out
     options = [line.split()[0] for line in text.splitlines() if line.startswith("  --")]
     assert "--slurm-cancel" in options and "--slurm" in options
-    assert not [o for o in options if o.split(".")[-1] in ("output-dir", "model", "seed") and "." in o], options
-    assert len(text.splitlines()) < 500
+    # A section's copy of a shared field (--trainer.model) is not listed; a key of its own that is also
+    # called model (--orchestrator.teacher.client.model) is.
+    assert not [o for o in options if o.split(".")[-1] in ("output-dir", "model", "seed") and o.count(".") == 1], options
+    assert len(text.splitlines()) < 530  # 499 before [orchestrator.teacher] (docs/training.md) added 20

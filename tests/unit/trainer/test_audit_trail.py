@@ -40,7 +40,7 @@ def fake_loop(tmp_path, events: list[str]) -> RlLoop:
     loop = RlLoop.__new__(RlLoop)
     loop.config = SimpleNamespace(trainer_id="t0", ckpt=SimpleNamespace(save_async=False))
     loop.rt = SimpleNamespace(ctx=SimpleNamespace(is_main=True), model=None,
-                              trainer=SimpleNamespace(run=lambda step, rows, n: dict(METRICS)))  # fmt: skip
+                              trainer=SimpleNamespace(run=lambda step, rows, n, sft=False: dict(METRICS)))  # fmt: skip
     loop.audit = AuditLog(tmp_path / "audit" / "trainer-t0.jsonl")
     loop.batches = Batches(loop.audit)
     loop.weights = SimpleNamespace(publish=lambda step, model: 0.0)
