@@ -111,6 +111,9 @@ class WeightServer:
         self._bind_error: Exception | None = None
         self._thread = threading.Thread(target=self._run, name="weight-server", daemon=True)
         self.num_buckets_served = 0
+        self._served: dict[int, set[int]] = {}
+        """Step -> its buckets served at least once (recent steps only)."""
+        self._served_changed = threading.Condition()
         self.fetch_address = self.announce_address = ""
 
     def start(self, timeout_s: float = 10.0) -> WeightServer:
@@ -130,9 +133,27 @@ class WeightServer:
             self._pending.append(announced)
         return announced
 
+    def wait_fetched(self, step: int, timeout_s: float) -> bool:
+        """Block until every bucket of ``step`` was served at least once (a replica holds it), or
+        ``timeout_s`` passed; True when it was."""
+        announced = self.store.latest()
+        if announced is None or announced.step != step:
+            return False
+        with self._served_changed:
+            return self._served_changed.wait_for(
+                lambda: len(self._served.get(step, ())) >= announced.num_buckets, timeout_s)
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+    def _record_served(self, bucket: WeightsBucket) -> None:
+        self.num_buckets_served += 1
+        with self._served_changed:
+            self._served.setdefault(bucket.step, set()).add(bucket.bucket)
+            for old in [s for s in self._served if s < bucket.step - 2]:
+                del self._served[old]
+            self._served_changed.notify_all()
 
     def _run(self) -> None:
         try:
@@ -171,7 +192,8 @@ class WeightServer:
             reply = self.store.latest() or Refused(request="WeightsQuery", reason="no step published yet")
         else:
             reply = self.store.bucket(request.step, request.bucket, request.nonce)
-            self.num_buckets_served += isinstance(reply, WeightsBucket)
+            if isinstance(reply, WeightsBucket):
+                self._record_served(reply)
         try:
             self.bus.send(router, reply, identity)
         except PeerUnreachable as exc:  # gone, or not reading: the thread serves the others

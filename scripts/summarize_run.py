@@ -6,7 +6,13 @@ orchestrator's ``reward/all/mean``), their difference, the mean mismatch KL
 those inference sampled with), the steps trained, and the wall time of each
 phase given with ``--phase NAME=SECONDS``. ``./scripts/quickstart.sh`` ends with it.
 
-usage: python scripts/summarize_run.py OUTPUT_DIR [--window 5] [--phase sft=120 ...] [--json]
+With ``--eval NAME`` it also prints a few samples of the first and the last step
+(``samples.jsonl``), the held-out evaluation ``eval/NAME/avg@1`` of the first and the last
+evaluated policy, with ``--compare LABEL=FILE`` the same metric from another run's
+``rlbus eval`` (``<dir>/eval/metrics.json``), and ends with ``eval before <avg@1> after <avg@1>``.
+
+usage: python scripts/summarize_run.py OUTPUT_DIR [--window 5] [--phase sft=120 ...] [--eval NAME
+       [--compare LABEL=FILE]] [--json]
 """
 
 from __future__ import annotations
@@ -120,6 +126,51 @@ def format_summary(summary: RunSummary) -> str:
     return "\n".join(lines)
 
 
+def eval_before_after(records: list[dict], name: str) -> tuple[float, float] | None:
+    """``eval/<name>/avg@1`` of the first and the last evaluated policy step (None: fewer than two)."""
+    values = per_step(records, "orchestrator", f"eval/{name}/avg@1")
+    if len(values) < 2:
+        return None
+    steps = sorted(values)
+    return values[steps[0]], values[steps[-1]]
+
+
+def compared_eval(path: Path, name: str) -> float | None:
+    """``eval/<name>/avg@1`` from an ``rlbus eval`` metrics file, None when it has none."""
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text()).get("metrics", {}).get(f"eval/{name}/avg@1")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def sample_lines(path: Path, per_step_shown: int = 4) -> list[str]:
+    """A few ``prompt -> completion (reward)`` samples of the first and the last logged step."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return []
+    lines = []
+    for label, step in (("first", min(r["step"] for r in rows)), ("last", max(r["step"] for r in rows))):
+        shown = [r for r in rows if r["step"] == step][:per_step_shown]
+        text = ", ".join(f"{r['prompt']!r} -> {r['completion']!r} ({r['reward']:g})" for r in shown)
+        lines.append(f"samples, {label} step ({step}): {text}")
+    return lines
+
+
+def format_eval(records: list[dict], output_dir: Path, name: str, compare: list[tuple[str, Path]]) -> list[str]:
+    lines = sample_lines(output_dir / "samples.jsonl")
+    for label, path in compare:
+        value = compared_eval(path, name)
+        lines.append(f"{label}: eval {'n/a' if value is None else format(value, '.3f')}")
+    before_after = eval_before_after(records, name)
+    if before_after is None:
+        lines.append(f"eval before n/a after n/a (fewer than two evaluations of {name} in metrics.jsonl)")
+    else:
+        lines.append(f"eval before {before_after[0]:.3f} after {before_after[1]:.3f}")
+    return lines
+
+
 def parse_phase(text: str) -> tuple[str, float]:
     name, sep, seconds = text.partition("=")
     try:
@@ -136,18 +187,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=5, help="steps averaged at the start and the end")
     parser.add_argument("--phase", type=parse_phase, action="append", default=[], metavar="NAME=SECONDS",
                         help="wall time of a phase, shown in the summary (repeatable)")
+    parser.add_argument("--eval", dest="eval_name", metavar="NAME",
+                        help="held-out evaluation (eval/NAME/avg@1) to show before and after, last line")
+    parser.add_argument("--compare", type=parse_compare, action="append", default=[], metavar="LABEL=FILE",
+                        help="another run's `rlbus eval` metrics.json to show beside it (repeatable)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     args = parser.parse_args(argv)
     try:
-        summary = summarize(read_metrics(args.output_dir / "metrics.jsonl"), args.window, dict(args.phase))
+        records = read_metrics(args.output_dir / "metrics.jsonl")
+        summary = summarize(records, args.window, dict(args.phase))
     except ValueError as exc:
         sys.stderr.write(f"summarize_run: {exc}\n")
         return 2
     if args.json:
         sys.stdout.write(json.dumps({**asdict(summary), "reward_gain": summary.reward_gain}) + "\n")
-    else:
-        sys.stdout.write(format_summary(summary) + "\n")
+        return 0 if summary.reward_first is not None else 1
+    sys.stdout.write(format_summary(summary) + "\n")
+    if args.eval_name:
+        sys.stdout.write("\n".join(format_eval(records, args.output_dir, args.eval_name, args.compare)) + "\n")
     return 0 if summary.reward_first is not None else 1
+
+
+def parse_compare(text: str) -> tuple[str, Path]:
+    label, sep, path = text.partition("=")
+    if not (sep and label and path):
+        raise argparse.ArgumentTypeError(f"expected LABEL=FILE, got {text!r}")
+    return label, Path(path)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,9 @@ class EvalConfig(ConfigModel):
     """Evaluation environments."""
     pass_threshold: float = 1.0
     """A rollout counts as solved for pass@k when its reward is at least this."""
+    final_timeout_s: float = Field(120.0, ge=0)
+    """The last policy (``max_steps``) is always evaluated: once every step is trained, wait this long
+    at most for inference to serve it, then finish without that evaluation (a warning says so)."""
 
     @model_validator(mode="after")
     def _one_name_per_evaluation(self) -> EvalConfig:

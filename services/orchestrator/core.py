@@ -104,7 +104,9 @@ class Orchestrator:
         # Only acknowledgements seen by this process count: after a restart the trainer may
         # legitimately resume from an older checkpoint than ours (see _rewind).
         self.store = BatchStore(acked_below=1)
-        self.evals = EvalScheduler(config.eval, eval_sizes)
+        self.evals = EvalScheduler(config.eval, eval_sizes, final_step=config.max_steps)
+        self._trained_at: float | None = None
+        """When every step was first seen trained (the wait for the last policy's evaluation starts)."""
         self.progress = progress
         self.snapshots: dict[int, ProgressState] = {}
         self.draw_of: dict[str, Draw] = {}
@@ -162,8 +164,23 @@ class Orchestrator:
 
     @property
     def done(self) -> bool:
-        """Every step up to ``max_steps`` is acknowledged by the trainer and no evaluation is running."""
-        return self._all_trained and not self.evals.rounds
+        """Every step up to ``max_steps`` is acknowledged by the trainer, and evaluated when it is due
+        (the last policy always is), and no evaluation is running."""
+        return self._all_trained and not self.evals.rounds and not self._waiting_for_final_policy()
+
+    def _waiting_for_final_policy(self) -> bool:
+        """The last policy is still to be evaluated and ``eval.final_timeout_s`` has not run out."""
+        if not self.evals.final_pending:
+            return False
+        now = self.clock()
+        if self._trained_at is None:
+            self._trained_at = now
+        if now - self._trained_at <= self.config.eval.final_timeout_s:
+            return True
+        logger.warning("inference did not serve policy step {} within eval.final_timeout_s = {:g}s: finishing "
+                       "without evaluating it", self.max_steps, self.config.eval.final_timeout_s)  # fmt: skip
+        self.evals.skip_final()
+        return False
 
     @property
     def _all_trained(self) -> bool:
@@ -176,6 +193,8 @@ class Orchestrator:
         """What progress is blocked on, for heartbeats; None when nothing is."""
         if self.done:
             return None
+        if self._all_trained and not self.evals.rounds:
+            return f"inference to load policy step {self.max_steps} to evaluate it (serving {self.gate.policy_step})"
         if self._all_trained:
             return f"results of {sum(len(r.pending) for r in self.evals.rounds)} eval tasks"
         if self._gate_closed:

@@ -102,18 +102,36 @@ class EvalRound:
 
 @dataclass
 class EvalScheduler:
-    """Starts an :class:`EvalRound` for each policy step that is a multiple of ``interval``."""
+    """Starts an :class:`EvalRound` for each policy step that is a multiple of ``interval``, and for
+    ``final_step`` (the run's last policy: what it ends with is always measured)."""
 
     config: EvalConfig
     env_sizes: list[int]
     """Examples available in each eval environment (``config.env`` order)."""
+    final_step: int | None = None
+    """The run's ``max_steps``; None when it has none."""
     rounds: list[EvalRound] = field(default_factory=list)
     evaluated: set[int] = field(default_factory=set)
 
+    @property
+    def final_pending(self) -> bool:
+        """The last policy is still to be evaluated (the run must not end before it is)."""
+        return self._enabled and self.final_step is not None and self.final_step not in self.evaluated
+
+    def skip_final(self) -> None:
+        """Give up evaluating the last policy (inference never served it)."""
+        if self.final_step is not None:
+            self.evaluated.add(self.final_step)
+
+    @property
+    def _enabled(self) -> bool:
+        return self.config.interval is not None and bool(self.config.env)
+
     def due(self, policy_step: int) -> bool:
         interval = self.config.interval
-        return (interval is not None and bool(self.config.env) and policy_step % interval == 0
-                and policy_step not in self.evaluated)  # fmt: skip
+        if not self._enabled or policy_step in self.evaluated:
+            return False
+        return policy_step % interval == 0 or policy_step == self.final_step
 
     def start(self, policy_step: int, new_task_id: Callable[[], str]) -> list[tuple[str, EvalEnvSpec, int]]:
         """Open a round for ``policy_step``; returns (task id, env spec, example id) to issue."""

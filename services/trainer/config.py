@@ -105,5 +105,9 @@ class TrainerConfig(TrainingConfig):
     """RL objective."""
     weight_bucket_mb: int = Field(64, ge=1)
     """Weights are streamed to inference in buckets of about this many MiB."""
+    final_weights_timeout_s: float = Field(30.0, ge=0)
+    """After the last step, keep serving weights until a replica fetched the last step's (so the
+    run's final evaluation and late replicas see the trained policy), at most this long; skipped
+    when no replica fetched weights during the run."""
     trainer_id: str = "trainer"
     """Name the trainer gives the orchestrator in every BatchRequest and BatchAck."""

@@ -118,6 +118,14 @@ class WeightPublisher:
                 pass
         return time.perf_counter() - started
 
+    def wait_fetched(self, step: int, timeout_s: float) -> None:
+        """Serve on until a replica fetched ``step`` (see ``final_weights_timeout_s``)."""
+        if self.server is None or self.server.num_buckets_served == 0:
+            return  # no replica ever fetched: none is waiting for this step either
+        logger.info("waiting up to {:g}s for a replica to fetch the weights of step {}", timeout_s, step)
+        if not self.server.wait_fetched(step, timeout_s):
+            logger.warning("no replica fetched the weights of step {} within {:g}s", step, timeout_s)
+
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
@@ -148,6 +156,7 @@ class RlLoop:
             except StepMoved as moved:
                 step = moved.next_step
         self.telemetry.event("finished", f"trainer finished step {step - 1}")
+        self.weights.wait_fetched(step - 1, self.config.final_weights_timeout_s)
 
     def train_one(self, step: int) -> None:
         started = time.perf_counter()

@@ -20,7 +20,7 @@ from loguru import logger
 
 from rlbus.bench import SFT_BENCH, print_bench_table
 from rlbus.bus import Bus
-from rlbus.environments.builtin import larger_number
+from rlbus.environments.builtin import first_letter, larger_number
 from rlbus.errors import UserError
 from rlbus.pubsub import TelemetryClient
 from rlbus.services.trainer.data import reverse_text
@@ -41,6 +41,8 @@ def load_examples(config: SftConfig) -> tuple[list[Row], list[Row]]:
         num_val = round(data.num_examples * data.val_fraction / (1 - data.val_fraction))
         if data.synthetic == "reverse-text":
             rows = reverse_text.generate(data.num_examples + num_val, config.seed, data.min_words, data.max_words)
+        elif data.synthetic == "first-letter":
+            rows = first_letter.generate_sft(data.num_examples + num_val, config.seed)
         else:
             rows = larger_number.generate_sft(data.num_examples + num_val, config.seed)
         return rows[: data.num_examples], rows[data.num_examples :]

@@ -164,16 +164,20 @@ class FakeTrainer(threading.Thread):
 
     ``die_before_ack`` makes it stop after receiving that step without acknowledging it,
     like a trainer killed mid-step. ``on_batch`` sees every received ``TrainBatch``.
+    ``load_last_policy``: inference serves the last step's policy too (an orchestrator with
+    evaluation waits for it, to evaluate the policy the run ends with).
     """
 
     def __init__(self, bus_config: BusConfig, policy: PolicyClock | None, first_step: int, last_step: int,
                  seed: int = 0, max_train_s: float = 0.0, die_before_ack: int | None = None,
-                 on_batch: Callable[[TrainBatch], None] | None = None, name: str = "trainer") -> None:  # fmt: skip
+                 on_batch: Callable[[TrainBatch], None] | None = None, name: str = "trainer",
+                 load_last_policy: bool = False) -> None:  # fmt: skip
         super().__init__(name=name, daemon=True)
         self.bus_config, self.policy = bus_config, policy
         self.steps = range(first_step, last_step + 1)
         self.rng, self.max_train_s = random.Random(seed), max_train_s
         self.die_before_ack, self.on_batch = die_before_ack, on_batch
+        self.load_last_policy = load_last_policy
         self.acked: list[int] = []
         self.refused: list[tuple[int, str]] = []
         self.error: BaseException | None = None
@@ -203,8 +207,8 @@ class FakeTrainer(threading.Thread):
                 time.sleep(self.rng.uniform(0, self.max_train_s))  # simulated training time
                 bus.send(batches, BatchAck(trainer_id=self.name, step=step))
                 self.acked.append(step)
-                # After the last step the orchestrator may already be gone: nothing would answer.
-                if self.policy is not None and step != self.steps[-1]:
+                # After the last step an orchestrator without evaluation may already be gone.
+                if self.policy is not None and (step != self.steps[-1] or self.load_last_policy):
                     self._load_policy(bus, policy_out, step)
 
     def _load_policy(self, bus: Bus, sock: Any, step: int) -> None:

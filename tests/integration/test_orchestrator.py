@@ -179,7 +179,7 @@ def test_rlbus_orchestrator_runs_without_torch_and_writes_progress(folder, tmp_p
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     policy = PolicyClock()
     worker = FakeWorker(bus_config, policy, seed=0, max_delay_s=0.05)
-    trainer = FakeTrainer(bus_config, policy, 1, 2)
+    trainer = FakeTrainer(bus_config, policy, 1, 2, load_last_policy=True)
     with Bus(bus_config) as bus:
         monitor = MonitorSink(bus, bus_config.endpoints.monitor_telemetry)
         worker.start()
@@ -199,7 +199,9 @@ def test_rlbus_orchestrator_runs_without_torch_and_writes_progress(folder, tmp_p
     assert len([name for name in progress if name.startswith("journal.upto_")]) == 2  # compacted at each checkpoint
     assert (tmp_path / "logs" / "orchestrator.log").exists()
     eval_reports = [r for r in reports if "eval/reverse-text/avg@2" in r.metrics]
-    assert eval_reports, [sorted(r.metrics) for r in reports]
+    # Every policy step inference reported is evaluated (interval 1; the stand-in reports from policy 1
+    # on), the last one (2) before the orchestrator finishes.
+    assert sorted(r.step for r in eval_reports) == [1, 2], [sorted(r.metrics) for r in reports]
     assert eval_reports[0].metrics["eval/reverse-text/pass@2"] == pytest.approx(1.0)  # fake rewards 0, 1
 
 

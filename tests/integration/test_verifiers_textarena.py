@@ -84,6 +84,9 @@ def rl_config(tmp_path: Path, model: Path) -> Path:
             "batch_size": 8, "rollouts_per_example": 4, "seq_len": 2048, "max_async_level": 0,
             "sampling": {"max_tokens": 32}, "advantage": {"length_penalty": 0.5},
             "train": {"env": [{"id": ENV_ID, "args": GAME_ARGS | {"taskset.game": game}} for game in GAMES]},
+            # The eval machinery on the same published env, sampled by the real vLLM replica.
+            "eval": {"interval": MAX_STEPS, "env": [{"id": ENV_ID, "args": GAME_ARGS | {"taskset.game": "Hangman-v0"},
+                                                     "num_examples": 4, "rollouts_per_example": 2}]},
         },
         "monitor": {"console": True},
     }  # fmt: skip
@@ -101,7 +104,8 @@ def test_rl_trains_the_tiny_model_on_two_textarena_games(textarena_env, tmp_path
     )  # fmt: skip
     run = tmp_path / "run"
     assert result.returncode == 0, result.stderr[-4000:]
-    rows = read_jsonl(run / "steps.jsonl")
+    # Step 0 holds the base model's eval alone.
+    rows = [row for row in read_jsonl(run / "steps.jsonl") if row["step"] > 0]
     assert [r["step"] for r in rows] == list(range(1, MAX_STEPS + 1)), [r["step"] for r in rows]
     for row in rows:
         assert row["complete"] and "trainer/loss/mean" in row, row
@@ -109,6 +113,11 @@ def test_rl_trains_the_tiny_model_on_two_textarena_games(textarena_env, tmp_path
         assert 0.0 <= row[f"orchestrator/reward/{ENV_ID}/game_reward/mean"] <= 1.0, row
         assert row["orchestrator/errored_rollouts"] == 0, row
         assert row["orchestrator/num_completion_tokens/sum"] > 0, row
+    evals = [r for r in read_jsonl(run / "metrics.jsonl") if f"eval/{ENV_ID}/avg@2" in r]
+    assert evals, "no eval of the Hangman env in metrics.jsonl"
+    for row in evals:
+        assert 0.0 <= row[f"eval/{ENV_ID}/avg@2"] <= row[f"eval/{ENV_ID}/pass@2"] <= 1.0, row
+        assert row[f"eval/{ENV_ID}/num_examples"] == 4, row
     samples = read_jsonl(run / "samples.jsonl")
     for game, prompt_text in GAMES.items():
         assert any(prompt_text in s["prompt"] for s in samples), f"no {game} sample in {len(samples)}"

@@ -78,6 +78,18 @@ def test_late_joiner_queries_latest_and_fetches_exact_tensors(served):
     assert server.num_buckets_served == 2
 
 
+def test_wait_fetched_returns_once_a_replica_holds_every_bucket_of_the_step(served):
+    bus, server = served
+    sock = bus.connect(zmq.DEALER, server.fetch_address, "weights-client")
+    announced = server.publish(5, params())
+    assert not server.wait_fetched(5, timeout_s=0.2)  # nobody fetched it yet
+    assert not server.wait_fetched(4, timeout_s=0)  # not the step held
+    fetcher = threading.Thread(target=fetch_step, args=(bus, sock, announced, "replica-0", 5))
+    fetcher.start()
+    assert server.wait_fetched(5, timeout_s=10)
+    fetcher.join()
+
+
 def test_subscriber_hears_announcements_after_handshake(served):
     bus, server = served
     subscriber = Subscriber(bus, server.announce_address)

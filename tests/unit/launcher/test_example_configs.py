@@ -25,7 +25,7 @@ def command_of(path: Path) -> tuple[str, str]:
 def test_every_shipped_config_has_a_known_command():
     unknown = [str(p) for p in SHIPPED if p.parent.name != SHORT_EXAMPLES and p.name not in COMMANDS]
     assert not unknown, unknown
-    assert {p.parent.name for p in SHIPPED} >= {"quickstart", "reverse_text", SHORT_EXAMPLES}
+    assert {p.parent.name for p in SHIPPED} >= {"quickstart", "first_letter", "reverse_text", SHORT_EXAMPLES}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -38,10 +38,11 @@ def test_shipped_config_loads_with_its_command(path, tmp_path):
     result = rlbus(command, "@", str(path), flag, "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     merged = tomllib.loads((tmp_path / "configs" / f"{command}.toml").read_text())
+    task = "first-letter" if path.parent.name == "first_letter" else "reverse-text"
     if command == "rl":
-        assert [env["id"] for env in merged["orchestrator"]["train"]["env"]] == ["reverse-text"]
+        assert [env["id"] for env in merged["orchestrator"]["train"]["env"]] == [task]
     else:
-        assert merged["data"]["synthetic"] == "reverse-text"
+        assert merged["data"]["synthetic"] == task
 
 
 def test_gpu_example_uses_qwen3_in_bf16_with_prime_rl_reverse_text_settings(tmp_path):

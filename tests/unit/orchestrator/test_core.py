@@ -179,6 +179,46 @@ def test_stops_after_max_steps_once_everything_is_acknowledged(tmp_path):
     assert core.done and core.waiting_for() is None
 
 
+def final_eval_core(tmp_path, clock, final_timeout_s=60.0):
+    """Two steps trained and acknowledged, evaluation every 5 steps: only the last policy is due."""
+    config = make_config(tmp_path, max_steps=2, max_async_level=5,
+                         eval={"interval": 5, "final_timeout_s": final_timeout_s, "env": [{"id": "a", "num_examples": 2}]})  # fmt: skip
+    core = make_core(config, clock=clock)
+    load_policy(core, 0)
+    tasks = request_tasks(core)
+    for task in [t for t in tasks if t.is_eval]:  # policy 0 is a multiple of 5
+        core.on_result(roll_out(task, 0))
+    training = [t for t in tasks if not t.is_eval]
+    while core.step <= 2:
+        finish(core, training, 0)
+        training = request_tasks(core)
+    for step in (1, 2):
+        core.on_batch_ack(BatchAck(trainer_id="t", step=step))
+    return core
+
+
+def test_the_run_ends_only_after_its_last_policy_is_evaluated(tmp_path):
+    core = final_eval_core(tmp_path, Clock())
+    assert not core.done and "inference to load policy step 2 to evaluate it" in core.waiting_for()
+    load_policy(core, 2)
+    evals = [t for t in request_tasks(core, num_tasks=10) if t.is_eval]
+    assert len(evals) == 2 and all(t.min_policy_step == 2 for t in evals) and not core.done
+    for task in evals:
+        core.on_result(roll_out(task, 2))
+    ((step, metrics),) = core.tick().metrics
+    assert step == 2 and "eval/a/avg@1" in metrics and core.done
+
+
+def test_a_last_policy_never_served_is_given_up_after_the_timeout(tmp_path):
+    clock = Clock()
+    core = final_eval_core(tmp_path, clock, final_timeout_s=60.0)
+    assert not core.done
+    clock.now = 59.0
+    assert not core.done
+    clock.now = 61.0
+    assert core.done
+
+
 def test_zero_advantage_groups_and_errored_rollouts_are_counted_not_trained(tmp_path):
     core = make_core(make_config(tmp_path))
     tasks = request_tasks(core)

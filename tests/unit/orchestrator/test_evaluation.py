@@ -57,3 +57,15 @@ def test_round_reports_per_env_once_every_task_is_in():
 def test_disabled_eval_is_never_due():
     assert not EvalScheduler(EvalConfig(), env_sizes=[]).due(0)
     assert not EvalScheduler(EvalConfig(interval=1), env_sizes=[]).due(0)
+    assert not EvalScheduler(EvalConfig(), env_sizes=[], final_step=3).final_pending
+
+
+def test_the_last_policy_is_evaluated_even_off_the_interval():
+    config = EvalConfig(interval=4, env=[EvalEnvSpec(id="a", num_examples=1)])
+    scheduler = EvalScheduler(config, env_sizes=[1], final_step=6)
+    assert scheduler.due(4) and not scheduler.due(5) and scheduler.due(6)
+    assert scheduler.final_pending
+    scheduler.start(6, lambda: "t0")
+    assert not scheduler.final_pending and not scheduler.due(6)
+    # Without a last step (no max_steps) only the interval counts.
+    assert not EvalScheduler(config, env_sizes=[1]).final_pending

@@ -45,3 +45,29 @@ def test_text_summary_shows_wall_time_with_and_without_install(tmp_path, capsys)
 def test_a_run_without_metrics_is_an_error_naming_the_folder(tmp_path, capsys):
     assert summarize_run.main([str(tmp_path)]) == 2
     assert f"no metrics file at {tmp_path / 'metrics.jsonl'}" in capsys.readouterr().err
+
+
+def test_eval_before_and_after_ends_the_summary_with_samples_and_the_comparison(tmp_path, capsys):
+    write_run(tmp_path, [0.3, 0.5, 0.7])
+    evals = [{"step": s, "service": "orchestrator", "replica_id": "o", "eval/fl/avg@1": v}
+             for s, v in ((0, 0.14), (3, 0.95))]  # fmt: skip
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write("\n" + "\n".join(json.dumps(e) for e in evals) + "\n")
+    samples = [{"step": s, "prompt": w, "completion": c, "reward": r}
+               for s, w, c, r in ((1, "kqzt", "t", 0.0), (3, "kqzt", "k", 1.0))]  # fmt: skip
+    (tmp_path / "samples.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"metrics": {"eval/fl/avg@1": 0.2}}))
+    assert summarize_run.main([str(tmp_path), "--eval", "fl", "--compare", f"SFT alone={other}",
+                               "--compare", f"missing={tmp_path / 'none.json'}"]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "eval before 0.140 after 0.950"
+    assert "SFT alone: eval 0.200" in lines and "missing: eval n/a" in lines
+    assert "samples, first step (1): 'kqzt' -> 't' (0)" in lines
+    assert "samples, last step (3): 'kqzt' -> 'k' (1)" in lines
+
+
+def test_fewer_than_two_evaluations_say_so_on_the_last_line(tmp_path, capsys):
+    write_run(tmp_path, [0.3, 0.5])
+    assert summarize_run.main([str(tmp_path), "--eval", "fl"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("eval before n/a after n/a")
