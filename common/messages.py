@@ -224,10 +224,13 @@ class RolloutTask(Message, kw_only=True):
 class Turn(Payload, kw_only=True):
     """One model turn of a rollout, token-in/token-out.
 
-    The full sequence of a rollout is the concatenation over turns of
+    A rollout's token sequence is the concatenation over turns of
     ``prompt_ids + completion_ids``; a later turn's ``prompt_ids`` holds only
     the new tokens (environment reply, tool result), never a re-tokenised
-    history.
+    history. A turn with ``starts_sequence`` begins another sequence of the same
+    rollout (a harness that summarised or forked its history): its
+    ``prompt_ids`` are that sequence's whole prompt, and each sequence trains
+    as a sample of its own with the rollout's advantage.
     """
 
     prompt_ids: list[int]
@@ -244,6 +247,9 @@ class Turn(Payload, kw_only=True):
     teacher_logprobs: list[float] | None = None
     """[C] the teacher's logprob of each completion token in its context (``opd`` tasks only; finite,
     at most ``MAX_LOGPROB``); None when no teacher scored the turn."""
+    starts_sequence: bool = False
+    """This turn begins a new token sequence of the rollout (``rl`` tasks only; the first turn always
+    does)."""
 
 
 class Rollout(Payload, kw_only=True):
@@ -271,11 +277,11 @@ class RolloutResult(Message, kw_only=True):
 
     The worker keeps the result until a ``ResultAck`` arrives and sends it
     again after reconnecting, so an orchestrator restart loses nothing.
-    Version 2 added ``Rollout.answer``, version 3 ``Turn.teacher_logprobs`` (journals of older
-    versions still read: both default to None).
+    Version 2 added ``Rollout.answer``, version 3 ``Turn.teacher_logprobs``, version 4
+    ``Turn.starts_sequence`` (journals of older versions still read: each has a default).
     """
 
-    VERSION: ClassVar[int] = 3
+    VERSION: ClassVar[int] = 4
     REF_FIELD: ClassVar[str | None] = "task_id"
 
     task_id: str

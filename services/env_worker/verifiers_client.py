@@ -13,8 +13,8 @@ keyed by the model name the env-worker gave the rollout (``body["model"]``):
   forked its history, or started a sub-agent) starts a new sequence, a branch,
   from a full rendering of its messages.
 
-A rollout with one branch trains on it; one with several is errored by
-:mod:`rlbus.services.env_worker.verifiers_v1`, which says why. Sampling uses the
+Each branch becomes a token sequence of the rollout (:func:`~.verifiers_v1.branch_turns`), trained
+as a sample of its own. Sampling uses the
 task's ``SamplingParams`` (the harness's own sampling knobs are not applied),
 with exact token ids, logprobs and the policy step of every turn.
 

@@ -16,8 +16,9 @@ is forced to one in-process ``server`` (no tunnel), whose model client is the
 rlbus client; that server is started on the first task and lives as long as the
 worker. Rewards: every judge score and metric of the episode's traces is a
 metric, the weighted rewards add up to the reward and make the breakdown.
-A rollout whose harness produced more than one token branch, or whose episode
-failed, is errored with the reason.
+A harness that rewrote its history (summarised, forked, started a sub-agent) produced several
+token branches: each becomes a token sequence of the rollout, trained as a sample of its own
+(``rl``; other modes error such a rollout, as they do one whose episode failed, with the reason).
 
 With ``server_address`` among the args the episodes run on a verifiers env server instead
 (:mod:`.verifiers_serve`); both build rollouts from episodes with :func:`episode_rollout`.
@@ -31,11 +32,13 @@ import itertools
 import math
 from typing import Any
 
+import msgspec
+
 from rlbus.environments import SERVER_ADDRESS_ARG, Environment, Rubric
-from rlbus.messages import Rollout, RolloutTask
+from rlbus.messages import Rollout, RolloutTask, Turn
 from rlbus.services.env_worker.rollout import Sampler, Transcript, answer_text, failed_rollout, num_completion_tokens
 from rlbus.services.env_worker.tokens import TurnRenderer
-from rlbus.services.env_worker.verifiers_client import RolloutTokens, TokenSampler, rlbus_client_class
+from rlbus.services.env_worker.verifiers_client import Branch, RolloutTokens, TokenSampler, rlbus_client_class
 
 INFINITE_TASKSET_EXAMPLES = 1000
 # A base URL that is never contacted: the rlbus client replaces the provider.
@@ -177,9 +180,10 @@ def episode_rollout(task: RolloutTask, index: int, episode: Any, record: Rollout
         rollout = failed_rollout(task, index, reason)
         rollout.metrics = {"num_branches": float(len(record.branches))}
         return rollout
-    turns = record.branches[0].turns
+    turns = branch_turns(record.branches)
     reward, breakdown, metrics = _scores(episode)
-    metrics |= {"num_turns": float(len(turns)), "num_completion_tokens": float(num_completion_tokens(turns))}
+    metrics |= {"num_turns": float(len(turns)), "num_completion_tokens": float(num_completion_tokens(turns)),
+                "num_branches": float(len(record.branches))}  # fmt: skip
     truncated = any(trace.is_truncated for trace in episode.traces) or turns[-1].finish_reason == "length"
     data = episode.task.data
     return Rollout(
@@ -192,12 +196,32 @@ def episode_rollout(task: RolloutTask, index: int, episode: Any, record: Rollout
 
 def keep_transcripts(transcripts: dict[str, Transcript] | None, rollouts: list[Rollout],
                      records: list[RolloutTokens]) -> None:  # fmt: skip
-    """Put the conversation of each rollout that did not error into ``transcripts`` (when kept)."""
+    """Put the conversation of each rollout that did not error into ``transcripts`` (when kept); a rollout
+    of several branches is no one conversation, so it has none."""
     if transcripts is None:
         return
     for rollout, record in zip(rollouts, records, strict=True):
-        if rollout.error is None and record.transcript is not None:
+        if rollout.error is None and record.transcript is not None and len(record.branches) == 1:
             transcripts[rollout.rollout_id] = record.transcript
+
+
+def branch_turns(branches: list[Branch]) -> list[Turn]:
+    """The turns of every branch in order, each branch a token sequence of its own (``starts_sequence``).
+
+    A fork shares its first turns with the branch it left: those turns come again as the start of the
+    fork's sequence (its context) but untrained, so no sampled token is trained twice."""
+    turns: list[Turn] = []
+    seen: set[int] = set()
+    for number, branch in enumerate(branches):
+        for position, turn in enumerate(branch.turns):
+            shared = id(turn) in seen
+            seen.add(id(turn))
+            starts = number > 0 and position == 0
+            if shared or starts:
+                mask = [False] * len(turn.completion_mask) if shared else list(turn.completion_mask)
+                turn = msgspec.structs.replace(turn, completion_mask=mask, starts_sequence=starts)
+            turns.append(turn)
+    return turns
 
 
 def _failure(episode: Any, record: RolloutTokens) -> str | None:
@@ -207,11 +231,12 @@ def _failure(episode: Any, record: RolloutTokens) -> str | None:
         return f"verifiers episode failed: {errors[-1].type}: {errors[-1].message}"[:2000]
     if not record.branches:
         return "verifiers episode made no model call"
-    if len(record.branches) > 1:
-        # Concatenating the branches would train on tokens the model never saw in that order.
+    if len(record.branches) > 1 and record.task.training_mode != "rl":
+        # Each branch trains as a sequence of its own in rl; a teacher scores or answers one sequence.
         return (
             f"the harness rewrote its message history ({len(record.branches)} token branches: summarisation, "
-            "a sub-agent, edited or forked messages); rlbus trains one exact token sequence per rollout"
+            f"a sub-agent, edited or forked messages); training_mode = {record.task.training_mode!r} trains one "
+            "token sequence per rollout (rl trains one per branch)"
         )
     return None
 

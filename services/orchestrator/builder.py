@@ -35,7 +35,7 @@ from rlbus.services.orchestrator.rollouts import (
     num_completion_tokens,
     num_tokens,
     oldest_policy_step,
-    to_sample,
+    to_samples,
 )
 
 
@@ -132,7 +132,8 @@ def _group_samples(step: int, group: Group, config: OrchestratorConfig, tally: _
     if not has_signal(advantages):
         tally.num_zero_advantage_groups += 1
         return []
-    samples = [to_sample(rollout, advantage, temperature) for rollout, advantage in zip(ok, advantages.tolist())]
+    samples = [sample for rollout, advantage in zip(ok, advantages.tolist())
+               for sample in to_samples(rollout, advantage, temperature)]  # fmt: skip
     return _with_loss_tokens(samples, tally)
 
 

@@ -47,7 +47,7 @@ from rlbus.services.orchestrator.config import OrchestratorConfig
 from rlbus.services.orchestrator.evaluation import EvalRound, EvalScheduler
 from rlbus.services.orchestrator.journal import Journal, Replay
 from rlbus.services.orchestrator.leases import Completion, TaskLedger, WorkerPool, dispatch
-from rlbus.services.orchestrator.rollouts import result_problem, unscored_problem
+from rlbus.services.orchestrator.rollouts import branched_problem, result_problem, unscored_problem
 from rlbus.services.orchestrator.sampler import Draw, TaskSampler, existing_draws, sampling_seed
 from rlbus.services.orchestrator.step_metrics import StepMetrics
 from rlbus.teacher import TrainingMode
@@ -257,8 +257,9 @@ class Orchestrator:
         if status is Completion.ABANDONED:
             return self._refuse(result, "abandoned: the task was given up after too many issues")
         problem = self._result_problem(result, task)
-        if problem is None and not result.is_eval and self.config.training_mode == "opd":
-            problem = unscored_problem(result)
+        if problem is None and not result.is_eval and self.config.training_mode != "rl":
+            problem = branched_problem(result) or (unscored_problem(result) if self.config.training_mode == "opd"
+                                                   else None)  # fmt: skip
         if result.is_eval:
             return self._on_eval_result(result, status, problem)
         draw = self.draw_of.pop(result.task_id, None) if task is not None else self._adopt(result)

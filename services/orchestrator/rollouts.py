@@ -1,7 +1,9 @@
 """Rollouts as the orchestrator sees them: validation, summary numbers, token arrays.
 
 A rollout's token sequence is the concatenation over its turns of
-``prompt_ids + completion_ids`` (token-in/token-out, never re-tokenised).
+``prompt_ids + completion_ids`` (token-in/token-out, never re-tokenised); a
+turn with ``starts_sequence`` begins another sequence of the same rollout (a
+harness that rewrote its history), trained as a sample of its own.
 The loss is taken over completion tokens whose ``completion_mask`` is true;
 the sampling logprob sits on those tokens and is 0 everywhere else.
 """
@@ -116,6 +118,16 @@ def teacher_problem(turn: Turn) -> str | None:
     return None
 
 
+def branched_problem(result: RolloutResult) -> str | None:
+    """A rollout of several token sequences where the mode trains one per rollout (``opd`` and ``sft``:
+    the teacher scores or answers one sequence)."""
+    for i, rollout in enumerate(result.rollouts):
+        if rollout.error is None and any(t.starts_sequence for t in rollout.turns[1:]):
+            return (f"rollout {i} ({rollout.rollout_id!r:.80}) holds {len(sequences(rollout))} token sequences, "
+                    "but only training_mode = 'rl' trains several sequences per rollout")  # fmt: skip
+    return None
+
+
 def unscored_problem(result: RolloutResult) -> str | None:
     """An ``opd`` result whose sound rollouts the teacher did not score (an env-worker without
     ``[env_worker.teacher]``, or one too old to know ``training_mode``)."""
@@ -151,10 +163,29 @@ def length_fraction(rollout: Rollout, max_tokens: int) -> float:
     return num_completion_tokens(rollout) / (max_tokens * max(1, len(rollout.turns)))
 
 
-def to_sample(rollout: Rollout, advantage: float, temperature: float) -> PackSample:
-    """The token arrays of a validated rollout."""
-    ids, mask, logprobs = [], [], []
+def sequences(rollout: Rollout) -> list[list[Turn]]:
+    """The rollout's turns split where a new token sequence starts (one list for most rollouts)."""
+    split: list[list[Turn]] = []
     for turn in rollout.turns:
+        if turn.starts_sequence or not split:
+            split.append([])
+        split[-1].append(turn)
+    return split
+
+
+def to_samples(rollout: Rollout, advantage: float, temperature: float) -> list[PackSample]:
+    """One sample per token sequence of a validated rollout, each with the rollout's advantage."""
+    return [_sample_of(turns, advantage, temperature) for turns in sequences(rollout)]
+
+
+def to_sample(rollout: Rollout, advantage: float, temperature: float) -> PackSample:
+    """The token arrays of a validated rollout of one sequence (``branched_problem`` refused others)."""
+    return _sample_of(rollout.turns, advantage, temperature)
+
+
+def _sample_of(turns: list[Turn], advantage: float, temperature: float) -> PackSample:
+    ids, mask, logprobs = [], [], []
+    for turn in turns:
         ids += turn.prompt_ids + turn.completion_ids
         mask += [False] * len(turn.prompt_ids) + list(turn.completion_mask)
         logprobs += [0.0] * len(turn.prompt_ids) + list(turn.completion_logprobs)

@@ -26,6 +26,7 @@ import pytest
 from rlbus.services.launcher.slurm_ctl import TERMINAL_STATES, expand_task_ids
 from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 from tests.conftest import free_tcp_port
+from tests.integration.platform_server import PlatformServer
 from tests.integration.small_run import TRAINING_TOML, loopback_endpoints
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -134,10 +135,18 @@ def service_processes(run: Path) -> list[str]:
 
 def test_rl_as_slurm_arrays_trains_contiguous_steps(slurm_env, tiny_model, tmp_path):
     config = run_config(tmp_path, tiny_model, NUM_REPLICAS)
-    result = subprocess.run([sys.executable, "-m", "rlbus", "rl", "@", str(config), "--slurm"], cwd=ROOT,
-                            env=slurm_env, capture_output=True, text=True, timeout=1500, check=False)  # fmt: skip
+    # The run also streams to a (local) Prime platform: its settings travel in the job scripts.
+    with PlatformServer() as platform:
+        result = subprocess.run([sys.executable, "-m", "rlbus", "rl", "@", str(config), "--slurm",
+                                 "--prime-platform.base-url", platform.base_url], cwd=ROOT,
+                                env={**slurm_env, "PRIME_API_KEY": platform.api_key}, capture_output=True, text=True,
+                                timeout=1500, check=False)  # fmt: skip
     run = tmp_path / "run"
     assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-4000:]
+    assert len(platform.of("register")) == 1
+    streamed = [s for s in dict.fromkeys(r.body["metrics"]["step"] for r in platform.of("metrics")) if s >= 1]
+    assert streamed == list(range(1, MAX_STEPS + 1)), streamed
+    assert [r.body for r in platform.of("status")] == [{"status": "completed"}]
 
     tasks = controller_tasks(slurm_env, run)
     assert {s: len(rows) for s, rows in tasks.items()} == arrays(NUM_REPLICAS), tasks

@@ -109,8 +109,8 @@ async def run(env_id, args):
         "num_examples": env.num_examples, "example": env.example(2), "prompts": sampler.prompts,
         "rollouts": [{"reward": r.reward, "error": r.error, "breakdown": r.reward_breakdown, "metrics": r.metrics,
                       "text": r.completion_text,
-                      "turns": [[t.prompt_ids, t.completion_ids, len(t.completion_logprobs), t.policy_step]
-                                for t in r.turns]} for r in rollouts],
+                      "turns": [[t.prompt_ids, t.completion_ids, len(t.completion_logprobs), t.policy_step,
+                                 t.starts_sequence, t.completion_mask] for t in r.turns]} for r in rollouts],
         "segments": [tokenizer.decode(t.prompt_ids) for t in rollouts[0].turns[1:]],
         "transcripts": {key: [t.messages, t.tools] for key, t in runner.transcripts.items()},
     }
@@ -154,16 +154,20 @@ def test_verifiers_v1_environments_run_token_in_token_out(verifiers_python: Path
         assert rollout["error"] is None, rollout["error"]
         assert rollout["reward"] == 1.5 and rollout["breakdown"] == {"exact": 1.0, "said_two": 1.0}
         assert len(rollout["turns"]) == 3
-        assert all(num_logprobs == len(completion) for _, completion, num_logprobs, _ in rollout["turns"])
+        assert all(num_logprobs == len(completion) for _, completion, num_logprobs, *_ in rollout["turns"])
         # Each request was exactly the earlier tokens plus the new segment.
         sequence: list[int] = []
-        for prompt_ids, completion_ids, _, _ in rollout["turns"]:
+        for prompt_ids, completion_ids, *_ in rollout["turns"]:
             sequence += prompt_ids
             assert sequence in again["prompts"]
             sequence += completion_ids
     assert again["segments"] == ["\n<|im_start|>user\nAgain.<|im_end|>\n<|im_start|>assistant\n"] * 2
+    # Two conversations in one episode: two token sequences of one rollout, each a full prompt that was
+    # sampled as it is, the second marked as a sequence of its own (trained as a sample of its own).
     for rollout in twice["rollouts"]:
-        assert rollout["turns"] == [] and "2 token branches" in rollout["error"]
+        assert rollout["error"] is None and rollout["metrics"]["num_branches"] == 2, rollout
+        assert [t[4] for t in rollout["turns"]] == [False, True] and all(all(t[5]) for t in rollout["turns"])
+        assert all(prompt_ids in twice["prompts"] for prompt_ids, *_ in rollout["turns"])
     # Kept for rlbus synthesize: each good rollout's conversation as the model saw it, with the last reply.
     assert sorted(again["transcripts"]) == ["t/0", "t/1"] and twice["transcripts"] == {}
     messages, tools = again["transcripts"]["t/1"]
