@@ -28,6 +28,7 @@ from tests.integration.small_run import loopback_endpoints
 
 from .eval_run import run_rlbus_eval
 from .fake_vllm import FakePolicy, serve_fake_vllm
+from .tiny_inference import serve_tiny_inference
 
 pytestmark = pytest.mark.slow
 
@@ -156,4 +157,21 @@ def test_rlbus_eval_reports_avg_and_pass_at_k_on_hangman(textarena_env, tmp_path
     assert metrics[f"eval/{ENV_ID}/avg@2"] == pytest.approx(sum(shares) / 6)
     assert metrics[f"eval/{ENV_ID}/pass@2"] == pytest.approx(sum(s == 1 for s in shares) / 6)
     assert metrics[f"eval/{ENV_ID}/errored_rollouts"] == 0
+    assert f"eval/{ENV_ID}/avg@2 = " in result.stderr and f"eval/{ENV_ID}/pass@2 = " in result.stderr
+
+
+@pytest.mark.vllm
+def test_rlbus_eval_on_a_real_replica_scores_every_hangman_game(textarena_env, tmp_path):
+    # The known-reward test above pins the arithmetic; this one runs the same command against vLLM.
+    model = build_tiny_model(tmp_path / "tiny", TinyModelConfig(out=tmp_path / "tiny"))
+    (tmp_path / "inference").mkdir()
+    with serve_tiny_inference(model, tmp_path / "inference", max_model_len=2048) as url:
+        args = GAME_ARGS | {"taskset.game": "Hangman-v0"}
+        config = {"output_dir": str(tmp_path / "eval"), "model": str(model), "sampling": {"max_tokens": 16},
+                  "eval": {"env": [{"id": ENV_ID, "args": args, "num_examples": 4, "rollouts_per_example": 2}]}}  # fmt: skip
+        (tmp_path / "eval").mkdir()
+        result, metrics = run_rlbus_eval(config, url, textarena_env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert metrics[f"eval/{ENV_ID}/num_examples"] == 4 and metrics[f"eval/{ENV_ID}/errored_rollouts"] == 0
+    assert 0.0 <= metrics[f"eval/{ENV_ID}/avg@2"] <= metrics[f"eval/{ENV_ID}/pass@2"] <= 1.0
     assert f"eval/{ENV_ID}/avg@2 = " in result.stderr and f"eval/{ENV_ID}/pass@2 = " in result.stderr
