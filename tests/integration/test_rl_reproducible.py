@@ -86,9 +86,13 @@ def test_same_seed_same_curve_at_async_level_0(tmp_path, warmed_up):
     other = run_steps(tmp_path, "other", warmed_up, seed=rl["seed"] + 1)
 
     assert any(reward > 0 for reward, _ in curve(first)), curve(first)  # else the rewards compare nothing
-    # Exact equality: every completion request carries its own seed, the batch is in draw order, and
-    # float32 vLLM on the CPU samples the same tokens whatever else shares its batch.
-    assert curve(again) == curve(first)
+    # Rewards exactly equal: every completion request carries its own seed, the batch is in draw order,
+    # and float32 vLLM on the CPU samples the same tokens whatever else shares its batch. Losses equal
+    # to float32 rounding: on an idle machine bit for bit, but in CI under load one run's step-1 loss
+    # differed in the 7th digit (0.0081403777 vs 0.0081403807, same batch and rewards; cause not pinned
+    # down, likely the CPU kernels' reduction order on a loaded machine).
+    assert [reward for reward, _ in curve(again)] == [reward for reward, _ in curve(first)]
+    assert [loss for _, loss in curve(again)] == pytest.approx([loss for _, loss in curve(first)], rel=1e-5)
     tokens = "orchestrator/num_completion_tokens/sum"
     assert [row[tokens] for row in again] == [row[tokens] for row in first]
     # Another seed draws other examples and other samples: the comparison above can fail.

@@ -120,6 +120,17 @@ def controller_tasks(env: dict[str, str], run: Path) -> dict[str, list[tuple[str
     return {service: sorted(rows) for service, rows in tasks.items()}
 
 
+def wait_terminal(env: dict[str, str], run: Path, timeout_s: float) -> dict[str, list[tuple[str, str]]]:
+    """The run's tasks once the controller shows every one in a terminal state (or at the deadline)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        tasks = controller_tasks(env, run)
+        states = [state for rows in tasks.values() for _, state in rows]
+        if all(state in TERMINAL_STATES for state in states) or time.monotonic() > deadline:
+            return tasks
+        time.sleep(1.0)  # the controller offers no wait on a job's state: poll it, like squeue users do
+
+
 def service_processes(run: Path) -> list[str]:
     """Processes whose command line names this run's folder (services and task runners)."""
     found = []
@@ -295,7 +306,8 @@ def test_rlbus_run_slurm_list_logs_stop(slurm_env, tiny_model, tmp_path):
         result = rlbus_cli(env, "stop", run_id, "--timeout", "120")
         assert result.returncode == 0 and f"run {run_id} stopped" in result.stdout, (result.stdout, result.stderr)
         assert listed(env, run_id)["status"] == "stopped"
-        tasks = controller_tasks(env, tmp_path / name / "run")
+        # scancel'ed tasks pass through COMPLETING while slurmd ends their processes (seconds under load).
+        tasks = wait_terminal(env, tmp_path / name / "run", timeout_s=120)
         assert tasks["orchestrator"] == tasks["trainer"] == [("0", "CANCELLED")], json.dumps(tasks)
         assert all(state in TERMINAL_STATES for rows in tasks.values() for _, state in rows), json.dumps(tasks)
         assert service_processes(tmp_path / name / "run") == []
