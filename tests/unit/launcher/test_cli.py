@@ -15,11 +15,11 @@ QUICKSTART = ROOT / "configs" / "quickstart" / "rl.toml"
 SERVICE_FILES = {"inference", "trainer", "orchestrator", "env-worker", "monitor"}
 
 
-def rlbus(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def rlbus(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RLBUS_")}
     return subprocess.run(
         [sys.executable, "-m", "rlbus", *args], capture_output=True, text=True, timeout=120,
-        cwd=ROOT, env={**clean, **(env or {})},
+        cwd=cwd, env={**clean, **(env or {})},
     )
 
 

@@ -35,7 +35,9 @@ def test_shipped_config_loads_with_its_command(path, tmp_path):
         config = load_config(MODEL_COMMANDS[flag][0], ["@", str(path)], env={})
         assert isinstance(config, TinyModelConfig) and config.out.name == path.parent.name
         return
-    result = rlbus(command, "@", str(path), flag, "--output-dir", str(tmp_path))
+    # From an empty folder: whether ./models/<name> exists depends on what ran in the checkout (the
+    # quickstart makes models/quickstart, and then models/smollm2 reads as a missing folder, not a hub id).
+    result = rlbus(command, "@", str(path), flag, "--output-dir", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     merged = tomllib.loads((tmp_path / "configs" / f"{command}.toml").read_text())
     task = "first-letter" if path.parent.name == "first_letter" else "reverse-text"
