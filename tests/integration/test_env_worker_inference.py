@@ -25,13 +25,13 @@ import zmq
 
 from rlbus.bus import Bus
 from rlbus.config.base import BusConfig
-from rlbus.messages import Heartbeat, ResultAck, RolloutResult, RolloutTask, SamplingParams, TaskRequest
+from rlbus.messages import ResultAck, RolloutResult, RolloutTask, SamplingParams, TaskRequest
 from tests.conftest import free_tcp_port
+from tests.integration.tiny_inference import serve_tiny_inference
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 REPO = Path(__file__).resolve().parents[2]
-INFERENCE_START_S = 900  # vLLM on a loaded 2-core machine
 ROLLOUTS_S = 600
 MAX_MODEL_LEN = 1024
 
@@ -92,39 +92,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def inference_url(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An ``rlbus inference`` replica; ready once its heartbeat says so (no trainer: base weights)."""
-    folder = tmp_path_factory.mktemp("inference")
-    port, monitor = free_tcp_port(), endpoint()
-    (folder / "inference.toml").write_text(
-        textwrap.dedent(f"""
-        model = "{tiny_model}"
-        output_dir = "{folder / "out"}"
-        port = {port}
-        max_model_len = {MAX_MODEL_LEN}
-        [bus.endpoints]
-        trainer_weights = "{endpoint()}"
-        trainer_announce = "{endpoint()}"
-        orchestrator_policy = "{endpoint()}"
-        monitor_telemetry = "{monitor}"
-    """)
-    )
-    with Bus(BusConfig(linger_ms=0)) as bus:
-        telemetry = bus.bind(zmq.PULL, monitor, role="telemetry")
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-        log = (folder / "inference.log").open("w")
-        process = subprocess.Popen([sys.executable, "-m", "rlbus", "inference", "@", str(folder / "inference.toml")],
-                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        try:
-            deadline = time.monotonic() + INFERENCE_START_S
-            while True:
-                assert process.poll() is None, f"inference exited: {(folder / 'inference.log').read_text()[-3000:]}"
-                assert time.monotonic() < deadline, f"inference not ready in {INFERENCE_START_S}s"
-                beat = bus.recv_before(telemetry, time.monotonic() + 5, Heartbeat)
-                if isinstance(beat, Heartbeat) and beat.service == "inference" and beat.status == "ready":
-                    break
-            yield f"http://127.0.0.1:{port}/v1"
-        finally:
-            stop(process)
-            log.close()
+    with serve_tiny_inference(tiny_model, tmp_path_factory.mktemp("inference"), MAX_MODEL_LEN) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
