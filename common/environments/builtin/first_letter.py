@@ -24,11 +24,11 @@ import zlib
 from typing import Any, Literal
 
 from rlbus.environments.base import Environment, RolloutState, Rubric
+from rlbus.environments.builtin import without_end_of_text
 
 SYSTEM_PROMPT = "Answer with the first letter of the word."
 """Offered with ``system_prompt = true``; off by default: the warm-up teaches what the bare word means."""
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-END_OF_TEXT = ("<|im_end|>", "<|endoftext|>")
 EVAL_EVERY = 5
 """One string in this many belongs to the eval split."""
 TEACHER_FIRST_SHARE = 0.4
@@ -63,9 +63,7 @@ def make_words(num_examples: int, seed: int, min_length: int, max_length: int, s
 
 def parse_answer(completion: str) -> str | None:
     """The letter, when one letter is all the completion says (an end-of-text marker after it allowed)."""
-    for marker in END_OF_TEXT:
-        completion = completion.removesuffix(marker)
-    match = _ANSWER.fullmatch(completion)
+    match = _ANSWER.fullmatch(without_end_of_text(completion))
     return None if match is None else match.group(1)
 
 

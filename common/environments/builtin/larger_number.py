@@ -25,12 +25,12 @@ import re
 from typing import Any, Literal
 
 from rlbus.environments.base import Environment, RolloutState, Rubric
+from rlbus.environments.builtin import without_end_of_text
 
 SYSTEM_PROMPT = "Which number is larger? Answer 1 or 2."
 """Offered with ``system_prompt = true``; off by default, as every prompt token costs CPU time in
 training and the warm-up teaches what the bare question means."""
 _ANSWER = re.compile(r"\s*([12])\s*")
-END_OF_TEXT = ("<|im_end|>", "<|endoftext|>")
 EVAL_EVERY = 5
 """One unordered pair in this many belongs to the eval split."""
 
@@ -63,9 +63,7 @@ def make_pairs(num_examples: int, seed: int, min_value: int, max_value: int, spl
 
 def parse_answer(completion: str) -> int | None:
     """1 or 2 when that is all the completion says (an end-of-text marker after it allowed); else None."""
-    for marker in END_OF_TEXT:
-        completion = completion.removesuffix(marker)
-    match = _ANSWER.fullmatch(completion)
+    match = _ANSWER.fullmatch(without_end_of_text(completion))
     return None if match is None else int(match.group(1))
 
 

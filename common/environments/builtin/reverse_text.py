@@ -24,6 +24,7 @@ import random
 from difflib import SequenceMatcher
 
 from rlbus.environments.base import Environment, RolloutState, Rubric
+from rlbus.environments.builtin import END_OF_TEXT
 
 SYSTEM_PROMPT = "Reverse the text character-by-character. Put your answer in <reversed_text> tags."
 
@@ -39,9 +40,6 @@ WORDS = (
     "far", "red", "old", "new",
 )  # fmt: skip
 OPEN_TAG, CLOSE_TAG = "<reversed_text>", "</reversed_text>"
-# What may follow the closing tag besides whitespace: a server that keeps special tokens in the
-# text shows the end-of-sequence token the model stopped on.
-END_OF_TEXT = ("<|im_end|>", "<|endoftext|>")
 
 
 def make_examples(num_examples: int, seed: int, min_words: int, max_words: int) -> list[dict]:
