@@ -6,10 +6,12 @@ replaced by a cheap Python child (``RL_COMMAND``), so stopping, killing and exit
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -204,17 +206,45 @@ def test_clean_output_dir_is_done_before_detaching(runs, capsys, monkeypatch, tm
     assert not (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out" / ".rlbus-run").is_file()
 
 
+class Recorder(io.StringIO):
+    """A stdout another thread writes to while the test reads it (capsys's reads truncate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            return super().write(text)
+
+    def text(self) -> str:
+        with self.lock:
+            return self.getvalue()
+
+
 def test_logs_of_a_service_follow_each_of_its_files(runs, capsys, monkeypatch, tmp_path):
     # Two env-workers' consoles, the second appearing while the logs are followed (SLURM-like layout).
+    # The child writes line i only once the test saw line i-1 printed (it creates out/go-i), so the
+    # order of events does not depend on how fast either side runs.
     script = ("import pathlib, time\nlogs = pathlib.Path('out/logs')\nfor i in range(4):\n"
-              "    with (logs / f'env-worker-{i % 2}.out').open('a') as f: f.write(f'line {i}\\n')\n"
-              "    time.sleep(0.3)")  # fmt: skip
+              "    while i and not pathlib.Path(f'out/go-{i}').exists(): time.sleep(0.02)\n"
+              "    with (logs / f'env-worker-{i % 2}.out').open('a') as f: f.write(f'line {i}\\n')")  # fmt: skip
     run_id = start(capsys, monkeypatch, script)
     wait_for(lambda: (tmp_path / "out" / "logs" / "env-worker-0.out").is_file())
-    assert main(["logs", "-f", run_id, "--service", "env_worker"]) == 0
-    out = capsys.readouterr().out
+    recorder, result = Recorder(), []
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "stdout", recorder)
+        follower = threading.Thread(
+            target=lambda: result.append(main(["logs", "-f", run_id, "--service", "env_worker"]))
+        )
+        follower.start()
+        for i in range(1, 4):
+            wait_for(lambda line=f"line {i - 1}\n": line in recorder.text())
+            (tmp_path / "out" / f"go-{i}").write_text("")
+        follower.join(timeout=60)
+    assert result == [0]
     first, second = (f"==> {tmp_path / 'out' / 'logs' / f'env-worker-{i}.out'} <==" for i in range(2))
-    assert out.startswith("line 0\n") and f"{second}\nline 1\n" in out and f"{first}\nline 2\n" in out, out
+    assert recorder.text() == f"line 0\n\n{second}\nline 1\n\n{first}\nline 2\n\n{second}\nline 3\n"
     assert main(["logs", run_id, "--service", "env-worker-1"]) == 0
     assert capsys.readouterr().out == "line 1\nline 3\n"
     assert main(["logs", run_id, "--service", "inference"]) == 2
