@@ -30,6 +30,9 @@ API_PATH = "/api/v1/rft"
 SCOPE = "rft:write"
 """The scope an API key needs to register and stream external runs."""
 _API_SUFFIXES = ("/api/v1/rft", "/api/v1")
+LAUNCHER_PID_VARIABLE = "RLBUS_LAUNCHER_PID"
+"""Set by ``rlbus rl`` for the services it starts: its own pid. A monitor whose parent is no longer that
+pid when it stops knows the launcher died (kill -9) before it could mark the run, and marks it itself."""
 
 
 class PlatformError(UserError):
@@ -56,7 +59,8 @@ def read_prime_config() -> dict[str, Any]:
 
 
 def resolve_api_key(environ: Mapping[str, str]) -> str:
-    """``PRIME_API_KEY``, else ``api_key`` of ``~/.prime/config.json``; a PlatformError naming both places."""
+    """``PRIME_API_KEY``, else ``api_key`` of ``~/.prime/config.json``; a PlatformError naming both places.
+    An empty ``PRIME_API_KEY`` counts as unset: compose passes ``${PRIME_API_KEY-}``, empty when not given."""
     key = environ.get(KEY_VARIABLE, "").strip()
     if key:
         return key
@@ -64,8 +68,9 @@ def resolve_api_key(environ: Mapping[str, str]) -> str:
     stored = read_prime_config().get("api_key")
     if isinstance(stored, str) and stored.strip():
         return stored.strip()
+    unset = "is empty" if KEY_VARIABLE in environ else "is not set"
     raise PlatformError(
-        f"prime_platform is set but there is no Prime API key: {KEY_VARIABLE} is not set and {path} has no "
+        f"prime_platform is set but there is no Prime API key: {KEY_VARIABLE} {unset} and {path} has no "
         f"api_key; export {KEY_VARIABLE}=... or run `prime login` (the key needs the {SCOPE} scope)"
     )
 

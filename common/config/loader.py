@@ -26,10 +26,11 @@ from rlbus.config.errors import ConfigError, format_validation_error, unknown_ke
 ENV_PREFIX = "RLBUS_"
 # Variables under the prefix that belong to the scripts, not to any config: scripts/setup_env.sh
 # (which venv, which extras), the fuzz tests, and the chaos tests' fault points and audit trails
-# (rlbus.faults, rlbus.audit), and the home of the run registry (``rlbus run``, RLBUS_HOME).
+# (rlbus.faults, rlbus.audit), the home of the run registry (``rlbus run``, RLBUS_HOME), and the
+# launcher's pid that ``rlbus rl`` gives its services (rlbus.prime_platform.LAUNCHER_PID_VARIABLE).
 # Every other RLBUS_ name must be a config key.
 TOOL_VARIABLES = frozenset({"RLBUS_VENV", "RLBUS_EXTRAS", "RLBUS_FUZZ_EXAMPLES", "RLBUS_FAULT_POINTS",
-                            "RLBUS_AUDIT_DIR", "RLBUS_HOME"})  # fmt: skip
+                            "RLBUS_AUDIT_DIR", "RLBUS_HOME", "RLBUS_LAUNCHER_PID"})  # fmt: skip
 C = TypeVar("C", bound=BaseModel)
 
 

@@ -6,8 +6,10 @@ a run ended. So it checks the key and registers the run before anything starts, 
 monitor in the monitor's resolved config (``prime_platform.run_id``: no file is shared, a restarted
 monitor keeps streaming into the same run), and once every service stopped (the monitor last, its
 uploads drained) marks the run completed, or failed with the supervisor's reason: a service that
-failed or was lost, Ctrl-C, SIGTERM (``rlbus stop``). A monitor started without ``rlbus rl``
-registers and marks the run itself (:mod:`rlbus.services.monitor.platform_run`).
+failed or was lost, Ctrl-C, SIGTERM (``rlbus stop``). A launcher killed with -9 cannot: its monitor,
+which it gave its pid (``RLBUS_LAUNCHER_PID``), marks the run when it finds itself reparented. A
+monitor started without ``rlbus rl`` registers and marks the run itself
+(:mod:`rlbus.services.monitor.platform_run`).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from loguru import logger
 from rlbus.bench import RL_BENCH, print_bench_table
 from rlbus.config.base import secret_paths
 from rlbus.config.loader import ENV_PREFIX
+from rlbus.prime_platform import LAUNCHER_PID_VARIABLE
 from rlbus.run_files import STEPS_FILE, read_rows
 from rlbus.services.entry import open_run_folder
 from rlbus.services.launcher.platform import start_platform_run
@@ -69,8 +70,10 @@ def run_services(config: RlConfig, command_for: CommandFor) -> RunResult:
     logger.info("run folder {}: {} processes; live view: rlbus tail @ {}", config.output_dir, len(specs),
                 config.output_dir / "configs" / "rl.toml")  # fmt: skip
     started = time.monotonic()
-    result = Supervisor(specs, command_for, logs_dir, config.stop_timeout_s,
-                        env=child_environment(config, os.environ), max_restarts=config.max_restarts).run()  # fmt: skip
+    # The launcher's pid: a monitor that outlives it (kill -9) marks the platform run itself.
+    env = {**child_environment(config, os.environ), LAUNCHER_PID_VARIABLE: str(os.getpid())}
+    result = Supervisor(specs, command_for, logs_dir, config.stop_timeout_s, env=env,
+                        max_restarts=config.max_restarts).run()  # fmt: skip
     log_run_summary(config.output_dir, time.monotonic() - started)
     return result
 

@@ -7,16 +7,26 @@ API route (401 otherwise), and records each request: route, method, path, header
 status it answered. Tests wait on the records (a condition variable, no sleeping) and script faults:
 answer the next requests of a route with given statuses (:meth:`fail`), or go down mid-run
 (:meth:`go_down`: the port then refuses connections).
+
+It also runs as a program (``python platform_server.py --host 0.0.0.0 --port 8080 --public-url
+http://platform:8080 --record requests.jsonl``; the key from ``PRIME_API_KEY``), e.g. as a compose
+service beside the monitor: each request is appended to the record file as one JSON line, and
+:meth:`Recorded.read` reads them back.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import re
+import signal
+import sys
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Self
 
 API = "/api/v1/rft"
@@ -44,23 +54,42 @@ class Request:
     """What the server answered."""
 
 
-class PlatformServer:
-    """Start with ``with PlatformServer() as server:``; ``server.base_url`` is the ``prime_platform.base_url``."""
+class Recorded:
+    """The requests a platform server saw: live (:class:`PlatformServer`), or read back from its record file."""
 
-    def __init__(self, api_key: str = "test-prime-key", forbid: bool = False) -> None:
-        self.api_key, self.forbid = api_key, forbid
-        self.requests: list[Request] = []
+    def __init__(self, requests: Sequence[Request] = ()) -> None:
+        self.requests: list[Request] = list(requests)
         self.cond = threading.Condition()
+
+    @classmethod
+    def read(cls, path: Path) -> Recorded:
+        """The requests recorded in ``path`` (``--record``; an upload's body is its size in bytes there)."""
+        return cls([Request(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()])
+
+    def of(self, route: str, ok_only: bool = True) -> list[Request]:
+        with self.cond:
+            return [r for r in self.requests if r.route == route and (r.status < 300 or not ok_only)]
+
+
+class PlatformServer(Recorded):
+    """Start with ``with PlatformServer() as server:``; ``server.base_url`` is the ``prime_platform.base_url``.
+    ``public_url``: the base URL clients use (and presigned URLs point to), when not the bound address."""
+
+    def __init__(self, api_key: str = "test-prime-key", forbid: bool = False, host: str = "127.0.0.1", port: int = 0,
+                 public_url: str | None = None, record_to: Path | None = None) -> None:  # fmt: skip
+        super().__init__()
+        self.api_key, self.forbid = api_key, forbid
+        self.public_url, self.record_to = public_url, record_to
         self.faults: dict[str, list[int]] = {}
         self.num_runs = 0
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self.httpd = ThreadingHTTPServer((host, port), _handler_for(self))
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="platform-server", daemon=True)
         self.up = False
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        return self.public_url or f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def __enter__(self) -> Self:
         self.thread.start()
@@ -82,10 +111,6 @@ class PlatformServer:
         with self.cond:
             self.faults.setdefault(route, []).extend(statuses)
 
-    def of(self, route: str, ok_only: bool = True) -> list[Request]:
-        with self.cond:
-            return [r for r in self.requests if r.route == route and (r.status < 300 or not ok_only)]
-
     def wait_for(self, condition: Callable[[PlatformServer], bool], what: str, timeout_s: float = DEADLINE_S) -> None:
         with self.cond:
             if not self.cond.wait_for(lambda: condition(self), timeout_s):
@@ -98,10 +123,22 @@ class PlatformServer:
                              if verb == method and (m := pattern.fullmatch(path))), ("unknown", None))  # fmt: skip
         body: Any = raw if route == "upload" else (json.loads(raw) if raw else None)
         status, answer = self._decide(route, match, headers, body)
+        request = Request(route, method, path, headers, body, status)
         with self.cond:
-            self.requests.append(Request(route, method, path, headers, body, status))
+            self.requests.append(request)
+            if self.record_to is not None:
+                self._record(request)
             self.cond.notify_all()
         return status, answer, route
+
+    def _record(self, request: Request) -> None:
+        """One JSON line per request, written at once (a reader may look while the server runs). The
+        headers are left out: they hold the key; an upload's body is its size."""
+        line = {**asdict(request), "headers": {}}
+        if isinstance(request.body, bytes):
+            line["body"] = len(request.body)
+        with self.record_to.open("a") as out:  # type: ignore[union-attr]
+            out.write(json.dumps(line) + "\n")
 
     def _decide(self, route: str, match: re.Match[str] | None, headers: dict[str, str], body: Any) -> tuple[int, Any]:
         if match is None:
@@ -123,6 +160,12 @@ class PlatformServer:
             key = f"samples-{body['run_id']}-{body['step']}.parquet"
             return 200, {"data": {"presignedUrl": f"{self.base_url}/upload/{key}", "s3Key": key}}
         return 200, {}
+
+
+def first_steps(server: Recorded, run_id: str | None = None) -> list[int]:
+    """The steps of the metrics rows (of run ``run_id``, or of every run) in the order they were first sent."""
+    rows = [r.body for r in server.of("metrics") if run_id is None or r.body["run_id"] == run_id]
+    return list(dict.fromkeys(row["metrics"]["step"] for row in rows))
 
 
 def _handler_for(server: PlatformServer) -> type[BaseHTTPRequestHandler]:
@@ -151,3 +194,24 @@ def _handler_for(server: PlatformServer) -> type[BaseHTTPRequestHandler]:
             pass
 
     return Handler
+
+
+def main(argv: Sequence[str]) -> None:
+    """Serve on ``--host``/``--port`` until SIGTERM, recording every request to ``--record``."""
+    parser = argparse.ArgumentParser(description="A local Prime platform (tests/integration/platform_server.py)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--public-url", help="the base URL clients use, e.g. http://platform:8080")
+    parser.add_argument("--record", type=Path, required=True, help="append each request here as a JSON line")
+    args = parser.parse_args(argv)
+    key = os.environ.get("PRIME_API_KEY", "")
+    if not key:
+        parser.error("PRIME_API_KEY is not set: the key the server accepts")
+    server = PlatformServer(key, host=args.host, port=args.port, public_url=args.public_url, record_to=args.record)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # PID 1 of a container: no default SIGTERM action
+    print(f"platform server on {args.host}:{args.port} ({server.base_url})", flush=True)
+    server.httpd.serve_forever()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

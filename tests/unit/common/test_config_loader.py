@@ -97,7 +97,8 @@ def test_unknown_environment_variable_is_an_error():
 def test_the_scripts_own_variables_are_not_config_keys():
     # scripts/setup_env.sh reads RLBUS_VENV and RLBUS_EXTRAS; quickstart.sh then runs rlbus with them set.
     tools = {"RLBUS_VENV": "/opt/venv", "RLBUS_EXTRAS": "trainer", "RLBUS_FUZZ_EXAMPLES": "10",
-             "RLBUS_FAULT_POINTS": "trainer.before_batch_ack", "RLBUS_AUDIT_DIR": "/tmp/audit"}  # fmt: skip
+             "RLBUS_FAULT_POINTS": "trainer.before_batch_ack", "RLBUS_AUDIT_DIR": "/tmp/audit",
+             "RLBUS_LAUNCHER_PID": "4242"}  # fmt: skip
     assert env_values(Example, tools | {"RLBUS_BATCH_SIZE": "7"}) == {"batch_size": "7"}
 
 

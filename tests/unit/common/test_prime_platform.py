@@ -38,6 +38,7 @@ def test_the_key_comes_from_the_environment_first_then_the_prime_config_file(hom
     write_prime_config(home, {"api_key": "from-file"})
     assert resolve_api_key({"PRIME_API_KEY": "from-env"}) == "from-env"
     assert resolve_api_key({"PRIME_API_KEY": "  "}) == "from-file"
+    assert resolve_api_key({"PRIME_API_KEY": ""}) == "from-file"  # compose's ${PRIME_API_KEY-} when not given
     assert resolve_api_key({}) == "from-file"
 
 
@@ -48,6 +49,8 @@ def test_no_key_anywhere_names_both_places_and_the_scope(home):
     message = str(error.value)
     assert "PRIME_API_KEY is not set" in message and f"{home}/.prime/config.json has no api_key" in message
     assert "prime login" in message and "rft:write" in message
+    with pytest.raises(PlatformError, match="PRIME_API_KEY is empty and .* has no api_key"):
+        resolve_api_key({"PRIME_API_KEY": ""})
 
 
 def test_a_broken_prime_config_file_is_named(home):
