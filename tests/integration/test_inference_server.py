@@ -115,6 +115,22 @@ def test_a_late_replica_serves_the_step_published_before_it_started(replica, hf_
     assert tokens == hf_greedy(hf_model, seeded_weights(model_dir, LATE_STEP)[1], PROMPT_IDS, NUM_TOKENS)
 
 
+def descendants(pid: int) -> list[str]:
+    """The command lines (vLLM titles its processes ``VLLM::...``) of every process below ``pid``."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    found = []
+    for child in map(int, children):
+        found.append(Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip())
+        found += descendants(child)
+    return found
+
+
+def test_the_model_worker_runs_inside_the_engine_core_process(replica):
+    # inference.worker_in_engine_process (the default): two processes, no separate VLLM::Worker.
+    titles = [title for title in descendants(replica.process.pid) if title.startswith("VLLM::")]
+    assert titles == ["VLLM::EngineCore"], titles
+
+
 def test_completions_return_token_ids_logprobs_and_policy_step(replica, client, tokenizer, model_dir):
     completion = client.completions.create(model=str(model_dir), prompt="Hello there", max_tokens=16, logprobs=1,
                                            temperature=1.0, seed=3, extra_body={"return_token_ids": True})  # fmt: skip
