@@ -32,3 +32,32 @@ def place_worker(in_engine_process: bool, tensor_parallel_size: int,
         return False
     environ[VARIABLE] = "0"
     return True
+
+
+THREADS_BIND_VARIABLE = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def bind_cpu_threads(cores: str | None, environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Hand ``inference.cpu_threads_bind`` to vLLM's CPU worker (it reads it in the engine's process,
+    which inherits this environment); True if set. ``OMP_NUM_THREADS`` becomes the number of cores
+    given as well: vLLM pins torch's threads, but torch.compile'd kernels size their OpenMP teams
+    from it, and a team larger than the cores left to it spins against the trainer (measured on 2
+    cores at ``max_async_level = 1``: 61.6 s for 30 steps without it, 41.9 s with it)."""
+    if cores is None:
+        return False
+    environ[THREADS_BIND_VARIABLE] = cores
+    if (count := count_cores(cores)) is not None:
+        environ["OMP_NUM_THREADS"] = str(count)
+    return True
+
+
+def count_cores(cores: str) -> int | None:
+    """Cores in the first worker's list of a ``VLLM_CPU_OMP_THREADS_BIND`` value ("0-3,6" is 5);
+    None for ``auto`` and ``nobind``."""
+    if cores in ("auto", "nobind"):
+        return None
+    count = 0
+    for part in cores.split("|")[0].split(","):
+        first, _, last = part.partition("-")
+        count += int(last or first) - int(first) + 1
+    return max(count, 1)

@@ -17,7 +17,7 @@ from typing import Any
 from loguru import logger
 
 from rlbus.services.inference.config import InferenceConfig
-from rlbus.services.inference.executor import place_worker
+from rlbus.services.inference.executor import bind_cpu_threads, place_worker
 from rlbus.services.inference.idle_spin import export_for_workers
 from rlbus.services.inference.worker_extension import WORKER_EXTENSION
 
@@ -67,6 +67,8 @@ def run_inference(config: InferenceConfig) -> int:
 
     cli_env_setup()  # vLLM's CLI default: spawn worker processes
     export_for_workers(config.worker_idle_spin_s)
+    if bind_cpu_threads(config.cpu_threads_bind):
+        logger.debug("vLLM's CPU worker pins its threads to cores {}", config.cpu_threads_bind)
     if place_worker(config.worker_in_engine_process, config.tensor_parallel_size):
         logger.debug("vLLM's model worker runs in its engine-core process (inference.worker_in_engine_process)")
     if config.api_key is None and os.environ.get("VLLM_API_KEY"):

@@ -88,12 +88,19 @@ class TrainingConfig(ServiceConfig):
     """Learning-rate schedule."""
     ckpt: CheckpointConfig = CheckpointConfig()
     """Checkpointing."""
+    num_threads: int | None = Field(None, ge=1)
+    """CPU threads of each rank's math (``torch.set_num_threads``); None keeps torch's default (one
+    per core). Set it when the trainer shares the cores with a replica that generates at the same
+    time (``max_async_level`` >= 1 on one machine): both sides spinning on every core made steps
+    up to 10x slower on 2 cores; 1 here with ``inference.cpu_threads_bind = "0"`` keeps them apart."""
     peak_flops: float | None = Field(None, gt=0)
     """Peak FLOP/s per rank for MFU; None measures matmul throughput at start."""
 
     def padded_rows(self) -> bool:
         """Whether micro-batches run as padded batches of their samples (``row_layout``)."""
-        return self.row_layout == "padded" or (self.row_layout == "auto" and self.attn_implementation != "flash_attention_2")
+        return self.row_layout == "padded" or (
+            self.row_layout == "auto" and self.attn_implementation != "flash_attention_2"
+        )
 
 
 class TrainerConfig(TrainingConfig):

@@ -50,6 +50,8 @@ def build_runtime(config: TrainingConfig, loss: LossConfig | None, total_steps: 
 
     ``loss`` None means SFT; ``total_steps`` is what the schedule decays towards.
     """
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
     ctx = init_distributed()
     torch.manual_seed(config.seed)
     model = shard_model(load_model(config.model, config.dtype, ctx.device, config.attn_implementation), ctx)
@@ -61,8 +63,9 @@ def build_runtime(config: TrainingConfig, loss: LossConfig | None, total_steps: 
         logger.info("loaded {} ({:,} parameters, {}) on {} rank(s); peak {:.1f} GFLOP/s per rank{}",
                     config.model, sum(p.numel() for p in model.parameters()), config.dtype, ctx.world_size,
                     peak_flops / 1e9, "" if config.peak_flops else " (measured)")  # fmt: skip
-    trainer = TrainStep(model, optimizer, schedule, ctx, config.optimizer.max_grad_norm, loss, peak_flops,
-                        config.padded_rows())
+    trainer = TrainStep(
+        model, optimizer, schedule, ctx, config.optimizer.max_grad_norm, loss, peak_flops, config.padded_rows()
+    )
     ckpt = CheckpointManager(config.output_dir, config.ckpt, ctx)
     if ctx.is_main:
         ckpt.remove_partials()

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
+from pydantic import ValidationError
+
 from rlbus.services.inference.config import InferenceConfig
-from rlbus.services.inference.executor import VARIABLE, place_worker
+from rlbus.services.inference.executor import (
+    THREADS_BIND_VARIABLE,
+    VARIABLE,
+    bind_cpu_threads,
+    count_cores,
+    place_worker,
+)
 
 
 def test_one_worker_runs_in_the_engine_process_by_default():
@@ -22,3 +31,16 @@ def test_several_workers_or_the_setting_off_leave_vllm_its_choice():
 def test_a_value_the_user_set_wins():
     environ = {VARIABLE: "1"}
     assert not place_worker(True, 1, environ) and environ == {VARIABLE: "1"}
+
+
+def test_cpu_threads_bind_reaches_vllm_and_bad_values_are_refused():
+    environ: dict[str, str] = {}
+    assert not bind_cpu_threads(InferenceConfig(model="m").cpu_threads_bind, environ) and environ == {}
+    assert bind_cpu_threads(InferenceConfig(model="m", cpu_threads_bind="0-1").cpu_threads_bind, environ)
+    assert environ == {THREADS_BIND_VARIABLE: "0-1", "OMP_NUM_THREADS": "2"}
+    with pytest.raises(ValidationError, match="cpu_threads_bind"):
+        InferenceConfig(model="m", cpu_threads_bind="all; rm -rf /")
+
+
+def test_count_cores_reads_vllms_bind_syntax():
+    assert [count_cores(v) for v in ("0", "1", "0-3,6", "0-1|2-3", "auto", "nobind")] == [1, 1, 5, 2, None, None]

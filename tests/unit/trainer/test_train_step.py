@@ -17,8 +17,14 @@ METRICS = {"loss/mean", "entropy/mean", "mismatch_kl/mean", "mismatch_kl/max", "
 
 
 def config(model_dir: Path, output_dir: Path, **overrides) -> TrainerConfig:
-    values = {"model": str(model_dir), "output_dir": output_dir, "max_steps": 6, "peak_flops": 1e11,
-              "optimizer": {"lr": 1e-3}, "scheduler": SchedulerConfig(type="cosine", warmup_steps=2)}
+    values = {
+        "model": str(model_dir),
+        "output_dir": output_dir,
+        "max_steps": 6,
+        "peak_flops": 1e11,
+        "optimizer": {"lr": 1e-3},
+        "scheduler": SchedulerConfig(type="cosine", warmup_steps=2),
+    }
     return TrainerConfig(**{**values, **overrides})
 
 
@@ -101,3 +107,12 @@ def test_checkpoint_layout_snapshot_and_pruning(tiny_model_dir, tmp_path):
         build_runtime(config(tiny_model_dir, tmp_path, ckpt=ckpt.model_copy(update={"resume_step": 3})),
                       LossConfig(), 6)  # fmt: skip
     assert np.isclose(runtime.trainer.schedule.lr(5), again.trainer.schedule.lr(5))
+
+
+def test_num_threads_sets_the_threads_of_the_trainers_math(tiny_model_dir, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        build_runtime(config(tiny_model_dir, tmp_path, num_threads=1), LossConfig(), total_steps=6)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
