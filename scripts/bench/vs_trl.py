@@ -13,7 +13,8 @@ its inference replica serves (its first ``policy_loaded`` event) to the trainer'
 report. The last lines are ``vs_trl <setting> <TRL time / rlbus time>`` (without start-up).
 
 Settings: ``tiny-async0`` and ``tiny-async1`` (the quickstart's SFT'd 1M-parameter model,
-lr 3e-4, strictly on-policy and one step off-policy) and ``smollm2-async1``
+lr 3e-4, strictly on-policy and one step off-policy; off-policy, trainer and replica each get half
+the cores: ``trainer.num_threads`` and ``inference.cpu_threads_bind``) and ``smollm2-async1``
 (SmolLM2-135M-Instruct from ``rlbus model smollm2``, lr 1e-6). Needs the ``bench`` extra
 (``pip install -e '.[bench]'``: TRL beside the CPU torch, no other torch).
 
