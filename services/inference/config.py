@@ -53,7 +53,8 @@ class InferenceConfig(ServiceConfig):
     """Run the model eagerly: no torch.compile (and no CUDA graphs on GPUs). A faster start, slower
     steps: measured on 2 CPU cores with the quickstart's model, a replica started in 2.6 s eager and
     13.5 s compiled (~25 s the first time, before vLLM's compile cache in ~/.cache/vllm holds the
-    model), and 64 rollouts took 0.72 s eager and 0.50 s compiled. Set false for long runs and on GPUs."""
+    model), and 64 rollouts took 0.72 s eager and 0.50 s compiled. Set false for long runs and on GPUs.
+    Compiling on a CPU needs a C++ compiler (``$CXX`` or g++); without one the replica runs eagerly."""
     worker_idle_spin_s: float | None = Field(0.005, ge=0)
     """Seconds an idle vLLM worker spins for the next engine step before it sleeps; vLLM's own 1 s
     burns a core after every generation burst that a trainer on the same CPUs needs (measured on

@@ -11,7 +11,9 @@ starts on the same event loop. vLLM is imported only here, after the config pars
 from __future__ import annotations
 
 import os
+import shutil
 from argparse import Namespace
+from collections.abc import Mapping
 from typing import Any
 
 from loguru import logger
@@ -34,7 +36,7 @@ def vllm_argv(config: InferenceConfig, on_cpu: bool = False) -> list[str]:
         # which is what the trainer compares against (it divides its logits by the temperature).
         "--logprobs-mode", "processed_logprobs",
     ]  # fmt: skip
-    if config.enforce_eager:
+    if config.enforce_eager or (on_cpu and not cpp_compiler_found()):
         argv.append("--enforce-eager")
     if config.enable_lora:
         argv += ["--enable-lora", "--max-lora-rank", str(config.max_lora_rank), "--max-loras", str(config.max_loras)]
@@ -47,6 +49,18 @@ def vllm_argv(config: InferenceConfig, on_cpu: bool = False) -> list[str]:
         # of how requests happened to arrive. ``vllm_args`` can turn chunking back on.
         argv.append("--no-enable-chunked-prefill")
     return argv + list(config.vllm_args)
+
+
+def cpp_compiler_found(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether torch.compile on the CPU can build its kernels (inductor needs ``$CXX`` or a ``c++``,
+    ``g++`` or ``clang++`` on PATH). Without one a compiled replica would fail as it starts: it runs
+    eagerly instead, and says so once."""
+    path = environ.get("PATH")
+    if environ.get("CXX") or any(shutil.which(name, path=path) for name in ("c++", "g++", "clang++")):
+        return True
+    logger.warning("inference.enforce_eager = false, but this machine has no C++ compiler (set CXX or install "
+                   "g++) for torch.compile's CPU kernels: the replica runs eagerly")  # fmt: skip
+    return False
 
 
 def vllm_args(config: InferenceConfig) -> Namespace:

@@ -18,3 +18,12 @@ def test_on_the_cpu_a_prefill_is_never_split():
 def test_vllm_args_can_turn_chunked_prefill_back_on():
     args = vllm_args(InferenceConfig(model="m", vllm_args=["--enable-chunked-prefill"]))
     assert args.enable_chunked_prefill is True
+
+
+def test_a_compiled_replica_on_a_cpu_without_a_cpp_compiler_runs_eagerly(monkeypatch, tmp_path):
+    config = InferenceConfig(model="m", enforce_eager=False)
+    assert "--enforce-eager" not in vllm_argv(config, on_cpu=True)  # this machine has g++
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    assert "--enforce-eager" in vllm_argv(config, on_cpu=True)
+    assert "--enforce-eager" not in vllm_argv(config, on_cpu=False)  # GPUs compile without a C++ compiler
