@@ -164,4 +164,6 @@ def test_rl_help_and_parser_agree_and_list_shared_fields_once(capsys):
     # A section's copy of a shared field (--trainer.model) is not listed; a key of its own that is also
     # called model (--orchestrator.teacher.client.model) is.
     assert not [o for o in options if o.split(".")[-1] in ("output-dir", "model", "seed") and o.count(".") == 1], options
-    assert len(text.splitlines()) < 530  # 499 before [orchestrator.teacher] (docs/training.md) added 20
+    # 499 before [orchestrator.teacher] (docs/training.md) added 20; 551 with the thread and executor
+    # fields of trainer and inference (README Performance); a section listed twice would add hundreds.
+    assert len(text.splitlines()) < 575
