@@ -92,7 +92,11 @@ def test_same_seed_same_curve_at_async_level_0(tmp_path, warmed_up):
     # differed in the 7th digit (0.0081403777 vs 0.0081403807, same batch and rewards; cause not pinned
     # down, likely the CPU kernels' reduction order on a loaded machine).
     assert [reward for reward, _ in curve(again)] == [reward for reward, _ in curve(first)]
-    assert [loss for _, loss in curve(again)] == pytest.approx([loss for _, loss in curve(first)], rel=1e-5)
+    # The loss is a mean of advantage-weighted terms that nearly cancel (~0.008 from terms of ~0.1-1), so
+    # float32 rounding shows as a relative error: a second CI run differed by 1.1e-7 absolute (1.4e-5
+    # relative) with the same rewards and tokens. Compared in absolute units, well above that noise
+    # and far below any real difference in what was trained.
+    assert [loss for _, loss in curve(again)] == pytest.approx([loss for _, loss in curve(first)], rel=1e-5, abs=1e-6)
     tokens = "orchestrator/num_completion_tokens/sum"
     assert [row[tokens] for row in again] == [row[tokens] for row in first]
     # Another seed draws other examples and other samples: the comparison above can fail.
