@@ -13,6 +13,10 @@ from rlbus.config.base import Secret
 from rlbus.curve import is_loopback_host
 from rlbus.identity import service_id
 
+# vLLM's VLLM_CPU_OMP_THREADS_BIND grammar: core lists ("0-3,6") per worker, joined by "|".
+_CORES = r"\d+(-\d+)?(,\d+(-\d+)?)*"
+CORES_PATTERN = rf"^(auto|nobind|{_CORES}(\|{_CORES})*)$"
+
 
 class InferenceConfig(ServiceConfig):
     """One vLLM replica serving the OpenAI-compatible API and pulling new weights over the bus."""
@@ -60,7 +64,7 @@ class InferenceConfig(ServiceConfig):
     burns a core after every generation burst that a trainer on the same CPUs needs (measured on
     2 cores: trainer step 2.4 s -> 1.5 s); a parked worker then re-checks its queue every 10 ms
     instead of every 5 s. None keeps vLLM's defaults (services/inference/idle_spin.py)."""
-    cpu_threads_bind: str | None = Field(None, min_length=1, pattern=r"^([0-9,\-|]+|auto|nobind)$")
+    cpu_threads_bind: str | None = Field(None, min_length=1, pattern=CORES_PATTERN)
     """On CPU: the cores vLLM's worker pins its threads to, one per core (vLLM's
     ``VLLM_CPU_OMP_THREADS_BIND``: ``"0"``, ``"0-3"``, ``"0,2"``); None keeps vLLM's ``auto`` (every
     core of a NUMA node). Set it when a trainer on the same machine trains while this replica

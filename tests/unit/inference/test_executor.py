@@ -40,6 +40,9 @@ def test_cpu_threads_bind_reaches_vllm_and_bad_values_are_refused():
     assert environ == {THREADS_BIND_VARIABLE: "0-1", "OMP_NUM_THREADS": "2"}
     with pytest.raises(ValidationError, match="cpu_threads_bind"):
         InferenceConfig(model="m", cpu_threads_bind="all; rm -rf /")
+    for malformed in ("0--", "-1", "0,", "|0"):
+        with pytest.raises(ValidationError, match="cpu_threads_bind"):
+            InferenceConfig(model="m", cpu_threads_bind=malformed)
 
 
 def test_count_cores_reads_vllms_bind_syntax():
