@@ -19,7 +19,7 @@ from typing import Any
 from loguru import logger
 
 from rlbus.services.inference.config import InferenceConfig
-from rlbus.services.inference.executor import bind_cpu_threads, place_worker
+from rlbus.services.inference.executor import bind_cpu_threads, place_worker, skip_broken_aot_cache
 from rlbus.services.inference.idle_spin import export_for_workers
 from rlbus.services.inference.worker_extension import WORKER_EXTENSION
 
@@ -38,6 +38,8 @@ def vllm_argv(config: InferenceConfig, on_cpu: bool = False) -> list[str]:
     ]  # fmt: skip
     if config.enforce_eager or (on_cpu and not cpp_compiler_found()):
         argv.append("--enforce-eager")
+    if config.kv_cache_gib is not None:
+        argv += ["--kv-cache-memory-bytes", str(int(config.kv_cache_gib * 2**30))]
     if config.enable_lora:
         argv += ["--enable-lora", "--max-lora-rank", str(config.max_lora_rank), "--max-loras", str(config.max_loras)]
     if not config.access_log:
@@ -78,8 +80,11 @@ def run_inference(config: InferenceConfig) -> int:
     """Serve until SIGINT/SIGTERM; exit code 1 if the replica broke."""
     import uvloop
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.platforms import current_platform
 
     cli_env_setup()  # vLLM's CLI default: spawn worker processes
+    if skip_broken_aot_cache(current_platform.is_cpu()):
+        logger.debug("vLLM's AOT compile artifacts are off on CPU: they fail to load (VLLM_USE_AOT_COMPILE=0)")
     export_for_workers(config.worker_idle_spin_s)
     if bind_cpu_threads(config.cpu_threads_bind):
         logger.debug("vLLM's CPU worker pins its threads to cores {}", config.cpu_threads_bind)

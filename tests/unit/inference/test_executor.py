@@ -7,11 +7,13 @@ from pydantic import ValidationError
 
 from rlbus.services.inference.config import InferenceConfig
 from rlbus.services.inference.executor import (
+    AOT_VARIABLE,
     THREADS_BIND_VARIABLE,
     VARIABLE,
     bind_cpu_threads,
     count_cores,
     place_worker,
+    skip_broken_aot_cache,
 )
 
 
@@ -47,3 +49,12 @@ def test_cpu_threads_bind_reaches_vllm_and_bad_values_are_refused():
 
 def test_count_cores_reads_vllms_bind_syntax():
     assert [count_cores(v) for v in ("0", "1", "0-3,6", "0-1|2-3", "auto", "nobind")] == [1, 1, 5, 2, None, None]
+
+
+def test_aot_compile_artifacts_are_off_on_cpu_only_and_a_user_value_wins():
+    environ: dict[str, str] = {}
+    assert skip_broken_aot_cache(on_cpu=True, environ=environ) and environ == {AOT_VARIABLE: "0"}
+    environ = {}
+    assert not skip_broken_aot_cache(on_cpu=False, environ=environ) and environ == {}
+    environ = {AOT_VARIABLE: "1"}
+    assert not skip_broken_aot_cache(on_cpu=True, environ=environ) and environ == {AOT_VARIABLE: "1"}
