@@ -27,4 +27,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 
+# The dashboard's charting library (uPlot, from npm) into the package; without npm the run still
+# works, only its dashboard page says what is missing.
+bash "$ROOT/scripts/build_dashboard.sh" || echo "[setup] dashboard page not bundled (see above); runs work without it" >&2
+
 export PATH="$VENV/bin:$PATH"

@@ -52,6 +52,8 @@ COMMANDS: dict[str, Command] = {
                           "rlbus.services.synthesize.run:main"),
     "tail": Command("live view of a running job from the monitor", "rlbus.services.entry:tail_main"),
     "plot": Command("draw a run's charts (PNG); several runs: compared in one chart each", "rlbus.services.plot:main"),
+    "dashboard": Command("serve the web dashboard of run folders (several: overlaid)",
+                         "rlbus.services.monitor.dashboard:main"),
     "probe": Command("healthcheck: does the monitor answer (and hear --service on this host)?",
                      "rlbus.services.entry:probe_main"),
     "keys": Command("create CurveZMQ server and client keys for the bus", "rlbus.services.keys:main"),

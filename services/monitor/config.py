@@ -6,10 +6,11 @@ import re
 from typing import ClassVar, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from rlbus.config import BusConfig, ConfigModel, ServiceConfig
 from rlbus.config.base import Secret
+from rlbus.curve import is_loopback_host
 
 DEFAULT_SUMMARY_METRICS = [
     "reward/all/mean", "loss/mean", "entropy/mean", "mismatch_kl/mean", "off_policy/mean",
@@ -36,6 +37,20 @@ class WandbConfig(ConfigModel):
     None follows the ``WANDB_MODE`` environment variable, offline when it is unset."""
     samples_interval: int = Field(10, ge=1)
     """Log a table of rollout samples at most once per this many steps."""
+
+
+DEFAULT_DASHBOARD = "127.0.0.1:8750"
+
+
+def dashboard_address(value: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``host:port`` (``[::1]:8750`` for IPv6); None for ``""`` (no dashboard)."""
+    if not value.strip():
+        return None
+    host, sep, port = value.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{value!r} is not host:port, e.g. {DEFAULT_DASHBOARD!r} ('' turns the dashboard off)")
+    return host, int(port)
 
 
 DEFAULT_PLATFORM_URL = "https://api.primeintellect.ai"
@@ -101,11 +116,32 @@ class MonitorConfig(ServiceConfig):
     view_api_key: Secret | None = None
     """Key ``rlbus tail`` must present; None leaves the live view open. Written redacted in resolved
     configs: ``rlbus tail`` then takes it from ``--api-key`` or ``RLBUS_MONITOR__VIEW_API_KEY``."""
+    dashboard: str = DEFAULT_DASHBOARD
+    """Where the live dashboard, a web page of the run (charts, health, events, samples), listens:
+    ``host:port``; port 0 picks a free one (logged); ``""`` turns it off. A non-loopback host (e.g.
+    ``0.0.0.0:8750``) needs ``view_api_key``, which pages then give as ``/?key=<key>``."""
     wandb: WandbConfig = WandbConfig()
     """W&B settings."""
     prime_platform: PrimePlatformConfig | None = None
     """Stream metrics and samples to the Prime platform (docs/platform.md); None: off. ``rlbus rl``
     takes it as the top-level ``[prime_platform]``."""
+
+    @field_validator("dashboard")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        dashboard_address(value)
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _refuse_open_remote_dashboard(self) -> MonitorConfig:
+        # The loopback rule of the bus (rlbus.curve.check_bind_allowed), for the dashboard's HTTP server.
+        address = dashboard_address(self.dashboard)
+        if address is not None and self.view_api_key is None and not is_loopback_host(address[0]):
+            raise ValueError(
+                f"refusing to serve the dashboard on {self.dashboard!r} without a key: a non-loopback host "
+                "needs monitor.view_api_key (or RLBUS_MONITOR__VIEW_API_KEY), or keep it on 127.0.0.1"
+            )
+        return self
 
 
 class TailConfig(ConfigModel):

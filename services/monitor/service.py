@@ -21,6 +21,8 @@ from rlbus.identity import service_id
 from rlbus.messages import Event, Heartbeat, MetricsReport, RolloutSamples, ViewRequest
 from rlbus.plots import draw_run_charts
 from rlbus.services.monitor.config import MonitorConfig
+from rlbus.services.monitor.dashboard import publish_health, start_live_dashboard
+from rlbus.services.monitor.dashboard_server import DashboardServer
 from rlbus.services.monitor.monitor import MetricsSink, Monitor, SinkFanOut
 
 TELEMETRY = (Heartbeat, MetricsReport, Event, RolloutSamples)
@@ -36,6 +38,8 @@ class MonitorService:
     def __init__(self, config: MonitorConfig, monitor: Monitor, bus: Bus) -> None:
         self.monitor = monitor
         self.bus = bus
+        self.dashboard: DashboardServer | None = None
+        """The live dashboard, when it serves: it gets the health table at each tick."""
         endpoints = config.bus.endpoints
         self.telemetry_in: BusSocket = bus.bind(zmq.PULL, endpoints.monitor_telemetry, "telemetry")
         self.view_requests: BusSocket = bus.bind(zmq.ROUTER, endpoints.monitor_view, "view")
@@ -59,6 +63,8 @@ class MonitorService:
             if time.monotonic() >= next_tick:
                 self.monitor.tick()
                 self.report_bus_metrics()
+                if self.dashboard is not None:  # the page's service table; its charts follow the files
+                    publish_health(self.dashboard, self.monitor.health.rows())
                 next_tick = time.monotonic() + TICK_S
 
     def report_bus_metrics(self) -> None:
@@ -139,6 +145,7 @@ def _serve(config: MonitorConfig, monitor: Monitor) -> int:
     exit_code = 1
     with Bus(config.bus) as bus:
         service = MonitorService(config, monitor, bus)
+        service.dashboard = dashboard = start_live_dashboard(config)  # once the bus sockets are bound
         previous = signal.signal(signal.SIGTERM, service.stop)
         try:
             service.run()
@@ -152,6 +159,8 @@ def _serve(config: MonitorConfig, monitor: Monitor) -> int:
             service.report_bus_metrics()
             monitor.close(exit_code)
             draw_run_charts(config.output_dir)  # after close: every row is on disk
+            if dashboard is not None:
+                dashboard.stop()
             logger.info("monitor stopped (drained {} last messages); handled {}, decode errors {}",
                         drained, dict(monitor.counts), dict(bus.stats.decode_errors))  # fmt: skip
     return exit_code
