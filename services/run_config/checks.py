@@ -239,8 +239,8 @@ def port_problems(config: RlConfig) -> list[Problem]:
 
 
 def _listening_addresses(config: RlConfig) -> Iterator[tuple[str, Any, str, str]]:
-    """(key, value, host, port or ipc path) of every listening socket; the HTTP port comes last, so
-    a clash is reported on it, the key users change more often than the bus's."""
+    """(key, value, host, port or ipc path) of every listening socket; the HTTP ports come last, so
+    a clash is reported on them, the keys users change more often than the bus's."""
     for name, endpoint in config.bus.endpoints.model_dump().items():
         scheme, _, rest = endpoint.partition("://")
         if scheme == "tcp":
@@ -249,6 +249,9 @@ def _listening_addresses(config: RlConfig) -> Iterator[tuple[str, Any, str, str]
         elif scheme == "ipc":
             yield f"bus.endpoints.{name}", endpoint, "ipc", rest
     yield "inference.port", config.inference.port, config.inference.host, str(config.inference.port)
+    host, _, port = config.monitor.dashboard.rpartition(":")
+    if port not in ("", "0"):  # "" turns the dashboard off, port 0 picks a free one
+        yield "monitor.dashboard", config.monitor.dashboard, host.strip("[]"), port
 
 
 def _same_host(a: str, b: str) -> bool:

@@ -48,6 +48,8 @@ BAD_INPUTS = [
      "bus.endpoints.monitor_view", "bus.endpoints.monitor_telemetry"),
     ("wildcard-host-port", ["--bus.endpoints.trainer-weights", "tcp://0.0.0.0:8000"], "inference.port",
      "bus.endpoints.trainer_weights"),
+    ("dashboard-on-inference-port", ["--monitor.dashboard", "127.0.0.1:8000"], "monitor.dashboard",
+     "inference.port"),
     ("max-model-len-over-model", ["--inference.max-model-len", "1024"], "inference.max_model_len", "512"),
     ("max-tokens-fill-context", ["--orchestrator.sampling.max-tokens", "512"], "orchestrator.sampling.max_tokens",
      "inference.max_model_len = 512"),
