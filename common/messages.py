@@ -391,20 +391,27 @@ class TensorMeta(Payload, kw_only=True):
     bucket: int
     """Which ``WeightsBucket`` carries the tensor."""
     checksum: int
-    """CRC32 of the tensor's raw bytes."""
+    """xxh3_64 of the tensor's raw bytes (``rlbus.weight_codec.checksum``; CRC32 before version 2)."""
 
 
 class WeightsAnnounced(Message, kw_only=True):
     """Trainer -> inference (PUB), and reply to ``WeightsQuery``.
 
-    Announces that ``step`` can be fetched bucket by bucket.
+    Announces that ``step`` can be fetched bucket by bucket. Version 2: ``TensorMeta.checksum``
+    is xxh3_64 instead of CRC32 (same field, another meaning: older peers must refuse it), and
+    ``delta``.
     """
+
+    VERSION: ClassVar[int] = 2
 
     step: int
     manifest: list[TensorMeta]
     num_buckets: int
     total_bytes: int
     published_at: float
+    delta: bool = False
+    """The trainer answers fetches that name a base step with deltas against it: a replica keeps
+    the step it loaded, to fetch the next one as a delta (``WeightsFetch.base_step``)."""
 
 
 class WeightsQuery(Message, kw_only=True):
@@ -414,7 +421,11 @@ class WeightsQuery(Message, kw_only=True):
 
 
 class WeightsFetch(Message, kw_only=True):
-    """Inference worker -> trainer: send bucket ``bucket`` of ``step``."""
+    """Inference worker -> trainer: send bucket ``bucket`` of ``step``.
+
+    Version 2 added ``base_step``: a replica may ask for deltas against the step it holds."""
+
+    VERSION: ClassVar[int] = 2
 
     replica_id: str
     step: int
@@ -422,18 +433,36 @@ class WeightsFetch(Message, kw_only=True):
     nonce: int = 0
     """Echoed in the ``WeightsBucket``, so a late reply to an earlier request is told apart
     (0: a peer that predates it; such replies are matched by step and bucket only)."""
+    base_step: int | None = None
+    """The step whose tensors the replica holds, verified: the trainer may then send deltas
+    against it (delta mode). None: send the tensors in full."""
 
 
 class WeightsBucket(Message, kw_only=True):
-    """Trainer -> inference worker: the tensors of one bucket."""
+    """Trainer -> inference worker: the tensors of one bucket.
+
+    Version 2 added ``chunks`` (a large tensor travels as several frames, so the receiver reuses
+    its memory instead of faulting in fresh pages for each tensor), ``base_step`` and ``encodings``
+    (delta mode, ``rlbus.weight_codec``)."""
+
+    VERSION: ClassVar[int] = 2
 
     step: int
     bucket: int
     names: list[str]
     tensors: list[np.ndarray]
-    """Raw tensors in ``names`` order, each travelling as its own frame."""
+    """Tensors in ``names`` order, each travelling as its own frame(s): raw, or as ``encodings`` says."""
     nonce: int = 0
     """The ``WeightsFetch.nonce`` this answers."""
+    chunks: list[int] = []
+    """How many consecutive ``tensors`` entries each name spans, in ``names`` order: 1-D pieces of
+    the flattened tensor, in order; empty: one entry each."""
+    base_step: int | None = None
+    """The step the ``xor-zstd`` tensors are deltas against (the request's ``base_step``); None
+    when every tensor is raw."""
+    encodings: list[Literal["raw", "xor-zstd"]] = []
+    """How each tensor travels, in ``names`` order; empty: all ``raw``. ``xor-zstd``: a uint8
+    array, the zstd-compressed XOR with the same tensor of ``base_step`` (``rlbus.weight_codec``)."""
 
 
 class PolicyLoaded(Message, kw_only=True):

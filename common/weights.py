@@ -4,11 +4,14 @@ The trainer keeps the latest published step in a :class:`WeightStore` (the
 domain part, no sockets) and serves it through a :class:`WeightServer`
 thread: an XPUB announces each new step, a ROUTER answers ``WeightsQuery``
 (which step is latest: late joiners ask) and ``WeightsFetch`` (one bucket).
-Replicas pull a step bucket by bucket with :func:`fetch_step`, which checks
-the CRC32 of every tensor and raises before anything is loaded, so a failed or
-corrupt transfer leaves the old weights serving. Each ``WeightsFetch`` carries a
-random nonce that the ``WeightsBucket`` echoes: a late reply to a request that
-was resent is skipped, never read as the next bucket.
+Replicas pull a step with :func:`rlbus.weights_fetch.fetch_step`, several buckets
+in flight, which checks the xxh3 checksum of every tensor and raises before
+anything is loaded, so a failed or corrupt transfer leaves the old weights serving.
+
+Delta mode (``WeightStore(delta=True)``): the store also keeps the step before,
+and a fetch that names the step the replica holds (``WeightsFetch.base_step``)
+gets each tensor as a compressed XOR against it when that is smaller
+(:mod:`rlbus.weight_codec`); a base it no longer holds gets full tensors.
 
 Torch lives at the service edges: the trainer hands numpy arrays in, the
 inference worker turns them back into tensors (``bfloat16`` travels as uint16
@@ -17,12 +20,11 @@ bits and is named in ``TensorMeta.dtype``).
 
 from __future__ import annotations
 
-import secrets
+import os
 import threading
 import time
-import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import zmq
@@ -31,38 +33,86 @@ from loguru import logger
 from rlbus.bus import Bus, BusError, PeerUnreachable
 from rlbus.messages import Refused, TensorMeta, WeightsAnnounced, WeightsBucket, WeightsFetch, WeightsQuery
 from rlbus.pubsub import Publisher
+from rlbus.weight_codec import RAW, XOR_ZSTD, NamedArray, WeightsCorrupt, checksum, encode_delta
+from rlbus.weights_fetch import FetchedStep, HeldStep, ReplicaTransfer, Staging, fetch_step, fetch_weights, query_latest
 
-NamedArray = tuple[str, np.ndarray, str]
-"""(parameter name, array, logical dtype such as ``float32`` or ``bfloat16``)."""
+__all__ = [
+    "FetchedStep", "HeldStep", "NamedArray", "PublishBuffers", "ReplicaTransfer", "Staging", "WeightServer", "WeightStore",
+    "WeightsCorrupt", "checksum", "fetch_step", "fetch_weights", "query_latest",
+]  # fmt: skip
 
-
-class WeightsCorrupt(BusError):
-    """A fetched step did not match its manifest; nothing of it may be loaded."""
-
-
-def checksum(array: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+Bucket = list[tuple[str, np.ndarray]]
+CHUNK_BYTES = 1 << 20
+"""Largest frame a tensor travels in. Frames of this size come out of memory the receiver already
+uses (fresh 64 MiB frames halved loopback throughput here: every 4 KiB of them was a page fault)."""
 
 
 @dataclass
 class StoredStep:
     announced: WeightsAnnounced
-    buckets: list[list[tuple[str, np.ndarray]]]
+    buckets: list[Bucket]
+    by_name: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class EncodedBucket:
+    """One bucket of a step as deltas against a base step (raw where a delta is not smaller)."""
+
+    names: list[str]
+    tensors: list[np.ndarray]
+    encodings: list[str]
+
+
+class PublishBuffers:
+    """Host arrays a trainer copies each step's weights into, reused in turn instead of fresh memory
+    every step (faulting fresh pages in cost as much as the copy itself).
+
+    One set per step the store holds plus the one being written: a set is written again only
+    after the store dropped its step. A frame of it still queued for a replica that many steps
+    behind would then arrive changed and fail its checksum: refused, never loaded."""
+
+    def __init__(self, num_sets: int) -> None:
+        if num_sets < 2:
+            raise ValueError(f"num_sets must be at least 2 (one served, one written), got {num_sets}")
+        self._sets: list[dict[str, np.ndarray]] = [{} for _ in range(num_sets)]
+        self._turn = 0
+
+    def begin_step(self) -> None:
+        """Move on to the next set: the oldest one, whose step the store no longer holds."""
+        self._turn = (self._turn + 1) % len(self._sets)
+
+    def array(self, name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        """This step's buffer for ``name``: last time's when shape and dtype match, else a new one."""
+        current = self._sets[self._turn]
+        array = current.get(name)
+        if array is None or array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+            array = current[name] = np.empty(shape, dtype=dtype)
+        return array
 
 
 class WeightStore:
-    """The steps a trainer can serve, split into buckets of about ``bucket_bytes``."""
+    """The steps a trainer can serve, split into buckets of about ``bucket_bytes``.
 
-    def __init__(self, bucket_bytes: int, keep_steps: int = 1) -> None:
+    ``delta``: keep at least the step before the latest too, and answer fetches that name it as
+    their base with deltas (encoded once per bucket, shared by every replica that asks)."""
+
+    def __init__(self, bucket_bytes: int, keep_steps: int = 1, delta: bool = False,
+                 chunk_bytes: int = CHUNK_BYTES) -> None:  # fmt: skip
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         self.bucket_bytes = bucket_bytes
-        self.keep_steps = keep_steps
+        self.chunk_bytes = chunk_bytes
+        self.delta = delta
+        self.keep_steps = max(keep_steps, 2) if delta else keep_steps
         self._steps: dict[int, StoredStep] = {}
+        self._encoded: dict[tuple[int, int, int], EncodedBucket] = {}
+        """(step, base step, bucket) -> its deltas."""
         self._lock = threading.Lock()
 
     def add(self, step: int, tensors: Iterable[NamedArray]) -> WeightsAnnounced:
         """Store ``step`` (arrays are kept by reference) and return its announcement."""
         manifest: list[TensorMeta] = []
-        buckets: list[list[tuple[str, np.ndarray]]] = [[]]
+        buckets: list[Bucket] = [[]]
         bucket_fill = 0
         for name, array, dtype in tensors:
             array = np.ascontiguousarray(array)
@@ -71,36 +121,92 @@ class WeightStore:
                 bucket_fill = 0
             buckets[-1].append((name, array))
             bucket_fill += array.nbytes
-            manifest.append(TensorMeta(name=name, dtype=dtype, shape=list(array.shape), nbytes=array.nbytes,
-                                       bucket=len(buckets) - 1, checksum=checksum(array)))
-        announced = WeightsAnnounced(step=step, manifest=manifest, num_buckets=len(buckets),
-                                     total_bytes=sum(m.nbytes for m in manifest), published_at=time.time())
+            manifest.append(
+                TensorMeta(
+                    name=name,
+                    dtype=dtype,
+                    shape=list(array.shape),
+                    nbytes=array.nbytes,
+                    bucket=len(buckets) - 1,
+                    checksum=checksum(array),
+                )
+            )
+        announced = WeightsAnnounced(
+            step=step,
+            manifest=manifest,
+            num_buckets=len(buckets),
+            total_bytes=sum(m.nbytes for m in manifest),
+            published_at=time.time(),
+            delta=self.delta,
+        )
+        by_name = {name: array for bucket in buckets for name, array in bucket} if self.delta else {}
         with self._lock:
-            self._steps[step] = StoredStep(announced, buckets)
+            self._steps[step] = StoredStep(announced, buckets, by_name)
             for old in sorted(self._steps)[: -self.keep_steps]:
                 del self._steps[old]
+            self._encoded = {key: value for key, value in self._encoded.items()
+                             if key[0] in self._steps and key[1] in self._steps}  # fmt: skip
         return announced
 
     def latest(self) -> WeightsAnnounced | None:
         with self._lock:
             return self._steps[max(self._steps)].announced if self._steps else None
 
-    def bucket(self, step: int, index: int, nonce: int = 0) -> WeightsBucket | Refused:
+    def bucket(self, step: int, index: int, nonce: int = 0, base_step: int | None = None) -> WeightsBucket | Refused:
+        """Bucket ``index`` of ``step``; as deltas against ``base_step`` when in delta mode and
+        that step is held, else in full."""
         with self._lock:
             stored = self._steps.get(step)
+            base = self._steps.get(base_step) if self.delta and base_step is not None and base_step != step else None
         if stored is None:
             return Refused(request="WeightsFetch", reason=f"step {step} is not held (have {sorted(self._steps)})")
         if not 0 <= index < len(stored.buckets):
             return Refused(request="WeightsFetch", reason=f"step {step} has no bucket {index}")
-        names, arrays = zip(*stored.buckets[index], strict=True) if stored.buckets[index] else ((), ())
-        return WeightsBucket(step=step, bucket=index, names=list(names), tensors=list(arrays), nonce=nonce)
+        if base is not None:
+            encoded = self._encoded_bucket(stored, base, index)
+        else:
+            encoded = EncodedBucket([name for name, _ in stored.buckets[index]],
+                                    [array for _, array in stored.buckets[index]], [])  # fmt: skip
+        pieces = [self._chunked(array) for array in encoded.tensors]
+        return WeightsBucket(step=step, bucket=index, names=encoded.names, nonce=nonce,
+                             tensors=[piece for chunks in pieces for piece in chunks],
+                             chunks=[len(chunks) for chunks in pieces] if any(len(c) > 1 for c in pieces) else [],
+                             base_step=base.announced.step if base is not None else None,
+                             encodings=encoded.encodings)  # fmt: skip
+
+    def _chunked(self, array: np.ndarray) -> list[np.ndarray]:
+        """``array`` whole when it fits a chunk, else 1-D views of its flattened elements, in order."""
+        if array.nbytes <= self.chunk_bytes or array.ndim == 0:
+            return [array]
+        flat = array.reshape(-1)
+        step = max(1, self.chunk_bytes // array.itemsize)
+        return [flat[start : start + step] for start in range(0, flat.size, step)]
+
+    def _encoded_bucket(self, stored: StoredStep, base: StoredStep, index: int) -> EncodedBucket:
+        key = (stored.announced.step, base.announced.step, index)
+        with self._lock:
+            cached = self._encoded.get(key)
+        if cached is not None:
+            return cached
+        encoded = EncodedBucket([], [], [])
+        for name, array in stored.buckets[index]:
+            base_array = base.by_name.get(name)
+            delta = encode_delta(array, base_array) if base_array is not None else None
+            encoded.names.append(name)
+            encoded.tensors.append(array if delta is None else delta)
+            encoded.encodings.append(RAW if delta is None else XOR_ZSTD)
+        with self._lock:
+            if stored.announced.step in self._steps and base.announced.step in self._steps:
+                self._encoded[key] = encoded
+        return encoded
 
 
 class WeightServer:
     """Serves a :class:`WeightStore` from a background thread that owns both sockets."""
 
-    def __init__(self, bus: Bus, fetch_address: str, announce_address: str, store: WeightStore,
-                 sender: str = "trainer") -> None:
+    def __init__(
+        self, bus: Bus, fetch_address: str, announce_address: str, store: WeightStore, sender: str = "trainer"
+    ) -> None:
         self.bus = bus
         self.store = store
         self._fetch_address, self._announce_address, self._sender = fetch_address, announce_address, sender
@@ -115,6 +221,9 @@ class WeightServer:
         """Step -> its buckets served at least once (recent steps only)."""
         self._served_changed = threading.Condition()
         self.fetch_address = self.announce_address = ""
+        # publish() writes a byte here so the thread announces at once, not at its next wake-up.
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_write, False)
 
     def start(self, timeout_s: float = 10.0) -> WeightServer:
         """Bind both sockets on the thread; raises what the bind raised (e.g. port in use)."""
@@ -122,8 +231,10 @@ class WeightServer:
         if not self._ready.wait(timeout_s):
             raise BusError(f"weight server did not bind {self._fetch_address} within {timeout_s:g}s")
         if self._bind_error is not None:
-            raise BusError(f"weight server could not bind {self._fetch_address} (fetch) and "
-                           f"{self._announce_address} (announce): {self._bind_error}") from self._bind_error
+            raise BusError(
+                f"weight server could not bind {self._fetch_address} (fetch) and "
+                f"{self._announce_address} (announce): {self._bind_error}"
+            ) from self._bind_error
         return self
 
     def publish(self, step: int, tensors: Iterable[NamedArray]) -> WeightsAnnounced:
@@ -131,6 +242,10 @@ class WeightServer:
         announced = self.store.add(step, tensors)
         with self._lock:
             self._pending.append(announced)
+        try:
+            os.write(self._wake_write, b"!")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already: the thread is bound to wake
         return announced
 
     def wait_fetched(self, step: int, timeout_s: float) -> bool:
@@ -141,11 +256,15 @@ class WeightServer:
             return False
         with self._served_changed:
             return self._served_changed.wait_for(
-                lambda: len(self._served.get(step, ())) >= announced.num_buckets, timeout_s)
+                lambda: len(self._served.get(step, ())) >= announced.num_buckets, timeout_s
+            )
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            os.close(self._wake_read)
+            os.close(self._wake_write)
 
     def _record_served(self, bucket: WeightsBucket) -> None:
         self.num_buckets_served += 1
@@ -168,8 +287,11 @@ class WeightServer:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(publisher.sock, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
         while not self._stop.is_set():
-            events = dict(poller.poll(50))  # wakes regularly to announce steps published meanwhile
+            events = dict(poller.poll(50))  # wakes regularly to see stop()
+            if self._wake_read in events:
+                os.read(self._wake_read, 4096)
             if publisher.sock in events:
                 publisher.pump()
             if router in events:
@@ -191,68 +313,10 @@ class WeightServer:
         if isinstance(request, WeightsQuery):
             reply = self.store.latest() or Refused(request="WeightsQuery", reason="no step published yet")
         else:
-            reply = self.store.bucket(request.step, request.bucket, request.nonce)
+            reply = self.store.bucket(request.step, request.bucket, request.nonce, request.base_step)
             if isinstance(reply, WeightsBucket):
                 self._record_served(reply)
         try:
             self.bus.send(router, reply, identity)
         except PeerUnreachable as exc:  # gone, or not reading: the thread serves the others
             logger.warning("weights: {} not sent: {}", type(reply).__name__, exc)
-
-
-def query_latest(bus: Bus, sock: zmq.Socket, replica_id: str, timeout_s: float) -> WeightsAnnounced | None:
-    """The trainer's latest step, or None if it has published nothing yet."""
-    reply = bus.request(sock, WeightsQuery(replica_id=replica_id), (WeightsAnnounced, Refused), timeout_s,
-                        what="answer to WeightsQuery")
-    return reply if isinstance(reply, WeightsAnnounced) else None
-
-
-def fetch_step(bus: Bus, sock: zmq.Socket, announced: WeightsAnnounced, replica_id: str,
-               timeout_s: float, retries: int = 2) -> list[NamedArray]:
-    """Every tensor of ``announced``, checked against the manifest; raises WeightsCorrupt otherwise."""
-    by_name = {meta.name: meta for meta in announced.manifest}
-    tensors: list[NamedArray] = []
-    for index in range(announced.num_buckets):
-        request = WeightsFetch(replica_id=replica_id, step=announced.step, bucket=index,
-                               nonce=secrets.randbelow(2**63 - 1) + 1)  # fmt: skip
-        reply = _fetch_bucket(bus, sock, request, timeout_s, retries)
-        for name, array in zip(reply.names, reply.tensors, strict=True):
-            tensors.append((name, array, _verified(by_name, name, array, announced.step).dtype))
-    missing = set(by_name) - {name for name, _, _ in tensors}
-    if missing:
-        raise WeightsCorrupt(f"step {announced.step}: {len(missing)} tensor(s) never arrived, e.g. {min(missing)}")
-    return tensors
-
-
-def _fetch_bucket(bus: Bus, sock: zmq.Socket, request: WeightsFetch, timeout_s: float, retries: int) -> WeightsBucket:
-    """The reply to ``request``, resent up to ``retries`` times after ``timeout_s`` each. Replies
-    to other requests (a slow answer to a request resent before) are skipped, not taken for this one."""
-    what = f"bucket {request.bucket} of step {request.step}"
-    for attempt in range(1, retries + 2):
-        bus.send(sock, request)
-        deadline = time.monotonic() + timeout_s
-        while (reply := bus.recv_before(sock, deadline, (WeightsBucket, Refused))) is not None:
-            # A refusal carries no nonce; "step not held" holds for every request of that step.
-            if isinstance(reply, Refused):
-                raise WeightsCorrupt(f"trainer refused {what}: {reply.reason}")
-            asked = (reply.step, reply.bucket) == (request.step, request.bucket)
-            # Nonce 0: a trainer that does not echo nonces; its replies are matched by bucket only.
-            if reply.nonce == request.nonce or (reply.nonce == 0 and asked):
-                if not asked:
-                    raise WeightsCorrupt(f"asked for {what}, got bucket {reply.bucket} of step {reply.step}")
-                return reply
-            logger.info("skipped a late reply (bucket {} of step {}) while waiting for {}", reply.bucket, reply.step,
-                        what)  # fmt: skip
-        logger.warning("no {} on {} after attempt {}/{}", what, sock.address, attempt, retries + 1)
-    raise bus.timeout(sock, f"{what} after {retries + 1} attempt(s)", timeout_s)
-
-
-def _verified(by_name: dict[str, TensorMeta], name: str, array: np.ndarray, step: int) -> TensorMeta:
-    meta = by_name.get(name)
-    if meta is None:
-        raise WeightsCorrupt(f"step {step}: tensor {name} is not in the manifest")
-    if list(array.shape) != meta.shape or array.nbytes != meta.nbytes:
-        raise WeightsCorrupt(f"step {step}: tensor {name} has shape {list(array.shape)}, manifest says {meta.shape}")
-    if checksum(array) != meta.checksum:
-        raise WeightsCorrupt(f"step {step}: checksum mismatch on tensor {name}")
-    return meta

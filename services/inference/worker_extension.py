@@ -3,11 +3,13 @@
 The API server process cannot hand tensors to the worker (``collective_rpc``
 arguments are small control values), so it passes only the announcement, the
 trainer's weight endpoint and the bus settings; the worker pulls the step
-itself over its own DEALER socket with :func:`rlbus.weights.fetch_step`. Every
-tensor's CRC32 and shape is checked, and every name and shape is compared with
+itself over its own DEALER socket with :func:`rlbus.weights.fetch_weights`. Every
+tensor's checksum and shape is checked, and every name and shape is compared with
 the checkpoint, before anything is loaded: a failed or corrupt transfer leaves
 the old weights untouched. With tensor parallelism every rank pulls the full
-step and ``load_weights`` keeps its shard.
+step and ``load_weights`` keeps its shard. Each worker keeps its receive buffers
+(:class:`rlbus.weights.Staging`: one copy of the weights in host memory, two when
+the trainer sends deltas, whose base is the step loaded last) from step to step.
 
 Loading goes through the worker's ``reload_weights(weights_iterator=...)``: vLLM's
 in-place reload, which calls the model's ``load_weights`` and then re-runs each
@@ -40,7 +42,7 @@ from rlbus.bus import Bus, BusError
 from rlbus.config.base import BusConfig
 from rlbus.messages import TensorMeta, WeightsAnnounced
 from rlbus.services.inference.idle_spin import apply_in_worker
-from rlbus.weights import fetch_step
+from rlbus.weights import FetchedStep, ReplicaTransfer, fetch_step, fetch_weights
 
 if TYPE_CHECKING:
     import torch
@@ -55,33 +57,44 @@ class RlbusWorkerExtension:
     model_runner: Any
     vllm_config: Any
     _rlbus_checkpoint: dict[str, list[int]] | None
+    _rlbus_transfer: ReplicaTransfer
 
     def rlbus_load_step(self, announced: dict, weights_address: str, replica_id: str, bus_config: dict) -> dict:
         """Pull step ``announced`` from the trainer, verify it, load it; returns a LoadReport dict."""
         meta = msgspec.convert(announced, WeightsAnnounced)
         report: dict[str, Any] = {"ok": False, "step": meta.step, "num_bytes": meta.total_bytes}
         started = time.perf_counter()
+        transfer = self._rlbus_replica_transfer()
         try:
             mismatch = manifest_mismatch(meta.manifest, self._rlbus_checkpoint_shapes())
             if mismatch:
                 raise BusError(f"step {meta.step} does not fit this model: {mismatch}")
-            arrays = pull_step(meta, weights_address, replica_id, BusConfig(**bus_config))
-            tensors = [(name, to_torch(array, dtype)) for name, array, dtype in arrays]
+            fetched_step = pull_weights(meta, weights_address, replica_id, BusConfig(**bus_config), transfer)
+            tensors = [(name, to_torch(array, dtype)) for name, array, dtype in fetched_step.tensors]
         except (BusError, ValueError) as exc:
             logger.warning("refused weights of step {}: {}", meta.step, exc)
+            # The retry fetches in full: a delta that failed may have had a base the trainer no longer
+            # means by that step number (a restarted trainer republishing it).
+            transfer.forget()
             return report | {"error": str(exc), "kind": "transfer", "fetch_s": time.perf_counter() - started}
         fetched = time.perf_counter()
+        logger.info("fetched step {}: {:.1f} MB on the wire for {:.1f} MB of weights, {} tensor(s) as deltas",
+                    meta.step, fetched_step.wire_bytes / 1e6, meta.total_bytes / 1e6,
+                    fetched_step.num_delta_tensors)  # fmt: skip
         try:
             self.reload_weights(weights_iterator=tensors)  # type: ignore[attr-defined]
             refresh_tied_head(self.model_runner.get_model())
         except Exception as exc:  # noqa: BLE001 - reported to the server, which restores the base weights
             logger.exception("loading step {} failed after verification", meta.step)
+            transfer.forget()  # the base weights come back: no step is held any more
             return report | {"error": f"{type(exc).__name__}: {exc}", "kind": "load"}
+        transfer.loaded(fetched_step)
         return report | {"ok": True, "fetch_s": fetched - started, "load_s": time.perf_counter() - fetched}
 
     def rlbus_reload_base(self) -> dict:
         """Reload the weights from the model directory (step 0); returns a LoadReport dict."""
         started = time.perf_counter()
+        self._rlbus_replica_transfer().forget()
         try:
             self.reload_weights()  # type: ignore[attr-defined]
             refresh_tied_head(self.model_runner.get_model())
@@ -89,6 +102,11 @@ class RlbusWorkerExtension:
             logger.exception("reloading the base weights failed")
             return {"ok": False, "step": 0, "error": f"{type(exc).__name__}: {exc}", "kind": "load"}
         return {"ok": True, "step": 0, "load_s": time.perf_counter() - started}
+
+    def _rlbus_replica_transfer(self) -> ReplicaTransfer:
+        if not hasattr(self, "_rlbus_transfer"):
+            self._rlbus_transfer = ReplicaTransfer()
+        return self._rlbus_transfer
 
     def _rlbus_checkpoint_shapes(self) -> dict[str, list[int]] | None:
         if not hasattr(self, "_rlbus_checkpoint"):
@@ -113,9 +131,19 @@ def refresh_tied_head(model: Any) -> None:
         method.process_weights_after_loading(head)
 
 
+def pull_weights(announced: WeightsAnnounced, address: str, replica_id: str, bus_config: BusConfig,
+                 transfer: ReplicaTransfer) -> FetchedStep:  # fmt: skip
+    """Step ``announced``, verified, into ``transfer``'s buffers, over a DEALER used for this step
+    only (so a late reply to an abandoned fetch can never be mistaken for this step's)."""
+    with Bus(bus_config) as bus:
+        sock = bus.connect(zmq.DEALER, address, "weights")
+        return fetch_weights(bus, sock, announced, replica_id, bus_config.request_timeout_s, retries=2,
+                             base=transfer.base(announced), staging=transfer.staging())  # fmt: skip
+
+
 def pull_step(announced: WeightsAnnounced, address: str, replica_id: str,
               bus_config: BusConfig) -> list[tuple[str, np.ndarray, str]]:  # fmt: skip
-    """All tensors of ``announced``, CRC-checked, over a DEALER used for this step only
+    """All tensors of ``announced``, checked, over a DEALER used for this step only
     (so a late reply to an abandoned fetch can never be mistaken for this step's)."""
     with Bus(bus_config) as bus:
         sock = bus.connect(zmq.DEALER, address, "weights")

@@ -32,12 +32,12 @@ API_KEY = "test-key"
 
 
 class TamperingStore(WeightStore):
-    """Serves the steps in ``corrupt_steps`` with one value flipped after the CRC was taken."""
+    """Serves the steps in ``corrupt_steps`` with one value flipped after the checksum was taken."""
 
     corrupt_steps: set[int]
 
-    def bucket(self, step: int, index: int, nonce: int = 0):
-        reply = super().bucket(step, index, nonce)
+    def bucket(self, step: int, index: int, nonce: int = 0, base_step: int | None = None):
+        reply = super().bucket(step, index, nonce, base_step)
         if step in self.corrupt_steps and isinstance(reply, WeightsBucket) and index == 0:
             tampered = reply.tensors[0].copy()
             tampered.reshape(-1).view(np.uint8)[0] ^= 0xFF

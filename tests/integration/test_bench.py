@@ -4,6 +4,7 @@ quickstart's SFT config) run a few real steps, print the table of throughput fig
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -84,3 +85,19 @@ def test_sft_bench_on_the_quickstart_config_prints_the_table_and_exits_0(tmp_pat
     assert table.title.startswith("rlbus sft bench: 5 steps; mean ± std over steps 2-5"), table.title
     assert_trainer_figures_positive(table, [1, 2, 3, 4, 5])
     assert not (run / "checkpoints").exists() and not (run / "weights").exists()
+
+
+def test_weights_bench_quick_prints_every_ratio_against_raw_loopback():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / "weights.py"), "--quick"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stdout.splitlines()
+    raw = float(re.search(r"ratios against (\d+)", next(ln for ln in lines if ln.startswith("raw zmq"))).group(1))
+    assert raw > 0
+    ratios = {line.split("MB/s")[0].strip(): float(line.rsplit("/ raw", 1)[1]) for line in lines if "/ raw" in line}
+    expected = ["fetch + verify", "publish -> loaded", "delta fetch + verify", "1 replica(s)", "2 replica(s)"]
+    assert all(any(name.startswith(want) for name in ratios) for want in expected), ratios
+    assert all(ratio > 0 for ratio in ratios.values()), ratios
+    wire = next(line for line in lines if "bytes on the wire per step" in line)
+    full, delta = (float(x) for x in re.search(r"([\d.]+) MB full, ([\d.]+) MB delta", wire).groups())
+    assert 0 < delta < full, wire  # the quick model's steps differ by a small update: deltas are smaller

@@ -120,7 +120,7 @@ def test_buffer_mismatches_are_named():
         decode(frames[:-1])
     with pytest.raises(DecodeError, match="buffer 1 holds 3996 bytes, but a float32 array of shape \\[1000\\] needs 4000"):
         decode([*frames[:3], bytes(frames[3])[:-4]])
-    frames[0] = msgpack.packb(["WeightsBucket", 1, 3])
+    frames[0] = msgpack.packb(["WeightsBucket", WeightsBucket.VERSION, 3])
     with pytest.raises(DecodeError, match=r"buffers \[2\] are not referenced by the body"):
         decode([*frames, b"extra"])
 

@@ -170,7 +170,8 @@ def test_a_late_reply_to_a_resent_request_is_not_read_as_the_next_bucket(served)
     announced = server.publish(1, sent)
     with LateFirstReply(server.fetch_address) as late:
         sock = bus.connect(zmq.DEALER, late.address, "weights-client")
-        received = fetch_step(bus, sock, announced, "replica-0", timeout_s=0.5, retries=2)
+        # One request in flight, so bucket 1 is asked only after bucket 0's (late) reply.
+        received = fetch_step(bus, sock, announced, "replica-0", timeout_s=0.5, retries=2, window=1)
     assert late.num_requests == 3, "bucket 0 sent twice (the first reply was late), bucket 1 once"
     assert [name for name, _, _ in received] == [name for name, _, _ in sent]
     for (_, got, _), (_, want, _) in zip(received, sent, strict=True):
