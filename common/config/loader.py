@@ -27,10 +27,11 @@ ENV_PREFIX = "RLBUS_"
 # Variables under the prefix that belong to the scripts, not to any config: scripts/setup_env.sh
 # (which venv, which extras), the fuzz tests, and the chaos tests' fault points and audit trails
 # (rlbus.faults, rlbus.audit), the home of the run registry (``rlbus run``, RLBUS_HOME), and the
-# launcher's pid that ``rlbus rl`` gives its services (rlbus.prime_platform.LAUNCHER_PID_VARIABLE).
+# launcher's pid that ``rlbus rl`` gives its services (rlbus.prime_platform.LAUNCHER_PID_VARIABLE),
+# and the GPU count the placement tests pretend (services/run_config/placement.py, tests only).
 # Every other RLBUS_ name must be a config key.
 TOOL_VARIABLES = frozenset({"RLBUS_VENV", "RLBUS_EXTRAS", "RLBUS_FUZZ_EXAMPLES", "RLBUS_FAULT_POINTS",
-                            "RLBUS_AUDIT_DIR", "RLBUS_HOME", "RLBUS_LAUNCHER_PID"})  # fmt: skip
+                            "RLBUS_AUDIT_DIR", "RLBUS_HOME", "RLBUS_LAUNCHER_PID", "RLBUS_FAKE_GPU_COUNT"})  # fmt: skip
 C = TypeVar("C", bound=BaseModel)
 
 

@@ -3,8 +3,9 @@
 Every child runs exactly the command a user would type on another host
 (``python -m rlbus <service> @ <output_dir>/configs/<service>.toml``).
 Each gets its own process group, so the launcher can stop a service together
-with anything it spawned (vLLM's engine, torchrun's ranks), and on Linux a
-parent-death signal, so a launcher killed with -9 leaves no service behind.
+with anything it spawned (vLLM's engine; a trainer's ranks are stopped by the
+trainer's rank group, rlbus.ranks), and on Linux a parent-death signal, so a
+launcher killed with -9 leaves no service behind.
 """
 
 from __future__ import annotations
@@ -15,12 +16,17 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
 from rlbus.services.run_config import RlConfig
+from rlbus.services.run_config.placement import (
+    inference_process_name,
+    num_inference_replicas,
+    placement_environments,
+)
 
 CleanExit = Literal["done", "finished", "failure"]
 """What exit code 0 of a service means: the run is done (orchestrator), this service's part is
@@ -44,6 +50,9 @@ class ProcessSpec:
     to_console: bool = False
     """Write its output to the launcher's console instead of ``logs/<name>.out`` (the monitor: its
     console is the run's progress)."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Variables set for this process over the launcher's environment: ``CUDA_VISIBLE_DEVICES`` of
+    an inference replica or the trainer (services/run_config/placement.py)."""
 
 
 CommandFor = Callable[[ProcessSpec], list[str]]
@@ -55,14 +64,24 @@ def service_command(spec: ProcessSpec) -> list[str]:
     return [sys.executable, "-m", "rlbus", spec.service, "@", str(spec.config_path), *spec.args]
 
 
-def process_table(config: RlConfig, config_dir: Path) -> list[ProcessSpec]:
-    """Every process of a local run, in start order: the monitor first, so no early telemetry waits long."""
-    specs = [
-        ProcessSpec("monitor", "monitor", config_dir / "monitor.toml", to_console=True),
-        ProcessSpec("inference", "inference", config_dir / "inference.toml"),
-        ProcessSpec("trainer", "trainer", config_dir / "trainer.toml", clean_exit="finished"),
+def process_table(config: RlConfig, config_dir: Path, environ: Mapping[str, str] | None = None) -> list[ProcessSpec]:
+    """Every process of a local run, in start order: the monitor first, so no early telemetry waits long.
+
+    One inference replica per GPU group of ``inference_gpu_ids`` (one without), each on its own port;
+    the trainer is one process that starts its ``trainer.num_ranks`` ranks itself (:mod:`rlbus.ranks`).
+    ``environ`` (the launcher's, by default) tells which GPUs the ids name."""
+    envs = placement_environments(config, os.environ if environ is None else environ)
+    specs = [ProcessSpec("monitor", "monitor", config_dir / "monitor.toml", to_console=True)]
+    num_replicas = num_inference_replicas(config)
+    for index in range(num_replicas):
+        name = inference_process_name(index, num_replicas)
+        args = () if num_replicas == 1 else ("--port", str(config.inference.port + index), "--replica-id", name)
+        specs.append(ProcessSpec(name, "inference", config_dir / "inference.toml", args, env=envs.get(name, {})))
+    specs += [
+        ProcessSpec("trainer", "trainer", config_dir / "trainer.toml", clean_exit="finished",
+                    env=envs.get("trainer", {})),
         ProcessSpec("orchestrator", "orchestrator", config_dir / "orchestrator.toml", clean_exit="done"),
-    ]
+    ]  # fmt: skip
     for index in range(config.num_env_workers):
         name = f"env-worker-{index}"
         specs.append(ProcessSpec(name, "env-worker", config_dir / "env-worker.toml", ("--worker-id", name)))
@@ -90,7 +109,7 @@ class Child:
         try:
             popen = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT if output else None,
-                env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
+                env={**(os.environ if env is None else env), **spec.env, "PYTHONUNBUFFERED": "1"},
                 start_new_session=True, preexec_fn=_parent_death_signal(),
             )  # fmt: skip
         finally:

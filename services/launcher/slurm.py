@@ -41,6 +41,7 @@ from rlbus.services.launcher.slurm_jobs import (
     check_binds_allowed,
     job_name,
     job_script,
+    numbered_task_name,
     sbatch_args,
     workdir,
 )  # fmt: skip
@@ -61,7 +62,7 @@ class SubmittedArray:
     clean_exit: CleanExit
 
     def task_name(self, task_id: int) -> str:
-        return f"{self.service}-{task_id}" if self.section in ("inference", "env_worker") else self.service
+        return numbered_task_name(self.section, self.service, self.num_tasks, task_id)
 
 
 def submit(config: RlConfig, ctl: SlurmCtl) -> list[SubmittedArray]:

@@ -78,13 +78,20 @@ class ArrayJob:
         return names & CONNECTS_TO[self.section]
 
     def task_name(self, task_id: int) -> str:
-        """``monitor``, ``trainer``, ``inference-0``, ``env-worker-1``: as in the local process table."""
-        return f"{self.service}-{task_id}" if self.section in ("inference", "env_worker") else self.service
+        """``monitor``, ``trainer``, ``inference-0``, ``env-worker-1``: as in the local process table
+        (``trainer-0``, ``trainer-1``: a trainer on several nodes)."""
+        return numbered_task_name(self.section, self.service, self.num_tasks, task_id)
+
+
+def numbered_task_name(section: str, service: str, num_tasks: int, task_id: int) -> str:
+    numbered = section in ("inference", "env_worker") or (section == "trainer" and num_tasks > 1)
+    return f"{service}-{task_id}" if numbered else service
 
 
 def array_jobs(config: RlConfig) -> list[ArrayJob]:
     """The arrays of a run, in submit order (every array after the ones it connects to)."""
-    counts = {"inference": config.slurm.num_inference_replicas, "env_worker": config.num_env_workers}
+    counts = {"inference": config.slurm.num_inference_replicas, "env_worker": config.num_env_workers,
+              "trainer": config.slurm.trainer_nodes}  # fmt: skip
     config = with_inference_key(config)
     return [
         ArrayJob(section, getattr(config, section).SERVICE, counts.get(section, 1),

@@ -31,6 +31,8 @@ from rlbus.services.launcher.slurm_ctl import SlurmCtl, TaskState
 from rlbus.services.launcher.slurm_jobs import PLACEHOLDER
 from rlbus.services.run_config import SECTIONS
 
+DEFAULT_MASTER_PORT = "29500"
+"""Where a trainer's nodes meet (torchrun's default), unless ``MASTER_PORT`` is set (``slurm.setup``)."""
 WAIT_POLL_S = 2.0
 """How often a task asks the controller whether a peer runs yet (it cannot be notified)."""
 
@@ -81,7 +83,11 @@ class PeerFinder:
             return self.own_address()
         if section not in self.peers:
             return None
-        node = self._wait_running(section, self.peers[section], task_id)
+        return self.task_address(section, self.peers[section], task_id)
+
+    def task_address(self, section: str, array_id: str, task_id: int) -> str:
+        """The address of the node running task ``task_id`` of ``array_id``, once it runs."""
+        node = self._wait_running(section, array_id, task_id)
         address = self.ctl.node_address(node)
         logger.info("{} task {} runs on {} ({})", section, task_id, node, address)
         return address
@@ -108,6 +114,17 @@ class PeerFinder:
 
     def _find(self, array_id: str, task_id: int) -> TaskState | None:
         return next((t for t in self.ctl.tasks([array_id]) if t.task_id == task_id), None)
+
+
+def trainer_node_env(service: str, task_id: int, environ: Mapping[str, str], finder: PeerFinder) -> dict[str, str]:
+    """A trainer array of several tasks, one per node: where the nodes' ranks meet (``rlbus.ranks``
+    reads these), task 0's node on ``MASTER_PORT``. Nothing for one task or another service."""
+    num_nodes = int(environ.get("SLURM_ARRAY_TASK_COUNT") or int(environ.get("SLURM_ARRAY_TASK_MAX", "0")) + 1)
+    if service != "trainer" or num_nodes <= 1:
+        return {}
+    master = finder.own_address() if task_id == 0 else finder.task_address("trainer", environ["SLURM_ARRAY_JOB_ID"], 0)
+    return {"NNODES": str(num_nodes), "NODE_RANK": str(task_id), "MASTER_ADDR": master,
+            "MASTER_PORT": environ.get("MASTER_PORT", DEFAULT_MASTER_PORT)}
 
 
 def private_values(values: Mapping[str, Any], service: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -149,6 +166,7 @@ def main(argv: list[str]) -> int:
                 sorted(peers) or "none")  # fmt: skip
     values, secret_env = private_values(tomllib.loads(fill_placeholders(text, finder.address_of)), args.service)
     os.environ.update(secret_env)  # execv hands this environment to the service
+    os.environ.update(trainer_node_env(args.service, task_id, os.environ, finder))
     path = write_config(values, args.service, task_id)
     argv_service = [sys.executable, "-m", "rlbus", args.service, "@", str(path),
                     *task_args(args.service, values, task_id, finder.own_address)]  # fmt: skip

@@ -13,6 +13,7 @@ teacher's (``opd`` and ``sft``; services/run_config/teacher.py).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from rlbus.model_path import looks_like_path, position_limit
 from rlbus.run_files import METRICS_FILE, STEPS_FILE
 from rlbus.services.inference.config import InferenceConfig
 from rlbus.services.orchestrator.config import OrchestratorConfig
+from rlbus.services.run_config.placement import placement_problems
 from rlbus.services.run_config.rl import RlConfig
 from rlbus.services.run_config.teacher import teacher_problem
 from rlbus.services.trainer.config import TrainerConfig, TrainingConfig
@@ -79,6 +81,7 @@ def rl_problems(config: RlConfig) -> list[Problem]:
         *schedule_problems(config.trainer, "trainer."),
         *port_problems(config),
         *bench_folder_problems(config, ""),
+        *placement_problems(config, os.environ),
     ]
 
 

@@ -82,6 +82,18 @@ class RlConfig(ServiceConfig):
     """Monitor settings."""
     num_env_workers: int = Field(1, ge=1)
     """Env-worker processes to start."""
+    inference_gpu_ids: list[int] | list[list[int]] | None = None
+    """GPUs of inference, by index on this machine (docs/scaling.md): one replica per group, on
+    ``inference.port + i``, seeing only its group; env-workers use them all. A flat list is cut into
+    groups of ``inference.tensor_parallel_size``; a list of lists names the groups and sets it. None:
+    one replica that sees what the launcher sees."""
+    trainer_gpu_ids: list[int] | None = None
+    """GPUs of the trainer, by index on this machine: one rank per GPU (sets ``trainer.num_ranks``),
+    seeing only these. May share inference GPUs if ``inference.gpu_memory_utilization +
+    trainer_gpu_memory_fraction`` <= 1. None: the trainer sees what the launcher sees."""
+    trainer_gpu_memory_fraction: float = Field(0.5, gt=0, lt=1)
+    """Part of a GPU shared with inference that the trainer needs; checked before start against
+    ``inference.gpu_memory_utilization`` (vLLM takes exactly that part), not enforced."""
     clean_output_dir: bool = False
     """Delete output_dir before starting (otherwise an existing run folder is reused and
     services resume from its checkpoints)."""
@@ -194,12 +206,30 @@ class RlConfig(ServiceConfig):
         return self
 
     @model_validator(mode="after")
+    def _placement(self) -> RlConfig:
+        # GPU lists set the sizes they imply, unless a section sets its own (services/run_config/placement.py
+        # reports the disagreements, with the other placement problems, before start).
+        groups, ids = self.inference_gpu_ids, self.trainer_gpu_ids
+        if groups and isinstance(groups[0], list) and "tensor_parallel_size" not in self.inference.model_fields_set:
+            self.inference.__dict__["tensor_parallel_size"] = max(1, len(groups[0]))
+        if ids and "num_ranks" not in self.trainer.model_fields_set:
+            self.trainer.__dict__["num_ranks"] = len(ids)
+        if "trainer_world_size" not in self.orchestrator.model_fields_set:
+            from rlbus.services.run_config.placement import trainer_world_size
+
+            self.orchestrator.__dict__["trainer_world_size"] = trainer_world_size(self)
+        return self
+
+    @model_validator(mode="after")
     def _point_env_workers_at_local_inference(self) -> RlConfig:
         # Everything runs on this host: unless told otherwise, env-workers use the
-        # replica the launcher starts, with its key.
+        # replicas the launcher starts (one per GPU group, on consecutive ports), with their key.
+        from rlbus.services.run_config.placement import num_inference_replicas
+
         worker, inference = self.env_worker, self.inference
         if "inference_urls" not in worker.model_fields_set:
-            worker.__dict__["inference_urls"] = [f"http://{inference.host}:{inference.port}/v1"]
+            worker.__dict__["inference_urls"] = [f"http://{inference.host}:{inference.port + i}/v1"
+                                                 for i in range(num_inference_replicas(self))]  # fmt: skip
         if worker.api_key is None and inference.api_key is not None:
             worker.__dict__["api_key"] = inference.api_key
         return self

@@ -45,6 +45,9 @@ class SlurmConfig(ConfigModel):
     num_inference_replicas: int = Field(1, ge=1)
     """Inference replicas, the tasks of the inference array; replica ``i`` listens on
     ``inference.port + i`` so replicas sharing a node never collide. The local launcher starts one."""
+    trainer_nodes: int = Field(1, ge=1)
+    """Tasks (nodes) of the trainer array, each starting ``trainer.num_ranks`` ranks; they meet at
+    task 0's node on ``MASTER_PORT`` (29500 unless set in ``slurm.setup``) (docs/scaling.md)."""
     job_name: str | None = None
     """Prefix of the job names (``<prefix>-<service>``); None uses ``rlbus-<output_dir name>``."""
     workdir: Path | None = None

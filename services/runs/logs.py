@@ -1,13 +1,13 @@
 """What ``rlbus logs`` prints: a run's console or one service's log files, once or following them.
 
 A run folder's ``logs/`` holds each service's own log, ``<service>.log``, which every process of
-the service appends to (both env-workers of a local run write ``env-worker.log``; a distributed
-trainer's other ranks write ``trainer-rank<N>.log``), and each process's console, ``<name>.out``
+the service appends to (both env-workers of a local run write ``env-worker.log``; each rank of a
+distributed trainer also writes ``trainer/rank_<N>.log``), and each process's console, ``<name>.out``
 (``env-worker-1.out``, ``inference.out``; with ``--slurm``, ``inference-0.out`` and the like are
 the consoles streamed back from the nodes). The run's own console is ``console.out``.
 
 ``--service NAME`` (``env_worker`` = ``env-worker``) picks the files named ``NAME`` or
-``NAME-<N>`` / ``NAME-rank<N>``: their ``.log`` files, or their consoles where there is none
+``NAME-<N>`` / ``NAME-rank<N>`` (``NAME/rank_<N>.log``): their ``.log`` files, or their consoles where there is none
 (``env-worker-1``; a SLURM run whose nodes keep their service logs). Several files are printed one
 after another, each under a ``==> path <==`` header, as ``tail`` does.
 """
@@ -26,6 +26,8 @@ CONSOLE = "console"
 """The stem of the run's console (``rlbus logs ID`` without ``--service``), not a service."""
 NUMBERED = re.compile(r"-(?:rank)?(\d+)$")
 """What sets one process's file apart from its service's: ``env-worker-1``, ``trainer-rank1``."""
+RANK_LOG = re.compile(r"rank_(\d+)")
+"""A rank's log in its service's folder: ``logs/trainer/rank_1.log`` (rlbus.ranks)."""
 
 
 def service_name(text: str) -> str:
@@ -33,18 +35,25 @@ def service_name(text: str) -> str:
 
 
 def log_files(logs_dir: Path) -> list[Path]:
-    """Every service log and process console in ``logs_dir``, by name."""
+    """Every service log and process console in ``logs_dir``, and every rank log in its folders, by name."""
     if not logs_dir.is_dir():
         return []
-    return sorted(p for p in logs_dir.iterdir() if p.suffix in LOG_SUFFIXES and p.stem != CONSOLE and p.is_file())
+    own = [p for p in logs_dir.iterdir() if p.suffix in LOG_SUFFIXES and p.stem != CONSOLE and p.is_file()]
+    return sorted(own + sorted(logs_dir.glob("*/rank_*.log")), key=_stem)
+
+
+def _stem(path: Path) -> str:
+    """A file's name as ``--service`` sees it: ``trainer/rank_1.log`` is ``trainer-rank1``."""
+    match = RANK_LOG.fullmatch(path.stem)
+    return f"{path.parent.name}-rank{match.group(1)}" if match else path.stem
 
 
 def service_logs(logs_dir: Path, name: str) -> list[Path]:
     """The files ``--service name`` shows (see the module docstring); empty when there are none."""
     name = service_name(name)
-    files = [p for p in log_files(logs_dir) if p.stem == name or NUMBERED.sub("", p.stem) == name]
+    files = [p for p in log_files(logs_dir) if _stem(p) == name or NUMBERED.sub("", _stem(p)) == name]
     own = [p for p in files if p.suffix == ".log"]
-    return sorted(own or files, key=lambda p: (p.stem != name, _number(p.stem)))
+    return sorted(own or files, key=lambda p: (_stem(p) != name, _number(_stem(p))))
 
 
 def _number(stem: str) -> int:
@@ -55,7 +64,7 @@ def _number(stem: str) -> int:
 
 def known_services(logs_dir: Path) -> list[str]:
     """Every name ``--service`` finds files of: services and single processes."""
-    stems = {p.stem for p in log_files(logs_dir)}
+    stems = {_stem(p) for p in log_files(logs_dir)}
     return sorted(stems | {NUMBERED.sub("", stem) for stem in stems})
 
 

@@ -111,4 +111,4 @@ def test_two_ranks_match_one_rank(tiny_model_dir, tmp_path):  # noqa: F811
     assert list(two_weights) == list(one_weights)
     for name, array in one_weights.items():
         torch.testing.assert_close(torch.from_numpy(two_weights[name]), torch.from_numpy(array), rtol=1e-5, atol=1e-6)
-    assert (tmp_path / "two/logs/trainer-rank1.log").exists()
+    assert (tmp_path / "two/logs/trainer/rank_1.log").exists()

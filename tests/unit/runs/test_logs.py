@@ -10,7 +10,7 @@ import pytest
 from rlbus.services.runs.logs import Printer, known_services, service_logs
 
 LOCAL = ["console.out", "rl.log", "monitor.log", "orchestrator.log", "orchestrator.out", "trainer.log",
-         "trainer-rank1.log", "trainer.out", "inference.log", "inference.out", "env-worker.log",
+         "trainer/rank_0.log", "trainer/rank_1.log", "trainer.out", "inference.log", "inference.out", "env-worker.log",
          "env-worker-0.out", "env-worker-1.out"]  # fmt: skip
 """A local run with 2 env-workers and 2 trainer ranks: every env-worker appends to env-worker.log."""
 SLURM_NODE_LOGS_ELSEWHERE = ["console.out", "rl.log", "monitor.out", "inference-0.out", "inference-1.out",
@@ -20,6 +20,7 @@ SLURM_NODE_LOGS_ELSEWHERE = ["console.out", "rl.log", "monitor.out", "inference-
 
 def logs_dir(tmp_path: Path, names: list[str]) -> Path:
     for name in names:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(f"from {name}\n")
     return tmp_path
 
@@ -30,8 +31,8 @@ def logs_dir(tmp_path: Path, names: list[str]) -> Path:
         (LOCAL, "env-worker", ["env-worker.log"]),
         (LOCAL, "env_worker", ["env-worker.log"]),
         (LOCAL, "env-worker-1", ["env-worker-1.out"]),
-        (LOCAL, "trainer", ["trainer.log", "trainer-rank1.log"]),
-        (LOCAL, "trainer-rank1", ["trainer-rank1.log"]),
+        (LOCAL, "trainer", ["trainer.log", "trainer/rank_0.log", "trainer/rank_1.log"]),
+        (LOCAL, "trainer-rank1", ["trainer/rank_1.log"]),
         (LOCAL, "rl", ["rl.log"]),
         (LOCAL, "console", []),
         (LOCAL, "inference-0", []),
@@ -41,7 +42,8 @@ def logs_dir(tmp_path: Path, names: list[str]) -> Path:
     ],
 )
 def test_a_service_name_picks_its_files(tmp_path, layout, service, expected):
-    assert [p.name for p in service_logs(logs_dir(tmp_path, layout), service)] == expected
+    found = service_logs(logs_dir(tmp_path, layout), service)
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == expected
 
 
 def test_known_services_are_services_and_single_processes(tmp_path):
