@@ -18,6 +18,10 @@ where the filesystem can (``renameat2``); elsewhere it is renamed to
 next start puts back if a crash came in between: a complete copy is always found. States are gathered in full
 (``full_state_dict``) and loaded on rank 0 then broadcast, so a checkpoint does
 not depend on the number of ranks and no filesystem has to be shared.
+
+``ckpt.format = "sharded"`` replaces ``model/`` and ``optimizer.pt`` by ``shards/``, which every
+rank writes its part of (:mod:`ckpt_sharded`); only the HF weights are gathered. Loading looks at
+what the folder holds, so a run resumes from either format whatever ``ckpt.format`` now says.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from loguru import logger
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -40,9 +45,20 @@ from torch.distributed.checkpoint.state_dict import (
 
 from rlbus import faults
 from rlbus.durable import EXCHANGE_UNSUPPORTED, exchange, fsync_dir, fsync_tree
+from rlbus.services.trainer.ckpt_sharded import (
+    SHARDS,
+    check_shards_complete,
+    is_sharded,
+    load_shards,
+    sharded_state,
+    write_shards,
+)
 from rlbus.services.trainer.ckpt_writer import BackgroundWriter, detached_copy
 from rlbus.services.trainer.config import CheckpointConfig
 from rlbus.services.trainer.distributed import DistContext
+from rlbus.services.trainer.lora import is_lora
+from rlbus.services.trainer.lora_ckpt import load_adapter, save_adapter, save_servable
+from rlbus.services.trainer.lora_config import LoraConfig
 from rlbus.services.trainer.model import full_state_dict, load_state, read_hf_weights, save_hf_snapshot
 
 STEP_DIR = re.compile(r"^step_(\d+)(\.replaced)?$")
@@ -76,6 +92,13 @@ class CheckpointManager:
         self.writer = BackgroundWriter()
         self.unsynced = False
         """A ``save_async`` save was started on this rank and not yet waited for."""
+        self.shard_group = None
+        """Sharded writes off the training thread talk over their own gloo group, so their
+        collectives never interleave with the training step's."""
+        if ctx.is_distributed and config.format == "sharded" and config.save_async:
+            self.shard_group = dist.new_group(backend="gloo")
+        self.lora: LoraConfig | None = None
+        """The run's LoRA settings, which a resumed adapter must match (lora_ckpt.py)."""
 
     def due(self, step: int) -> bool:
         return self.config.enabled and step % self.config.interval == 0
@@ -126,16 +149,26 @@ class CheckpointManager:
         weights_only = self.config.weights_only if weights_only is None else weights_only
         self.wait()  # one write at a time, in step order
         model_state = full_state_dict(model)
-        optimizer_state = None if weights_only else _full_optimizer_state(model, optimizer)
-        if not self.config.save_async:
+        shards, optimizer_state = None, None
+        if not weights_only and self.config.format == "sharded" and not is_lora(model):
+            shards = sharded_state(model, optimizer, to_cpu=self.config.save_async)
             if self.ctx.is_main:
-                self._write(step, model, model_state, optimizer_state, tokenizer, progress, weights_only)
+                _fresh_partial(self.checkpoints, step)
+            self.ctx.barrier()  # the folder is fresh before any rank writes into it
+        elif not weights_only:
+            optimizer_state = _full_optimizer_state(model, optimizer)
+        if not self.config.save_async:
+            self._write(step, model, model_state, optimizer_state, shards, tokenizer, progress, weights_only)
             self.ctx.barrier()
             return
+        # Copies: training goes on and changes the live tensors while the thread writes (sharded
+        # state moved to host memory off a GPU is a copy already).
+        if shards is not None and self.ctx.device.type == "cpu":
+            shards = detached_copy(shards)
         if self.ctx.is_main:
-            # Copies: training goes on and changes the live tensors while the thread writes.
             model_state, optimizer_state = detached_copy(model_state), detached_copy(optimizer_state)
-            self.writer.submit(self._write, step, model, model_state, optimizer_state, tokenizer, progress,
+        if self.ctx.is_main or shards is not None:
+            self.writer.submit(self._write, step, model, model_state, optimizer_state, shards, tokenizer, progress,
                                weights_only)  # fmt: skip
         self.unsynced = True
 
@@ -143,16 +176,20 @@ class CheckpointManager:
         """Block until the background write (``save_async``) is on disk on every rank; re-raises
         its error. Returns the seconds waited."""
         started = time.perf_counter()
-        if self.ctx.is_main:
-            self.writer.wait()
+        self.writer.wait()  # idle on ranks other than 0 unless they write shards
         if self.unsynced:
             self.ctx.barrier()
             self.unsynced = False
         return time.perf_counter() - started
 
     def _write(self, step: int, model: torch.nn.Module, model_state: dict, optimizer_state: dict | None,
-               tokenizer: Any, progress: dict[str, Any], weights_only: bool) -> None:  # fmt: skip
+               shards: dict | None, tokenizer: Any, progress: dict[str, Any], weights_only: bool) -> None:  # fmt: skip
+        """Every rank: its shards (sharded format); rank 0: the rest, then the renames."""
         started = time.perf_counter()
+        if shards is not None:
+            write_shards(shards, self.checkpoints / f"step_{step}{PARTIAL}" / SHARDS, self.shard_group)
+        if not self.ctx.is_main:
+            return
         if weights_only:
             self._write_weights(step, model, model_state, tokenizer)
         else:
@@ -163,19 +200,35 @@ class CheckpointManager:
 
     def _write_weights(self, step: int, model: torch.nn.Module, state: dict, tokenizer: Any) -> None:
         partial = _fresh_partial(self.weights, step)
-        save_hf_snapshot(model, state, tokenizer, partial)
+        if is_lora(model):
+            save_servable(model, state, tokenizer, partial, self.config.save_adapter_separately)
+        else:
+            save_hf_snapshot(model, state, tokenizer, partial)
         _publish(partial)
 
     def _write_checkpoint(self, step: int, model: torch.nn.Module, state: dict, optimizer_state: dict | None,
                           tokenizer: Any, progress: dict[str, Any]) -> None:  # fmt: skip
-        partial = _fresh_partial(self.checkpoints, step)
-        save_hf_snapshot(model, state, tokenizer, partial / "model")
-        torch.save(optimizer_state, partial / "optimizer.pt")
-        progress = {**progress, "step": step, "world_size": self.ctx.world_size, "saved_at": time.time()}
+        if optimizer_state is None:  # sharded: every rank wrote its shards into the partial folder
+            partial = self.checkpoints / f"step_{step}{PARTIAL}"
+            check_shards_complete(partial / SHARDS)
+        else:
+            partial = _fresh_partial(self.checkpoints, step)
+            if is_lora(model):  # the adapter alone; the servable copy below is merged
+                save_adapter(model, state, partial / "model")
+            else:
+                save_hf_snapshot(model, state, tokenizer, partial / "model")
+            torch.save(optimizer_state, partial / "optimizer.pt")
+        progress = {**progress, "step": step, "world_size": self.ctx.world_size, "saved_at": time.time(),
+                    "format": "full" if optimizer_state is not None else "sharded"}  # fmt: skip
         (partial / "progress.json").write_text(json.dumps(progress, indent=2))
         # The servable copy shares the files (hard links; a copy where links are not possible).
         weights_partial = _fresh_partial(self.weights, step)
-        shutil.copytree(partial / "model", weights_partial, copy_function=_link_or_copy, dirs_exist_ok=True)
+        if is_lora(model):
+            save_servable(model, state, tokenizer, weights_partial, self.config.save_adapter_separately)
+        elif optimizer_state is None:  # sharded: the gathered weights, written once here
+            save_hf_snapshot(model, state, tokenizer, weights_partial)
+        else:
+            shutil.copytree(partial / "model", weights_partial, copy_function=_link_or_copy, dirs_exist_ok=True)
         _publish(weights_partial)
         faults.point("trainer.checkpoint_before_rename")
         _publish(partial)
@@ -183,15 +236,25 @@ class CheckpointManager:
     def load(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Load model and optimizer of ``step`` into every rank; returns its progress."""
         folder = step_folder(self.checkpoints, step)
-        model_state = read_hf_weights(folder / "model") if self.ctx.is_main else {}
-        load_state(model, model_state, self.ctx)
-        optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True) if self.ctx.is_main else {}
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.ctx.is_distributed)
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+        # Rank 0 decides (only its disk need hold a full checkpoint); sharded ones every rank reads.
+        if self.ctx.broadcast_object(is_sharded(folder) if self.ctx.is_main else None):
+            load_shards(folder / SHARDS, model, optimizer)
+        else:
+            self._load_full(folder, model, optimizer)
         progress = json.loads((folder / "progress.json").read_text()) if self.ctx.is_main else None
         progress = self.ctx.broadcast_object(progress)
         logger.info("resumed from checkpoint {} (step {})", folder, step)
         return progress
+
+    def _load_full(self, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if is_lora(model):
+            load_adapter(model, folder / "model", self.lora)
+        else:
+            model_state = read_hf_weights(folder / "model") if self.ctx.is_main else {}
+            load_state(model, model_state, self.ctx)
+        optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True) if self.ctx.is_main else {}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.ctx.is_distributed)
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
     def prune(self) -> None:
         """Delete checkpoints and weights not kept by ``keep_last`` / ``keep_interval``."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlbus.config import ConfigModel, ServiceConfig
+from rlbus.services.trainer.lora_config import LoraConfig
 
 
 class OptimizerConfig(ConfigModel):
@@ -68,6 +69,35 @@ class CheckpointConfig(ConfigModel):
     """Write checkpoints on a background thread: the trainer copies the state and goes on (RL:
     the write overlaps the weight broadcast to inference; SFT: the next steps), and waits for the
     write only where it must be on disk (before acknowledging the step's batch, at the end)."""
+    save_adapter_separately: bool = False
+    """With ``lora``: also write the raw PEFT adapter to ``weights/step_N/adapter``."""
+    format: Literal["full", "sharded"] = "full"
+    """``full``: rank 0 gathers model and optimizer and writes them alone (any number of ranks
+    resumes; no shared filesystem needed). ``sharded``: every rank writes its own shards (torch
+    DCP) into a folder all ranks share, nothing is gathered but the HF weights; resumes onto any
+    number of ranks too (docs/scaling.md, Checkpoints)."""
+
+
+class MemoryConfig(ConfigModel):
+    """Trading compute for memory (docs/scaling.md, Memory)."""
+
+    ac: int = Field(0, ge=0)
+    """Activation checkpointing: recompute every k-th decoder layer's activations in the backward
+    instead of keeping them (1 = every layer, 2 = every other one); 0 is off."""
+    ac_offload: bool = False
+    """Keep the activations that checkpointing saves in (pinned) host memory, not on the GPU."""
+    micro_batch_size: int = Field(1, ge=1)
+    """Packed rows (of up to ``seq_len`` tokens each) run through one forward/backward; gradients
+    of the step's micro-batches are accumulated. More is faster on a GPU and costs memory."""
+    offload_optimizer: bool = False
+    """FSDP2 CPU offload: parameters, gradients and optimizer state live in host memory and AdamW
+    runs on the CPU; needs 2 or more ranks on GPUs."""
+
+    @model_validator(mode="after")
+    def _offload_needs_ac(self) -> MemoryConfig:
+        if self.ac_offload and not self.ac:
+            raise ValueError("memory.ac_offload offloads checkpointed activations: set memory.ac >= 1 too")
+        return self
 
 
 class TrainingConfig(ServiceConfig):
@@ -88,6 +118,10 @@ class TrainingConfig(ServiceConfig):
     """Learning-rate schedule."""
     ckpt: CheckpointConfig = CheckpointConfig()
     """Checkpointing."""
+    memory: MemoryConfig = MemoryConfig()
+    """Activation checkpointing, micro-batches, offloading."""
+    lora: LoraConfig | None = None
+    """Train a LoRA adapter on a frozen base (docs/lora.md); None trains the full weights."""
     num_threads: int | None = Field(None, ge=1)
     """CPU threads of each rank's math (``torch.set_num_threads``); None keeps torch's default (one
     per core). Set it when the trainer shares the cores with a replica that generates at the same
@@ -95,6 +129,9 @@ class TrainingConfig(ServiceConfig):
     up to 10x slower on 2 cores; 1 here with ``inference.cpu_threads_bind = "0"`` keeps them apart."""
     peak_flops: float | None = Field(None, gt=0)
     """Peak FLOP/s per rank for MFU; None measures matmul throughput at start."""
+    num_ranks: int = Field(1, ge=1)
+    """Ranks on this node (FSDP2; gloo on a CPU), started by the command itself: no ``torchrun``
+    needed (docs/scaling.md). ``rlbus rl`` sets it from ``trainer_gpu_ids``."""
 
     def padded_rows(self) -> bool:
         """Whether micro-batches run as padded batches of their samples (``row_layout``)."""
@@ -112,6 +149,11 @@ class TrainerConfig(TrainingConfig):
     """RL objective."""
     weight_bucket_mb: int = Field(64, ge=1)
     """Weights are streamed to inference in buckets of about this many MiB."""
+    weight_delta: bool = False
+    """Send replicas that hold the previous step only what changed: each tensor as a zstd-compressed
+    XOR against it when that is smaller, checked by checksum after reconstruction; a replica on an
+    older step gets full tensors. Costs the trainer one more step of weights in memory and the
+    replica one more copy; pays off when the link, not the CPU, is the limit (docs/inference.md)."""
     final_weights_timeout_s: float = Field(30.0, ge=0)
     """After the last step, keep serving weights until a replica fetched the last step's (so the
     run's final evaluation and late replicas see the trained policy), at most this long; skipped

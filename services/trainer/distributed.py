@@ -91,21 +91,28 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def shard_model(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, ctx: DistContext, offload: bool = False) -> torch.nn.Module:
     """Shard ``model`` with FSDP2 (one unit per decoder layer, then the rest); no-op alone.
+    ``offload`` (``memory.offload_optimizer``): FSDP2 keeps parameters, gradients and optimizer
+    state in host memory and the optimizer steps there.
 
     FSDP2 averages gradients over ranks; the losses are normalised by the step's
     global token count and need a sum, so :class:`TrainStep` scales them by the
     world size (``set_gradient_divide_factor(1)`` would need PREMUL_SUM, which gloo lacks).
     """
+    if offload and not (ctx.is_distributed and ctx.device.type == "cuda"):
+        raise ValueError("memory.offload_optimizer needs FSDP2 on GPUs: 2 or more ranks with CUDA devices "
+                         f"(this rank: {ctx.world_size} rank(s) on {ctx.device.type})")  # fmt: skip
     if not ctx.is_distributed:
         return model
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    policy = CPUOffloadPolicy() if offload else OffloadPolicy()
 
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise ValueError(f"{type(model).__name__} has no model.layers to shard; FSDP2 needs a decoder-only LM")
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, offload_policy=policy)
+    fully_shard(model, offload_policy=policy)
     return model

@@ -69,6 +69,16 @@ class RowTensors:
         )
 
 
+def concat_rows(rows: list[RowTensors]) -> RowTensors:
+    """``rows`` back to back as one row (``memory.micro_batch_size``): each row starts a new sample
+    (its positions restart at 0), so no token attends across rows and every per-token number is the
+    one the rows give alone."""
+    if len(rows) == 1:
+        return rows[0]
+    fields = ("input_ids", "position_ids", "loss_mask", "advantages", "inference_logprobs", "temperatures")
+    return RowTensors(**{name: torch.cat([getattr(row, name) for row in rows]) for name in fields})
+
+
 def row_from_arrays(input_ids: np.ndarray, position_ids: np.ndarray, loss_mask: np.ndarray,
                     device: torch.device) -> RowTensors:  # fmt: skip
     """A row without RL fields (SFT): advantages and sampling logprobs 0, temperature 1."""

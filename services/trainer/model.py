@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from rlbus.model_path import check_model_path
 from rlbus.services.trainer.distributed import DistContext
-from rlbus.weights import NamedArray
+from rlbus.weights import NamedArray, PublishBuffers
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -38,6 +38,23 @@ def load_model(path: str, dtype: str, device: torch.device, attn_implementation:
     return model
 
 
+def enable_activation_checkpointing(model: torch.nn.Module, every: int, offload: bool = False) -> None:
+    """Recompute every ``every``-th decoder layer in the backward instead of keeping its activations
+    (``memory.ac``; 0 is off). transformers' own switch, not torch's ``checkpoint_wrapper``: the
+    wrapper would rename every parameter (``_checkpoint_wrapped_module``), and they leave the
+    trainer in HF names. Non-reentrant checkpointing: what FSDP2 supports."""
+    if every == 0:
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"memory.ac: {type(model).__name__} does not support activation checkpointing")
+    if offload and next(model.parameters()).device.type == "cpu":
+        raise ValueError("memory.ac_offload moves checkpointed activations off the GPU; on a CPU they are in "
+                         "host memory already: unset it")  # fmt: skip
+    model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every, offload=offload
+    )
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -53,22 +70,39 @@ def to_numpy(tensor: torch.Tensor) -> tuple[np.ndarray, str]:
     return tensor.numpy(), str(tensor.dtype).removeprefix("torch.")
 
 
+def copy_to_host(tensor: torch.Tensor, buffers: PublishBuffers, name: str) -> tuple[np.ndarray, str]:
+    """``tensor`` copied into this step's host buffer for ``name``, and its logical dtype (bfloat16
+    as uint16 bits); dtypes without a numpy twin take :func:`to_numpy`'s fresh copy."""
+    if tensor.dtype == torch.bfloat16:
+        array = buffers.array(name, tuple(tensor.shape), np.uint16)
+        torch.from_numpy(array.view(np.int16)).view(torch.bfloat16).copy_(tensor.detach())
+        return array, "bfloat16"
+    if tensor.dtype not in (torch.float32, torch.float16, torch.float64):
+        return to_numpy(tensor)
+    array = buffers.array(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+    torch.from_numpy(array).copy_(tensor.detach())
+    return array, array.dtype.name
+
+
 def full_tensor(param: torch.Tensor) -> torch.Tensor:
     """The whole parameter: gathered from every rank if it is sharded (a collective)."""
     gather = getattr(param, "full_tensor", None)
     return gather() if gather is not None else param
 
 
-def named_arrays(model: torch.nn.Module, ctx: DistContext) -> Iterator[NamedArray]:
+def named_arrays(
+    model: torch.nn.Module, ctx: DistContext, buffers: PublishBuffers | None = None
+) -> Iterator[NamedArray]:
     """Every parameter as numpy in HF names, gathered one by one; yields only on rank 0.
 
     All ranks must exhaust the iterator together (each gather is a collective).
     Tied parameters (``lm_head`` = embeddings) appear once, as vLLM expects.
+    Each is copied once: into ``buffers`` when given, else into fresh memory.
     """
     for name, param in model.named_parameters():
         tensor = full_tensor(param)
         if ctx.is_main:
-            array, dtype = to_numpy(tensor)
+            array, dtype = copy_to_host(tensor, buffers, name) if buffers is not None else to_numpy(tensor)
             yield name, array, dtype
         del tensor
 

@@ -14,7 +14,8 @@ from loguru import logger
 from rlbus.services.trainer.checkpoint import CheckpointManager
 from rlbus.services.trainer.config import LossConfig, TrainingConfig
 from rlbus.services.trainer.distributed import DistContext, init_distributed, shard_model
-from rlbus.services.trainer.model import TORCH_DTYPES, load_model, load_tokenizer
+from rlbus.services.trainer.lora import with_lora
+from rlbus.services.trainer.model import TORCH_DTYPES, enable_activation_checkpointing, load_model, load_tokenizer
 from rlbus.services.trainer.perf import measure_peak_flops
 from rlbus.services.trainer.schedule import LRSchedule
 from rlbus.services.trainer.train_step import TrainStep, build_optimizer
@@ -54,7 +55,10 @@ def build_runtime(config: TrainingConfig, loss: LossConfig | None, total_steps: 
         torch.set_num_threads(config.num_threads)
     ctx = init_distributed()
     torch.manual_seed(config.seed)
-    model = shard_model(load_model(config.model, config.dtype, ctx.device, config.attn_implementation), ctx)
+    model = load_model(config.model, config.dtype, ctx.device, config.attn_implementation)
+    model = with_lora(model, config.lora, ctx.world_size, config.memory.ac)
+    enable_activation_checkpointing(model, config.memory.ac, config.memory.ac_offload)  # before FSDP2 wraps
+    model = shard_model(model, ctx, config.memory.offload_optimizer)
     tokenizer = load_tokenizer(config.model)
     optimizer = build_optimizer(model, config.optimizer)
     schedule = LRSchedule(config.optimizer.lr, config.scheduler, total_steps)
@@ -64,9 +68,11 @@ def build_runtime(config: TrainingConfig, loss: LossConfig | None, total_steps: 
                     config.model, sum(p.numel() for p in model.parameters()), config.dtype, ctx.world_size,
                     peak_flops / 1e9, "" if config.peak_flops else " (measured)")  # fmt: skip
     trainer = TrainStep(
-        model, optimizer, schedule, ctx, config.optimizer.max_grad_norm, loss, peak_flops, config.padded_rows()
+        model, optimizer, schedule, ctx, config.optimizer.max_grad_norm, loss, peak_flops, config.padded_rows(),
+        config.memory.micro_batch_size,
     )
     ckpt = CheckpointManager(config.output_dir, config.ckpt, ctx)
+    ckpt.lora = config.lora
     if ctx.is_main:
         ckpt.remove_partials()
     runtime = Runtime(ctx=ctx, model=model, tokenizer=tokenizer, optimizer=optimizer, trainer=trainer, ckpt=ckpt)

@@ -27,10 +27,10 @@ from rlbus.services.trainer.batch import BadBatch, CheckedBatch, check_batch
 from rlbus.services.trainer.config import TrainerConfig
 from rlbus.services.trainer.distributed import DistContext, shutdown_distributed
 from rlbus.services.trainer.logprobs import RowTensors
-from rlbus.services.trainer.model import named_arrays
+from rlbus.services.trainer.lora import is_lora, servable_arrays, weight_sizes
 from rlbus.services.trainer.pulse import StepPulse
 from rlbus.services.trainer.runtime import Runtime, build_runtime
-from rlbus.weights import WeightServer, WeightStore
+from rlbus.weights import PublishBuffers, WeightServer, WeightStore
 
 # How the orchestrator names the step to train after refusing an acknowledged one.
 
@@ -100,17 +100,21 @@ class WeightPublisher:
     def __init__(self, bus: Bus, config: TrainerConfig, ctx: DistContext) -> None:
         self.ctx = ctx
         self.server: WeightServer | None = None
+        self.buffers: PublishBuffers | None = None
         if ctx.is_main:
-            store = WeightStore(bucket_bytes=config.weight_bucket_mb * 2**20, keep_steps=1)
+            store = WeightStore(bucket_bytes=config.weight_bucket_mb * 2**20, keep_steps=1, delta=config.weight_delta)
             endpoints = config.bus.endpoints
             self.server = WeightServer(bus, endpoints.trainer_weights, endpoints.trainer_announce, store).start()
+            self.buffers = PublishBuffers(store.keep_steps + 1)
             logger.info("serving weights at {} (announcements at {})", self.server.fetch_address,
                         self.server.announce_address)  # fmt: skip
 
     def publish(self, step: int, model) -> float:
         """Gather and publish ``step``; returns the seconds it took."""
         started = time.perf_counter()
-        arrays = named_arrays(model, self.ctx)
+        if self.buffers is not None:
+            self.buffers.begin_step()
+        arrays = servable_arrays(model, self.ctx, self.buffers)  # LoRA: merged into copies
         if self.server is not None:
             self.server.publish(step, arrays)
         else:
@@ -143,6 +147,8 @@ class RlLoop:
         self.audit = AuditLog.from_env(f"trainer-{config.trainer_id}") if ctx.is_main else None
         """The steps applied, for tests that check them against what env-workers were acknowledged."""
         self.num_dropped_samples = 0
+        self.lora_sizes = weight_sizes(runtime.model) if is_lora(runtime.model) else {}
+        """LoRA: the adapter's bytes per step against the full weights (docs/lora.md)."""
 
     def run(self) -> None:
         step, max_steps = self.rt.start_step + 1, self.config.max_steps
@@ -171,6 +177,7 @@ class RlLoop:
                 return
             metrics = self.rt.trainer.run(step, rows, batch.num_loss_tokens, sft=batch.training_mode == "sft")
             metrics.update(self.publish_and_checkpoint(step))
+            metrics.update(self.lora_sizes)
             # Acknowledged only once checkpointed (when due): a trainer killed before that resumes
             # from its previous checkpoint and gets this very batch again from the orchestrator.
             self.record(batch, ok=True)

@@ -1,6 +1,6 @@
 """One optimizer step over a rank's packed micro-batches, with its metrics; no sockets.
 
-Per micro-batch: forward (one packed row), loss share (normalised by the step's
+Per micro-batch: forward (``memory.micro_batch_size`` packed rows back to back), loss share (normalised by the step's
 global loss-token count), backward; then gradient clipping, the learning rate of
 this step, AdamW. Under FSDP2 every rank runs the same number of micro-batches
 (the orchestrator pads with zero-loss ones), so the collectives line up.
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from rlbus.services.trainer.config import LossConfig, OptimizerConfig
 from rlbus.services.trainer.distributed import DistContext
-from rlbus.services.trainer.logprobs import RowTensors, row_logprobs, sample_ids, sample_lengths
+from rlbus.services.trainer.logprobs import RowTensors, concat_rows, row_logprobs, sample_ids, sample_lengths
 from rlbus.services.trainer.losses import LossInputs, LossOutput, rl_loss, sft_loss
 from rlbus.services.trainer.perf import FlopsModel, peak_memory_gib
 from rlbus.services.trainer.schedule import LRSchedule
@@ -28,7 +28,9 @@ SUM_KEYS = ("loss", "loss_tokens", "entropy", "mismatch_kl", "masked_positive", 
 
 def build_optimizer(model: torch.nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
     # The rate is set before every step from the schedule; lr here is only the initial value.
-    return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    # Frozen parameters (a LoRA run's base) stay out: never decayed, no state kept for them.
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    return torch.optim.AdamW(trainable, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
 
 
 @dataclass
@@ -47,7 +49,7 @@ class TrainStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: LRSchedule,
                  ctx: DistContext, max_grad_norm: float, loss: LossConfig | None,
-                 peak_flops: float, padded_rows: bool = False) -> None:  # fmt: skip
+                 peak_flops: float, padded_rows: bool = False, micro_batch_size: int = 1) -> None:  # fmt: skip
         self.model = model
         self.optimizer = optimizer
         self.schedule = schedule
@@ -58,6 +60,8 @@ class TrainStep:
         self.peak_flops = peak_flops
         self.padded_rows = padded_rows
         """Run each row as a padded batch of its samples (TrainingConfig.row_layout)."""
+        self.micro_batch_size = micro_batch_size
+        """Rows per forward/backward (``memory.micro_batch_size``); gradients accumulate over them."""
 
     def loss_share(self, inputs: LossInputs, num_loss_tokens: int, sft: bool = False) -> LossOutput:
         if sft or self.loss_config is None:
@@ -74,8 +78,9 @@ class TrainStep:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         stats = StepStats()
-        for row in rows:
-            self._micro_step(row, num_loss_tokens, stats, sft)
+        for first in range(0, len(rows), self.micro_batch_size):
+            micro_batch = concat_rows(rows[first : first + self.micro_batch_size])
+            self._micro_step(micro_batch, num_loss_tokens, stats, sft)
         forward_backward_s = time.perf_counter() - started
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm

@@ -47,6 +47,7 @@ def fake_loop(tmp_path, events: list[str]) -> RlLoop:
     loop.pulse = SimpleNamespace(busy=lambda step: contextlib.nullcontext())
     loop.telemetry = SimpleNamespace(heartbeat=lambda *a: None, metrics=lambda *a: None, event=lambda *a, **k: None)
     loop.num_rejected = loop.num_dropped_samples = 0
+    loop.lora_sizes = {}
     loop.prepare = lambda batch: []
     loop.checkpoint = lambda step: events.append(f"checkpoint {step}") or 0.0
     return loop
