@@ -58,10 +58,13 @@ class Side:
     train_s: float
     completion_tok_s: float
     rewards: list[float]
+    first_rollouts_s: float
+    """From launch until the first step's rollouts were all generated."""
 
     def row(self, name: str) -> str:
         first, last = statistics.mean(self.rewards[:5]), statistics.mean(self.rewards[-5:])
-        return (f"{name:<6} {self.wall_s:7.1f} {self.steps_s:8.1f} {self.generate_s:7.2f} {self.train_s:6.2f} "
+        return (f"{name:<6} {self.wall_s:7.1f} {self.first_rollouts_s:10.1f} {self.steps_s:8.1f} {self.generate_s:7.2f} "
+                f"{self.train_s:6.2f} "
                 f"{self.completion_tok_s:9.0f}   {first:.3f} -> {last:.3f}")  # fmt: skip
 
 
@@ -72,7 +75,6 @@ def rlbus_command(*args: str) -> list[str]:
 def run_quietly(command: list[str], what: str, timeout_s: float) -> float:
     """Run ``command``; its wall seconds. Exits naming ``what`` and the output tail when it fails."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLBUS_")}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     started = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
     if result.returncode != 0:
@@ -115,6 +117,7 @@ def run_trl(model: Path, kind: str, folder: Path, steps: int, timeout_s: float) 
         train_s=statistics.median(s["train_s"] for s in steps_),
         completion_tok_s=statistics.median(s["completion_tokens"] / s["generate_s"] for s in steps_),
         rewards=[s["reward"] for s in steps_],
+        first_rollouts_s=result["wall_s"] - result["steps_s"] + steps_[0]["generate_s"],
     )  # fmt: skip
 
 
@@ -153,6 +156,7 @@ def run_rlbus(model: Path, name: str, kind: str, async_level: int, folder: Path,
     command = rlbus_command("rl", "@", str(QUICKSTART / "rl.toml"), "@", str(overlay(folder, name, kind, async_level)),
                             "--model", str(model), "--max-steps", str(steps), "--output-dir", str(output),
                             "--clean-output-dir")  # fmt: skip
+    launched = time.time()
     wall_s = run_quietly(command, f"rlbus rl ({name})", timeout_s)
     metrics, events = jsonl(output / "metrics.jsonl"), jsonl(output / "events.jsonl")
     trainer = [m for m in metrics if m["service"] == "trainer" and "loss/mean" in m]
@@ -166,6 +170,8 @@ def run_rlbus(model: Path, name: str, kind: str, async_level: int, folder: Path,
         completion_tok_s=statistics.median(orchestrator[s]["batch/num_loss_tokens"] / orchestrator[s]["time/generate"]
                                            for s in steps_),
         rewards=[orchestrator[s]["reward/all/mean"] for s in steps_],
+        # the step's samples are recorded as the orchestrator builds its batch from them
+        first_rollouts_s=min(r["time"] for r in jsonl(output / "samples.jsonl")) - launched,
     )  # fmt: skip
 
 
@@ -211,7 +217,7 @@ def main() -> None:
         trl = run_trl(model, kind, folder, steps, args.timeout_s)
         ours = run_rlbus(model, setting, kind, async_level, folder, steps, args.timeout_s)
         sys.stdout.write(f"\n{setting}: {steps} steps of 8 x 8 rollouts, {model}\n"
-                         "side    wall s  steps s  gen s/step  train s/step  gen tok/s  reward first 5 -> last 5\n"
+                         "side    wall s  1st gen s  steps s  gen s/step  train s/step  gen tok/s  reward first 5 -> last 5\n"
                          f"{trl.row('TRL')}\n{ours.row('rlbus')}\n"
                          f"TRL / rlbus: {trl.steps_s / ours.steps_s:.2f} without start-up, "
                          f"{trl.wall_s / ours.wall_s:.2f} with it\n")  # fmt: skip

@@ -60,9 +60,9 @@ class InferenceConfig(ServiceConfig):
     """GPUs one replica shards the model across."""
     enforce_eager: bool = True
     """Run the model eagerly: no torch.compile (and no CUDA graphs on GPUs). A faster start, slower
-    steps: measured on 2 CPU cores with the quickstart's model, a replica started in 2.6 s eager and
-    13.5 s compiled (~25 s the first time, before vLLM's compile cache in ~/.cache/vllm holds the
-    model), and 64 rollouts took 0.72 s eager and 0.50 s compiled. Set false for long runs and on GPUs.
+    steps: measured on 2 CPU cores with the quickstart's model, vLLM's engine init took 2.6 s eager and
+    3.5 s compiled (~20 s the first time, before torch inductor's cache holds the model), and 64
+    rollouts took 0.72 s eager and 0.50 s compiled. Set false for long runs and on GPUs.
     Compiling on a CPU needs a C++ compiler (``$CXX`` or g++); without one the replica runs eagerly."""
     worker_idle_spin_s: float | None = Field(0.005, ge=0)
     """Seconds an idle vLLM worker spins for the next engine step before it sleeps; vLLM's own 1 s
@@ -81,6 +81,15 @@ class InferenceConfig(ServiceConfig):
     (torch and vLLM imported once more) and a queue hop every engine step; measured on 2 cores with
     the quickstart's model: 64 rollouts 1.04 -> 0.72 s, replica start 16 -> 3 s offline. On GPUs
     vLLM already runs one worker this way. False keeps vLLM's choice (services/inference/executor.py)."""
+    fork_engine_core: bool = True
+    """On CPU, with the worker in the engine-core process (``worker_in_engine_process``, one worker):
+    fork the engine core from the server, as vLLM does on GPUs, instead of spawning it as its CPU
+    platform asks (for executor workers this placement does not start). A spawned engine core imports
+    torch and vLLM again: measured on 2 cores, the quickstart's replica served 19.5 s after ``rlbus rl``
+    started with spawn and 14.1 s with fork, steps as fast. Not with ``cpu_threads_bind``: a forked
+    engine keeps the OpenMP team the server's torch import sized before the binding was known, and
+    generated 2x slower beside a trainer (0.87 -> 1.70 s a step at ``max_async_level = 1``). False
+    keeps spawn (services/inference/executor.py); so does ``VLLM_WORKER_MULTIPROC_METHOD`` set by you."""
     enable_lora: bool = False
     """Allow LoRA adapters (``POST /rlbus/load_lora``); costs some speed, so off unless needed."""
     max_lora_rank: int = Field(16, ge=1)

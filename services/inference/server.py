@@ -19,7 +19,12 @@ from typing import Any
 from loguru import logger
 
 from rlbus.services.inference.config import InferenceConfig
-from rlbus.services.inference.executor import bind_cpu_threads, place_worker, skip_broken_aot_cache
+from rlbus.services.inference.executor import (
+    bind_cpu_threads,
+    fork_engine_core,
+    place_worker,
+    skip_broken_aot_cache,
+)
 from rlbus.services.inference.idle_spin import export_for_workers
 from rlbus.services.inference.worker_extension import WORKER_EXTENSION
 
@@ -82,7 +87,6 @@ def run_inference(config: InferenceConfig) -> int:
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.platforms import current_platform
 
-    cli_env_setup()  # vLLM's CLI default: spawn worker processes
     if skip_broken_aot_cache(current_platform.is_cpu()):
         logger.debug("vLLM's AOT compile artifacts are off on CPU: they fail to load (VLLM_USE_AOT_COMPILE=0)")
     export_for_workers(config.worker_idle_spin_s)
@@ -90,6 +94,10 @@ def run_inference(config: InferenceConfig) -> int:
         logger.debug("vLLM's CPU worker pins its threads to cores {}", config.cpu_threads_bind)
     if place_worker(config.worker_in_engine_process, config.tensor_parallel_size):
         logger.debug("vLLM's model worker runs in its engine-core process (inference.worker_in_engine_process)")
+    forkable = config.fork_engine_core and config.cpu_threads_bind is None and current_platform.is_cpu()
+    if forkable and fork_engine_core(type(current_platform)):
+        logger.debug("vLLM's engine-core process is forked from the server (inference.fork_engine_core)")
+    cli_env_setup()  # vLLM's CLI default: spawn processes (unless set above or by the user)
     if config.api_key is None and os.environ.get("VLLM_API_KEY"):
         logger.warning("VLLM_API_KEY is ignored; set api_key (or RLBUS_INFERENCE__API_KEY) instead")
     return uvloop.run(serve(config))

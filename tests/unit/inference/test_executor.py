@@ -8,10 +8,12 @@ from pydantic import ValidationError
 from rlbus.services.inference.config import InferenceConfig
 from rlbus.services.inference.executor import (
     AOT_VARIABLE,
+    METHOD_VARIABLE,
     THREADS_BIND_VARIABLE,
     VARIABLE,
     bind_cpu_threads,
     count_cores,
+    fork_engine_core,
     place_worker,
     skip_broken_aot_cache,
 )
@@ -58,3 +60,29 @@ def test_aot_compile_artifacts_are_off_on_cpu_only_and_a_user_value_wins():
     assert not skip_broken_aot_cache(on_cpu=False, environ=environ) and environ == {}
     environ = {AOT_VARIABLE: "1"}
     assert not skip_broken_aot_cache(on_cpu=True, environ=environ) and environ == {AOT_VARIABLE: "1"}
+
+
+class _Platform:
+    """Stands in for vLLM's CpuPlatform: its config check asks for spawn, as vLLM 0.32's does."""
+
+    environ: dict[str, str] = {}  # noqa: RUF012 - replaced per test
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config: object) -> None:
+        cls.environ[METHOD_VARIABLE] = "spawn"
+
+
+def test_the_engine_core_is_forked_after_the_platform_asked_for_spawn():
+    environ = {VARIABLE: "0"}
+    platform = type("Platform", (_Platform,), {"environ": environ})
+    assert fork_engine_core(platform, environ)
+    platform().check_and_update_config(object())  # called on the instance, as vLLM's current_platform
+    assert environ[METHOD_VARIABLE] == "fork"
+
+
+def test_a_user_method_or_a_worker_process_keeps_spawn():
+    for environ in ({VARIABLE: "0", METHOD_VARIABLE: "spawn"}, {}, {VARIABLE: "1"}):
+        platform = type("Platform", (_Platform,), {"environ": environ})
+        assert not fork_engine_core(platform, environ)
+        platform.check_and_update_config(object())
+        assert environ[METHOD_VARIABLE] == "spawn"
