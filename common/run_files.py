@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -85,3 +85,14 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         if isinstance(row, dict):
             rows.append(row)
     return rows
+
+
+def run_folder_problem(output_dirs: Sequence[Path]) -> str | None:
+    """Why a folder given to a reader of finished runs (``rlbus plot``, ``rlbus dashboard``) is not a
+    run folder, or None."""
+    for output_dir in output_dirs:
+        if not output_dir.is_dir():
+            return f"{output_dir} is not a folder (give a run's output_dir)"
+        if not any((output_dir / name).exists() for name in (STEPS_FILE, METRICS_FILE)):
+            return f"{output_dir} has no {STEPS_FILE} or {METRICS_FILE}: is it a run's output_dir?"
+    return None

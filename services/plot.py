@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rlbus.plots import CHARTS_DIR, RunSeries, read_run, write_charts
-from rlbus.run_files import METRICS_FILE, STEPS_FILE
+from rlbus.run_files import run_folder_problem
 
 
 def main(argv: Sequence[str]) -> int:
@@ -28,7 +28,7 @@ def main(argv: Sequence[str]) -> int:
                         help=f"folder for the PNG files (default with one run: <output_dir>/{CHARTS_DIR}; "
                              "needed with several)")  # fmt: skip
     args = parser.parse_args(list(argv))
-    problem = folder_problem(args.output_dirs) or (
+    problem = run_folder_problem(args.output_dirs) or (
         f"comparing {len(args.output_dirs)} runs needs --out DIR (where to write the charts)"
         if args.out is None and len(args.output_dirs) > 1 else None
     )  # fmt: skip
@@ -44,16 +44,6 @@ def main(argv: Sequence[str]) -> int:
     if not written:
         sys.stderr.write("rlbus plot: no chart written: the runs have no figures yet\n")
     return 0
-
-
-def folder_problem(output_dirs: Sequence[Path]) -> str | None:
-    """Why a folder given is not a run folder to plot, or None."""
-    for output_dir in output_dirs:
-        if not output_dir.is_dir():
-            return f"{output_dir} is not a folder (give a run's output_dir)"
-        if not any((output_dir / name).exists() for name in (STEPS_FILE, METRICS_FILE)):
-            return f"{output_dir} has no {STEPS_FILE} or {METRICS_FILE}: is it a run's output_dir?"
-    return None
 
 
 def read_runs(output_dirs: Sequence[Path]) -> list[RunSeries]:

@@ -25,7 +25,7 @@ from loguru import logger
 from rlbus.curve import is_loopback_host
 from rlbus.logging import setup_logging
 from rlbus.messages import ServiceHealth
-from rlbus.run_files import METRICS_FILE, STEPS_FILE
+from rlbus.run_files import run_folder_problem
 from rlbus.services.monitor.config import DEFAULT_DASHBOARD, MonitorConfig, dashboard_address
 from rlbus.services.monitor.dashboard_server import DashboardServer, missing_static_files
 from rlbus.services.monitor.dashboard_state import Dashboard
@@ -66,16 +66,6 @@ def _warn_if_unbuilt() -> None:
                        ", ".join(str(path) for path in missing))  # fmt: skip
 
 
-def folder_problem(output_dirs: Sequence[Path]) -> str | None:
-    """Why a folder given is not a run folder, or None."""
-    for output_dir in output_dirs:
-        if not output_dir.is_dir():
-            return f"{output_dir} is not a folder (give a run's output_dir)"
-        if not any((output_dir / name).exists() for name in (STEPS_FILE, METRICS_FILE)):
-            return f"{output_dir} has no {STEPS_FILE} or {METRICS_FILE}: is it a run's output_dir?"
-    return None
-
-
 def run_names(output_dirs: Sequence[Path]) -> list[tuple[Path, str]]:
     """Each folder with the name the page shows: its own, or the path given where two share one."""
     names = [output_dir.resolve().name for output_dir in output_dirs]
@@ -106,7 +96,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str]) -> int:
     """``rlbus dashboard``: serve until Ctrl-C or SIGTERM."""
     args = parse_args(argv)
-    problem = folder_problem(args.output_dirs)
+    problem = run_folder_problem(args.output_dirs)
     if problem is None and not 0 <= args.port <= 65535:
         problem = f"--port {args.port} is not a port (0 to 65535)"
     if problem is None and args.api_key is None and not is_loopback_host(args.host):
