@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import zmq
+from loopback import raw_loopback_mb_s  # scripts/bench/loopback.py, beside this script
 
 from rlbus.bus import Bus
 from rlbus.config import BusConfig
@@ -181,39 +182,6 @@ def run_steps(model: list[NamedArray], args: argparse.Namespace, num_replicas: i
     finally:
         trainer.close()
     return figures[1:]
-
-
-# ------------------------------------------------------------ raw loopback
-
-
-def raw_sender(address: str, num_frames: int) -> None:
-    context = zmq.Context()
-    sock = context.socket(zmq.PUSH)
-    sock.connect(address)
-    frame = bytes(2**20)
-    for _ in range(num_frames + 1):  # the first is the start marker
-        sock.send(frame, copy=False)
-    sock.close(linger=-1)
-    context.term()
-
-
-def raw_loopback_mb_s(num_frames: int = 300, repeats: int = 3) -> float:
-    """Best MB/s of plain pyzmq PUSH -> PULL of 1 MiB frames from a spawned process over tcp loopback."""
-    best = 0.0
-    with zmq.Context() as context:
-        for _ in range(repeats):
-            sock = context.socket(zmq.PULL)
-            port = sock.bind_to_random_port("tcp://127.0.0.1")
-            process = SPAWN.Process(target=raw_sender, args=(f"tcp://127.0.0.1:{port}", num_frames))
-            process.start()
-            sock.recv()
-            started = time.perf_counter()
-            for _ in range(num_frames):
-                sock.recv(copy=False)
-            best = max(best, num_frames * 2**20 / 1e6 / (time.perf_counter() - started))
-            process.join(60)
-            sock.close(linger=0)
-    return best
 
 
 # ------------------------------------------------------------------ report
