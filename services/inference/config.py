@@ -83,8 +83,8 @@ class InferenceConfig(ServiceConfig):
     vLLM already runs one worker this way. False keeps vLLM's choice (services/inference/executor.py)."""
     fork_engine_core: bool = True
     """On CPU, with the worker in the engine-core process (``worker_in_engine_process``, one worker):
-    fork the engine core from the server, as vLLM does on GPUs, instead of spawning it as its CPU
-    platform asks (for executor workers this placement does not start). A spawned engine core imports
+    fork the engine core from the server (vLLM's library default) instead of spawning it as ``vllm
+    serve`` and its CPU platform ask (for executor workers this placement does not start). A spawned engine core imports
     torch and vLLM again: measured on 2 cores, the quickstart's replica served 19.5 s after ``rlbus rl``
     started with spawn and 14.1 s with fork, steps as fast. Not with ``cpu_threads_bind``: a forked
     engine keeps the OpenMP team the server's torch import sized before the binding was known, and
