@@ -24,6 +24,7 @@ from rlbus.environments import UnknownEnvironmentError, check_environment
 from rlbus.model_path import looks_like_path, position_limit
 from rlbus.run_files import METRICS_FILE, STEPS_FILE
 from rlbus.services.inference.config import InferenceConfig
+from rlbus.services.monitor.config import dashboard_address
 from rlbus.services.orchestrator.config import OrchestratorConfig
 from rlbus.services.run_config.placement import placement_problems
 from rlbus.services.run_config.rl import RlConfig
@@ -252,9 +253,9 @@ def _listening_addresses(config: RlConfig) -> Iterator[tuple[str, Any, str, str]
         elif scheme == "ipc":
             yield f"bus.endpoints.{name}", endpoint, "ipc", rest
     yield "inference.port", config.inference.port, config.inference.host, str(config.inference.port)
-    host, _, port = config.monitor.dashboard.rpartition(":")
-    if port not in ("", "0"):  # "" turns the dashboard off, port 0 picks a free one
-        yield "monitor.dashboard", config.monitor.dashboard, host.strip("[]"), port
+    address = dashboard_address(config.monitor.dashboard)
+    if address is not None and address[1] != 0:  # None: no dashboard; port 0 picks a free one
+        yield "monitor.dashboard", config.monitor.dashboard, address[0], str(address[1])
 
 
 def _same_host(a: str, b: str) -> bool:
