@@ -10,8 +10,6 @@ launcher killed with -9 leaves no service behind.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import signal
 import subprocess
@@ -21,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
+from rlbus.ranks import parent_death_signal
 from rlbus.services.run_config import RlConfig
 from rlbus.services.run_config.placement import (
     inference_process_name,
@@ -31,8 +30,6 @@ from rlbus.services.run_config.placement import (
 CleanExit = Literal["done", "finished", "failure"]
 """What exit code 0 of a service means: the run is done (orchestrator), this service's part is
 done and the run goes on (trainer after its last step), or a failure (a server that should not stop)."""
-
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -110,7 +107,7 @@ class Child:
             popen = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT if output else None,
                 env={**(os.environ if env is None else env), **spec.env, "PYTHONUNBUFFERED": "1"},
-                start_new_session=True, preexec_fn=_parent_death_signal(),
+                start_new_session=True, preexec_fn=parent_death_signal(),
             )  # fmt: skip
         finally:
             if output is not None:
@@ -151,16 +148,3 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A pre-exec hook asking Linux to SIGTERM the child when the launcher dies (None elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    parent = os.getpid()
-
-    def set_pdeathsig() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the launcher died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return set_pdeathsig
