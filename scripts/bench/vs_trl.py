@@ -6,7 +6,9 @@ For each setting, TRL (``scripts/bench/trl_grpo.py``: one process, ``model.gener
 8 examples x 8 rollouts of reverse-text (1-2 words), 64 max tokens, temperature 1, AdamW
 with a constant rate after a 5-step warm-up, float32. Printed per side: wall time with and
 without start-up, median generation and training time a step, completion tokens/s of
-generation, and the mean reward of the first and last five steps.
+generation, p90 / median step time after the 5 warm-up steps (steady-state jitter; rlbus's
+step time is the time between the trainer's consecutive reports), and the mean reward of the
+first and last five steps.
 
 "Without start-up" is, for TRL, from its first step to its last; for rlbus, from the moment
 its inference replica serves (its first ``policy_loaded`` event) to the trainer's last
@@ -34,6 +36,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
+
 from rlbus.config.base import BusEndpoints
 from rlbus.ports import free_loopback_port
 
@@ -46,6 +50,8 @@ LEARNING_RATES = {"tiny": 3e-4, "smollm2": 1e-6}
 # orchestrator.advantage.length_penalty; TRL: the same term in its reward) gives every group a signal,
 # so rlbus, which drops groups without one, trains on the same samples as TRL.
 LENGTH_PENALTIES = {"tiny": 0.0, "smollm2": 0.5}
+WARMUP_STEPS = 5
+"""The learning-rate warm-up: steps left out of the steady-state p90 / median."""
 
 
 @dataclass
@@ -60,12 +66,20 @@ class Side:
     rewards: list[float]
     first_rollouts_s: float
     """From launch until the first step's rollouts were all generated."""
+    step_times: list[float]
+    """Wall time of each step, in order (rlbus: between the trainer's consecutive reports, the first
+    from the replica serving)."""
+
+    def p90_over_median(self) -> float:
+        """Steady-state jitter: p90 / median step time, after the warm-up steps."""
+        steady = self.step_times[WARMUP_STEPS:] or self.step_times
+        return float(numpy.percentile(steady, 90)) / statistics.median(steady)
 
     def row(self, name: str) -> str:
         first, last = statistics.mean(self.rewards[:5]), statistics.mean(self.rewards[-5:])
         return (f"{name:<6} {self.wall_s:7.1f} {self.first_rollouts_s:10.1f} {self.steps_s:8.1f} {self.generate_s:7.2f} "
                 f"{self.train_s:6.2f} "
-                f"{self.completion_tok_s:9.0f}   {first:.3f} -> {last:.3f}")  # fmt: skip
+                f"{self.completion_tok_s:9.0f} {self.p90_over_median():12.2f}   {first:.3f} -> {last:.3f}")  # fmt: skip
 
 
 def rlbus_command(*args: str) -> list[str]:
@@ -118,6 +132,7 @@ def run_trl(model: Path, kind: str, folder: Path, steps: int, timeout_s: float) 
         completion_tok_s=statistics.median(s["completion_tokens"] / s["generate_s"] for s in steps_),
         rewards=[s["reward"] for s in steps_],
         first_rollouts_s=result["wall_s"] - result["steps_s"] + steps_[0]["generate_s"],
+        step_times=[s["step_s"] for s in steps_],
     )  # fmt: skip
 
 
@@ -158,6 +173,11 @@ def run_rlbus(model: Path, name: str, kind: str, async_level: int, folder: Path,
                             "--clean-output-dir")  # fmt: skip
     launched = time.time()
     wall_s = run_quietly(command, f"rlbus rl ({name})", timeout_s)
+    return rlbus_side(output, wall_s, launched)
+
+
+def rlbus_side(output: Path, wall_s: float, launched: float) -> Side:
+    """What a finished ``rlbus rl`` run in ``output`` measured (launched at ``launched``, epoch s)."""
     metrics, events = jsonl(output / "metrics.jsonl"), jsonl(output / "events.jsonl")
     trainer = [m for m in metrics if m["service"] == "trainer" and "loss/mean" in m]
     orchestrator = {m["step"]: m for m in metrics if m["service"] == "orchestrator" and "time/generate" in m}
@@ -172,6 +192,8 @@ def run_rlbus(model: Path, name: str, kind: str, async_level: int, folder: Path,
         rewards=[orchestrator[s]["reward/all/mean"] for s in steps_],
         # the step's samples are recorded as the orchestrator builds its batch from them
         first_rollouts_s=min(r["time"] for r in jsonl(output / "samples.jsonl")) - launched,
+        # the first step counts from the replica serving, as steps_s does
+        step_times=numpy.diff([serving, *sorted(m["time"] for m in trainer)]).tolist(),
     )  # fmt: skip
 
 
@@ -217,7 +239,7 @@ def main() -> None:
         trl = run_trl(model, kind, folder, steps, args.timeout_s)
         ours = run_rlbus(model, setting, kind, async_level, folder, steps, args.timeout_s)
         sys.stdout.write(f"\n{setting}: {steps} steps of 8 x 8 rollouts, {model}\n"
-                         "side    wall s  1st gen s  steps s  gen s/step  train s/step  gen tok/s  reward first 5 -> last 5\n"
+                         "side    wall s  1st gen s  steps s  gen s/step  train s/step  gen tok/s  step p90/med  reward first 5 -> last 5\n"
                          f"{trl.row('TRL')}\n{ours.row('rlbus')}\n"
                          f"TRL / rlbus: {trl.steps_s / ours.steps_s:.2f} without start-up, "
                          f"{trl.wall_s / ours.wall_s:.2f} with it\n")  # fmt: skip
