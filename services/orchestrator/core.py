@@ -14,7 +14,6 @@ is ``s - 1 - p`` steps off-policy in it.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -35,7 +34,6 @@ from rlbus.messages import (
     RolloutResult,
     RolloutSamples,
     RolloutTask,
-    SamplingParams,
     TaskRequest,
     TrainBatch,
 )  # fmt: skip
@@ -48,9 +46,9 @@ from rlbus.services.orchestrator.evaluation import EvalRound, EvalScheduler
 from rlbus.services.orchestrator.journal import Journal, Replay
 from rlbus.services.orchestrator.leases import Completion, TaskLedger, WorkerPool, dispatch
 from rlbus.services.orchestrator.rollouts import branched_problem, result_problem, unscored_problem
-from rlbus.services.orchestrator.sampler import Draw, TaskSampler, existing_draws, sampling_seed
+from rlbus.services.orchestrator.sampler import Draw, TaskSampler, existing_draws
 from rlbus.services.orchestrator.step_metrics import StepMetrics
-from rlbus.teacher import TrainingMode
+from rlbus.services.orchestrator.task_factory import TaskFactory
 
 NEVER_STALE = 2**31 - 1
 """``max_off_policy_steps`` of the buffer in ``sft`` mode."""
@@ -76,8 +74,10 @@ class Orchestrator:
                  clock: Callable[[], float] = time.monotonic, journal: Journal | None = None,
                  replay: Replay | None = None) -> None:  # fmt: skip
         if config.sampling.temperature <= 0:
-            raise ValueError(f"sampling.temperature = {config.sampling.temperature}: training needs a temperature "
-                             "above 0 (the trainer divides its logits by it); greedy decoding is for evaluation")
+            raise ValueError(
+                f"sampling.temperature = {config.sampling.temperature}: training needs a temperature "
+                "above 0 (the trainer divides its logits by it); greedy decoding is for evaluation"
+            )
         if config.training_mode == "opd" and (config.sampling.temperature, config.sampling.top_p) != (1.0, 1.0):
             logger.warning("opd with sampling temperature {} and top_p {}: the teacher's prompt logprobs are at "
                            "temperature 1 without top-p, so the advantages mix two distributions (docs/training.md)",
@@ -112,13 +112,7 @@ class Orchestrator:
         self.draw_of: dict[str, Draw] = {}
         self.step_metrics = StepMetrics(clock())
         self.outbox = Outbox()
-        self.sampling = SamplingParams(temperature=config.sampling.temperature, top_p=config.sampling.top_p,
-                                       max_tokens=config.sampling.max_tokens)  # fmt: skip
-        # Task ids must never repeat across restarts: workers may still hold old ones.
-        self.run_id = os.urandom(4).hex()
-        self._num_tasks = 0
-        self._seed_slot = (0, -1)
-        """(batch step, slot) of the latest training task's sampling seed (:meth:`_next_sampling_seed`)."""
+        self.tasks = TaskFactory(config, self.ledger)
         self.step_tasks: dict[int, list[str]] = {}
         """Task ids of each built step not acknowledged yet (journaled again when renumbered)."""
         self.journal = journal
@@ -242,8 +236,10 @@ class Orchestrator:
         if report.step > newest:
             # A policy of a step never built cannot exist; taken, it would open the gate for good. A
             # trainer ahead of a fresh orchestrator fast-forwards it, and the replica's next report fits.
-            return Refused(request="PolicyLoaded", reason=(
-                f"policy step {report.step} is newer than any step this orchestrator built (step {newest})"))
+            return Refused(
+                request="PolicyLoaded",
+                reason=(f"policy step {report.step} is newer than any step this orchestrator built (step {newest})"),
+            )
         if self.gate.update(report):
             logger.info("inference serves policy step {} ({})", report.step, report.replica_id)
         return Ack(ref=f"policy:{report.step}")
@@ -304,8 +300,13 @@ class Orchestrator:
             self._event("replay", f"trainer restarted at step {request.step}: acknowledged steps replayed",
                         "warning", step=request.step)  # fmt: skip
         if self.store.is_acked(request.step):
-            return Refused(request="BatchRequest", next_step=self.store.acked_below, reason=(
-                f"step {request.step} is already trained (acknowledged); the next step is {self.store.acked_below}"))
+            return Refused(
+                request="BatchRequest",
+                next_step=self.store.acked_below,
+                reason=(
+                    f"step {request.step} is already trained (acknowledged); the next step is {self.store.acked_below}"
+                ),
+            )
         if request.step < self.step and not self.store.holds(request.step):
             self._rewind(request.step)
         batch = self.store.get(request.step, request.rank)
@@ -389,10 +390,7 @@ class Orchestrator:
         missing = self.groups_per_batch - len(self.buffer) - self.ledger.num_open(is_eval=False)
         for _ in range(missing):
             draw = self.pending_draws.popleft() if self.pending_draws else self.sampler.draw()
-            spec = self.config.train.env[draw.env_index]
-            task = self._task(spec.id, spec.loader_args, draw.example_id, self.config.rollouts_per_example,
-                              is_eval=False, min_policy_step=max(0, self.step - 1 - self.config.max_async_level),
-                              seed=self._next_sampling_seed(), training_mode=self.config.training_mode)  # fmt: skip
+            task = self.tasks.training(draw.env_index, draw.example_id, self.step)
             self.draw_of[task.task_id] = draw
             self.ledger.add(task)
 
@@ -415,41 +413,11 @@ class Orchestrator:
         policy_step = self.gate.policy_step
         if not self.gate.has_reports or not self.evals.due(policy_step):
             return
-        planned = self.evals.start(policy_step, self._new_task_id)
+        planned = self.evals.start(policy_step, self.tasks.new_task_id)
         for task_id, spec, example_id in planned:
-            self.ledger.add(self._task(spec.id, spec.loader_args, example_id, spec.rollouts_per_example, is_eval=True,
-                                       min_policy_step=policy_step, task_id=task_id,
-                                       temperature=spec.temperature))  # fmt: skip
+            self.ledger.add(self.tasks.evaluation(spec.id, spec.loader_args, example_id, spec.rollouts_per_example,
+                                                  policy_step, task_id, spec.temperature))  # fmt: skip
         logger.info("evaluating policy step {}: {} tasks", policy_step, len(planned))
-
-    def _task(self, env_id: str, env_args: dict, example_id: int, num_rollouts: int, is_eval: bool,
-              min_policy_step: int, task_id: str | None = None, seed: int | None = None,
-              temperature: float | None = None, training_mode: TrainingMode = "rl") -> RolloutTask:  # fmt: skip
-        sampling = self.sampling if seed is None else msgspec.structs.replace(self.sampling, seed=seed)
-        if temperature is not None:
-            sampling = msgspec.structs.replace(sampling, temperature=temperature)
-        return RolloutTask(
-            task_id=task_id or self._new_task_id(), env_id=env_id, env_args=dict(env_args), example_id=example_id,
-            num_rollouts=num_rollouts, sampling=sampling, is_eval=is_eval, lease_s=self.config.task_lease_s,
-            issued_at=0.0, min_policy_step=min_policy_step, training_mode=training_mode,
-        )  # fmt: skip
-
-    def _next_sampling_seed(self) -> int:
-        """The seed of the next training task issued for batch ``self.step``. Not from the task id (it
-        is random per process) nor from arrival order: at ``max_async_level`` 0 the same seed gives
-        the same seeds to the same examples, hence the same rollouts."""
-        step, slot = self._seed_slot
-        slot = slot + 1 if step == self.step else 0
-        self._seed_slot = (self.step, slot)
-        return sampling_seed(self.config.seed, self.step, slot)
-
-    def _new_task_id(self) -> str:
-        # An id a result already named (a forged or confused peer) is skipped: reusing it would
-        # make the new task a duplicate of that result, or fail to enter the ledger at all.
-        self._num_tasks += 1
-        while self.ledger.uses(f"{self.run_id}-{self._num_tasks}"):
-            self._num_tasks += 1
-        return f"{self.run_id}-{self._num_tasks}"
 
     def _adopt(self, result: RolloutResult) -> Draw | None:
         """The draw of a training result this run did not issue (a worker resending after our
