@@ -82,7 +82,10 @@ class TrainStep:
             micro_batch = concat_rows(rows[first : first + self.micro_batch_size])
             self._micro_step(micro_batch, num_loss_tokens, stats, sft)
         forward_backward_s = time.perf_counter() - started
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        # Over what this step's optimizer updates: with several runs' adapters on one model
+        # (multi_run.py), another run's leftover gradients must not scale this run's clipping.
+        trained = [param for group in self.optimizer.param_groups for param in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, self.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         self.optimizer.step()
         elapsed = time.perf_counter() - started
