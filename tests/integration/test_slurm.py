@@ -1,4 +1,5 @@
-"""`rlbus rl --slurm` on a real single-node SLURM: the quickstart-size run as job arrays, and cancellation.
+"""`rlbus rl --slurm` on a real single-node SLURM: the quickstart-size run as job arrays (its trainer
+task starting 2 ranks), and cancellation.
 
 The cluster (munged, slurmctld, slurmd from Debian's slurm-wlm and munge) is started by
 scripts/slurm/local_cluster.py with all its state in a temp folder and stopped, jobs
@@ -37,6 +38,7 @@ INSTALL = ROOT / "scripts" / "ci" / "install_slurm.sh"
 MAX_STEPS = 3
 NUM_ENV_WORKERS = 2
 NUM_REPLICAS = 2
+TRAINER_RANKS = 2
 
 
 def arrays(num_replicas: int) -> dict[str, int]:
@@ -149,6 +151,7 @@ def test_rl_as_slurm_arrays_trains_contiguous_steps(slurm_env, tiny_model, tmp_p
     # The run also streams to a (local) Prime platform: its settings travel in the job scripts.
     with PlatformServer() as platform:
         result = subprocess.run([sys.executable, "-m", "rlbus", "rl", "@", str(config), "--slurm",
+                                 "--trainer.num-ranks", str(TRAINER_RANKS),
                                  "--prime-platform.base-url", platform.base_url], cwd=ROOT,
                                 env={**slurm_env, "PRIME_API_KEY": platform.api_key}, capture_output=True, text=True,
                                 timeout=1500, check=False)  # fmt: skip
@@ -168,6 +171,13 @@ def test_rl_as_slurm_arrays_trains_contiguous_steps(slurm_env, tiny_model, tmp_p
     metrics = read_jsonl(run / "metrics.jsonl")
     trainer_steps = sorted({m["step"] for m in metrics if m["service"] == "trainer" and "loss/mean" in m})
     assert trainer_steps == list(range(1, MAX_STEPS + 1)), trainer_steps
+    # The trainer task started its ranks on its node; each rank wrote its log into the shared run folder.
+    assert f"{TRAINER_RANKS} ranks of trainer started" in (run / "logs" / "trainer.log").read_text()
+    for rank in range(TRAINER_RANKS):
+        rank_log = (run / "logs" / "trainer" / f"rank_{rank}.log").read_text()
+        assert f"rank {rank} of {TRAINER_RANKS} joined the process group" in rank_log, rank
+    orchestrator = (run / "configs" / "slurm" / "orchestrator-0.toml").read_text()
+    assert f"trainer_world_size = {TRAINER_RANKS}" in orchestrator
     rewards = sorted({m["step"] for m in metrics if m["service"] == "orchestrator" and "reward/all/mean" in m})
     assert rewards == list(range(1, MAX_STEPS + 1)), rewards
 
