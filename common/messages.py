@@ -394,15 +394,41 @@ class TensorMeta(Payload, kw_only=True):
     """xxh3_64 of the tensor's raw bytes (``rlbus.weight_codec.checksum``; CRC32 before version 2)."""
 
 
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""A LoRA adapter's name: clients pass it as ``model`` and replicas make it a folder name, so no path
+separators, no leading dot (``..``) and at most 64 characters."""
+
+
+class LoraAdapterMeta(Payload, kw_only=True):
+    """The LoRA adapter a ``WeightsAnnounced`` carries instead of full weights (docs/lora.md).
+
+    Not range-checked on decode (the message strategies build every type from its hints): a replica
+    checks it before fetching anything (``rlbus.services.inference.adapters.check_adapter_meta``)."""
+
+    name: str
+    """Adapter name clients pass as ``model`` (``ADAPTER_NAME_PATTERN``); a replica keys adapters by it."""
+    rank: int
+    """LoRA rank r (> 0; at most the replica's ``max_lora_rank``)."""
+    alpha: float
+    """Scale numerator: the update is ``alpha / rank * B @ A``."""
+    target_modules: list[str]
+    """Module names the adapter applies to, as PEFT matches them (non-empty)."""
+    base_fingerprint: str = ""
+    """sha256 of the trainer's frozen base (``rlbus.services.trainer.lora.base_fingerprint``), "" if unknown."""
+
+
 class WeightsAnnounced(Message, kw_only=True):
     """Trainer -> inference (PUB), and reply to ``WeightsQuery``.
 
     Announces that ``step`` can be fetched bucket by bucket. Version 2: ``TensorMeta.checksum``
     is xxh3_64 instead of CRC32 (same field, another meaning: older peers must refuse it), and
-    ``delta``.
+    ``delta``. Version 3: ``lora``. Though defaulted, it is a bump: a version-2 replica given an
+    adapter's announcement would fail on the unknown field at best, and at worst (a decoder that
+    dropped unknown fields) load adapter tensors as if they were the model's; the codec refuses
+    the other version by name instead, before anything is fetched.
     """
 
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
 
     step: int
     manifest: list[TensorMeta]
@@ -412,6 +438,10 @@ class WeightsAnnounced(Message, kw_only=True):
     delta: bool = False
     """The trainer answers fetches that name a base step with deltas against it: a replica keeps
     the step it loaded, to fetch the next one as a delta (``WeightsFetch.base_step``)."""
+    lora: LoraAdapterMeta | None = None
+    """Set when the step holds only a LoRA adapter's tensors (PEFT names, e.g.
+    ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``): replicas load it as this
+    adapter, in place, on the base they serve. None: the step holds the full weights."""
 
 
 class WeightsQuery(Message, kw_only=True):

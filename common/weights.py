@@ -31,7 +31,15 @@ import zmq
 from loguru import logger
 
 from rlbus.bus import Bus, BusError, PeerUnreachable
-from rlbus.messages import Refused, TensorMeta, WeightsAnnounced, WeightsBucket, WeightsFetch, WeightsQuery
+from rlbus.messages import (
+    LoraAdapterMeta,
+    Refused,
+    TensorMeta,
+    WeightsAnnounced,
+    WeightsBucket,
+    WeightsFetch,
+    WeightsQuery,
+)
 from rlbus.pubsub import Publisher
 from rlbus.weight_codec import RAW, XOR_ZSTD, NamedArray, WeightsCorrupt, checksum, encode_delta
 from rlbus.weights_fetch import FetchedStep, HeldStep, ReplicaTransfer, Staging, fetch_step, fetch_weights, query_latest
@@ -109,8 +117,9 @@ class WeightStore:
         """(step, base step, bucket) -> its deltas."""
         self._lock = threading.Lock()
 
-    def add(self, step: int, tensors: Iterable[NamedArray]) -> WeightsAnnounced:
-        """Store ``step`` (arrays are kept by reference) and return its announcement."""
+    def add(self, step: int, tensors: Iterable[NamedArray], lora: LoraAdapterMeta | None = None) -> WeightsAnnounced:
+        """Store ``step`` (arrays are kept by reference) and return its announcement; ``lora``: the
+        tensors are that adapter's, not the full weights."""
         manifest: list[TensorMeta] = []
         buckets: list[Bucket] = [[]]
         bucket_fill = 0
@@ -138,6 +147,7 @@ class WeightStore:
             total_bytes=sum(m.nbytes for m in manifest),
             published_at=time.time(),
             delta=self.delta,
+            lora=lora,
         )
         by_name = {name: array for bucket in buckets for name, array in bucket} if self.delta else {}
         with self._lock:
@@ -237,9 +247,10 @@ class WeightServer:
             ) from self._bind_error
         return self
 
-    def publish(self, step: int, tensors: Iterable[NamedArray]) -> WeightsAnnounced:
-        """Store ``step`` and announce it; replicas fetch it from then on."""
-        announced = self.store.add(step, tensors)
+    def publish(self, step: int, tensors: Iterable[NamedArray], lora: LoraAdapterMeta | None = None,
+                ) -> WeightsAnnounced:  # fmt: skip
+        """Store ``step`` and announce it; replicas fetch it from then on (``lora``: see :meth:`WeightStore.add`)."""
+        announced = self.store.add(step, tensors, lora)
         with self._lock:
             self._pending.append(announced)
         try:

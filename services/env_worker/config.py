@@ -39,6 +39,9 @@ class EnvWorkerConfig(ServiceConfig, InferenceClientSettings):
     """Name of this worker on the bus; None derives one from host and pid."""
     inference_urls: list[str] = ["http://127.0.0.1:8000/v1"]
     """Base URLs of the inference replicas' OpenAI-compatible APIs."""
+    request_model: str | None = None
+    """Sent as ``model`` in every inference request: a LoRA run's adapter name (``rlbus rl`` sets it
+    from ``trainer.lora.name`` when only the adapter travels). None: no ``model``, the replica's base."""
     max_concurrent_tasks: int = Field(8, ge=1)
     """Tasks this worker runs at once."""
     env_timeout_s: float = Field(600.0, gt=0)

@@ -323,7 +323,7 @@ class EnvWorker:
 
 async def serve(config: EnvWorkerConfig) -> None:
     """Run an env-worker until SIGINT or SIGTERM."""
-    client = InferenceClient.from_settings(config.inference_urls, config)
+    client = InferenceClient.from_settings(config.inference_urls, config, model=config.request_model)
     policy_runner = RolloutRunner(client, TurnRenderer(client), config.env_timeout_s, config.model_endpoint_host)
     teacher = TeacherClient(config.teacher) if config.teacher is not None else None
     runner = ModeRunner(policy_runner, teacher)

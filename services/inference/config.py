@@ -12,10 +12,20 @@ from rlbus.config import ServiceConfig
 from rlbus.config.base import Secret
 from rlbus.curve import is_loopback_host
 from rlbus.identity import service_id
+from rlbus.messages import ADAPTER_NAME_PATTERN
 
 # vLLM's VLLM_CPU_OMP_THREADS_BIND grammar: core lists ("0-3,6") per worker, joined by "|".
 _CORES = r"\d+(-\d+)?(,\d+(-\d+)?)*"
 CORES_PATTERN = rf"^(auto|nobind|{_CORES}(\|{_CORES})*)$"
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM 0.32 accepts for ``--max-lora-rank`` (``vllm.config.lora.MaxLoRARanks``)."""
+
+
+def lora_rank_slot(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of ``rank`` (the largest if none does)."""
+    return next((slot for slot in VLLM_LORA_RANKS if slot >= rank), VLLM_LORA_RANKS[-1])
 
 
 class InferenceConfig(ServiceConfig):
@@ -93,9 +103,16 @@ class InferenceConfig(ServiceConfig):
     enable_lora: bool = False
     """Allow LoRA adapters (``POST /rlbus/load_lora``); costs some speed, so off unless needed."""
     max_lora_rank: int = Field(16, ge=1)
-    """Largest LoRA rank accepted when ``enable_lora`` is set."""
+    """Largest LoRA rank accepted when ``enable_lora`` is set; vLLM takes 1, 8, 16, 32, 64, 128, 256,
+    320 or 512 (``rlbus rl`` raises it to fit ``trainer.lora.rank`` unless set)."""
     max_loras: int = Field(1, ge=1)
     """LoRA adapters usable in one batch when ``enable_lora`` is set."""
+    await_adapter: str | None = Field(None, pattern=ADAPTER_NAME_PATTERN)
+    """A LoRA run's adapter name (``rlbus rl`` sets it from ``trainer.lora.name`` when only the
+    adapter travels): requests name it as ``model``, so the replica admits none until the trainer's
+    adapter of that name is loaded (the base alone would answer them 404). Adapters the trainer
+    announces are written under ``<output_dir>/adapters/<replica_id>/`` and loaded in place by name
+    (needs ``enable_lora``). None: serve the base weights when the trainer has published nothing."""
     lora_dir: Path | None = None
     """Folder ``POST /rlbus/load_lora`` loads adapters from: a ``lora_path`` must be an absolute path
     that resolves (symlinks followed) inside it; hub ids are refused. None refuses loading by HTTP."""
@@ -111,6 +128,13 @@ class InferenceConfig(ServiceConfig):
     aborts them (they return ``finish_reason: "abort"``, still tagged with the old step)."""
     vllm_args: list[str] = Field(default_factory=list)
     """Extra ``vllm serve`` command-line arguments, e.g. ``["--max-num-batched-tokens", "4096"]``."""
+
+    @model_validator(mode="after")
+    def _adapter_needs_lora(self) -> InferenceConfig:
+        if self.await_adapter is not None and not self.enable_lora:
+            raise ValueError(f"await_adapter = {self.await_adapter!r} needs enable_lora = true (the replica serves "
+                             "the trainer's LoRA adapter)")  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _refuse_open_remote_http(self) -> InferenceConfig:

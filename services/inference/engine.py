@@ -2,33 +2,49 @@
 
 The engine client runs the worker extension's methods in every worker with
 ``collective_rpc`` and passes only small values (announcement, address, bus
-settings); the workers pull the tensors themselves. After any change of
-weights the prefix cache is reset: cached KV blocks were computed with the
-old weights and must not be reused for the new step.
+settings); the workers pull the tensors themselves. A step that carries a LoRA
+adapter (``WeightsAnnounced.lora``) is instead fetched here and loaded by name
+(:class:`AdapterLoader`). After any change of weights the prefix cache is reset:
+cached KV blocks were computed with the old weights and must not be reused for
+the new step.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 from loguru import logger
 
+from rlbus.bus import BusError
 from rlbus.config.base import BusConfig
-from rlbus.messages import WeightsAnnounced
+from rlbus.messages import LoraAdapterMeta, WeightsAnnounced
+from rlbus.services.inference.adapters import AdapterFolders, check_adapter_manifest, check_adapter_meta
 from rlbus.services.inference.policy import BASE_STEP, LoadReport
 
 
 class EngineWeightLoader:
     """Loads steps and base weights into the engine's workers; aborts requests on demand."""
 
-    def __init__(self, engine: Any, weights_address: str, replica_id: str, bus_config: BusConfig) -> None:
+    def __init__(self, engine: Any, weights_address: str, replica_id: str, bus_config: BusConfig,
+                 adapters: AdapterLoader | None = None) -> None:  # fmt: skip
         self.engine = engine
         self.weights_address = weights_address
         self.replica_id = replica_id
         self.bus_config = bus_config
+        self.adapters = adapters
+        """Loads adapter steps; None where LoRA is off (such steps are then refused)."""
 
     async def load_step(self, announced: WeightsAnnounced) -> LoadReport:
+        if announced.lora is not None:
+            if self.adapters is None:
+                return LoadReport(ok=False, step=announced.step, kind="transfer",
+                                  error=f"step {announced.step} is LoRA adapter {announced.lora.name!r} but LoRA "
+                                        "is off on this replica (inference.enable_lora)")  # fmt: skip
+            return await self.adapters.load(announced)
         args = (msgspec.to_builtins(announced), self.weights_address, self.replica_id,
                 self.bus_config.model_dump(mode="json"))  # fmt: skip
         report = await self._call("rlbus_load_step", args, announced.step)
@@ -73,3 +89,64 @@ def merge_reports(reports: list[LoadReport]) -> LoadReport:
     return LoadReport(ok=not failed, step=first.step, num_bytes=first.num_bytes,
                       fetch_s=max(r.fetch_s for r in reports), load_s=max(r.load_s for r in reports),
                       error=first.error, kind=kind)  # fmt: skip
+
+
+class AdapterLoader:
+    """Fetches an adapter step, writes it as a PEFT folder and loads it in place under its name.
+
+    Registered with vLLM's OpenAI model registry (``models``: its ``OpenAIServingModels``) as
+    ``/v1/load_lora_adapter`` does, except that the request kept for completions has
+    ``load_inplace`` off: requests carry it to the worker every engine step, which would re-read
+    the folder each time. Every failure is a refusal (kind ``transfer``): vLLM loads the new
+    adapter before it replaces the old one, so the previous adapter keeps serving."""
+
+    def __init__(self, engine: Any, models: Callable[[], Any], folders: AdapterFolders, max_lora_rank: int,
+                 fetch: Callable[[WeightsAnnounced], list]) -> None:  # fmt: skip
+        self.engine, self.models, self.folders = engine, models, folders
+        self.max_lora_rank = max_lora_rank
+        self.fetch = fetch
+        """Blocking: the verified tensors of a step (``worker_extension.pull_step``); run on a thread."""
+
+    async def load(self, announced: WeightsAnnounced) -> LoadReport:
+        meta = announced.lora
+        assert meta is not None
+        started = time.perf_counter()
+        report = LoadReport(ok=False, step=announced.step, num_bytes=announced.total_bytes, kind="transfer")
+        models = self.models()
+        try:
+            check_adapter_meta(meta, self.max_lora_rank, models.model_name())
+            check_adapter_manifest(meta, announced.manifest)
+            tensors = await asyncio.to_thread(self.fetch, announced)
+            folder = await asyncio.to_thread(self.folders.write, meta, announced.step, tensors)
+        except (BusError, ValueError, OSError) as exc:
+            report.error, report.fetch_s = f"adapter {meta.name!r}: {exc}", time.perf_counter() - started
+            return report
+        fetched = time.perf_counter()
+        report.fetch_s = fetched - started
+        error = await self._register(models, meta, str(folder))
+        report.load_s = time.perf_counter() - fetched
+        if error:
+            self.folders.discard(folder)
+            report.error = f"adapter {meta.name!r}: vLLM refused it: {error}"
+            return report
+        self.folders.keep_only(meta.name, folder)
+        await self.engine.reset_prefix_cache()
+        logger.info("LoRA adapter {!r} of step {} loaded in place ({:,} bytes)", meta.name, announced.step,
+                    announced.total_bytes)  # fmt: skip
+        report.ok, report.kind = True, ""
+        return report
+
+    async def _register(self, models: Any, meta: LoraAdapterMeta, path: str) -> str:
+        """Load ``path`` as ``meta.name`` into the engine and the model registry; the error, or ""."""
+        from vllm.lora.request import LoRARequest
+
+        async with models.lora_resolver_lock[meta.name]:
+            previous = models.lora_requests.get(meta.name)
+            lora_id = previous.lora_int_id if previous is not None else models.lora_id_counter.inc(1)
+            try:
+                await self.engine.add_lora(LoRARequest(lora_name=meta.name, lora_int_id=lora_id, lora_path=path,
+                                                       load_inplace=True))  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - whatever vLLM raised, the old adapter still serves
+                return f"{type(exc).__name__}: {exc}"
+            models.lora_requests[meta.name] = LoRARequest(lora_name=meta.name, lora_int_id=lora_id, lora_path=path)
+        return ""

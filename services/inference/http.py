@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -129,6 +130,10 @@ async def load_lora(body: LoadLoraBody, request: Request) -> JSONResponse:
         LoadLoRAAdapterRequest(lora_name=body.lora_name, lora_path=str(path), load_inplace=True)
     )
     if isinstance(result, str):
+        # vLLM keeps the request with load_inplace for completions, whose every engine step would then
+        # read the folder again: the adapter is loaded, completions only need to name it.
+        loaded = models.lora_requests[body.lora_name]
+        models.lora_requests[body.lora_name] = msgspec.structs.replace(loaded, load_inplace=False)
         return JSONResponse({"loaded": body.lora_name, "message": result})
     # An adapter that does not fit the model is the caller's mistake, not a server error.
     return error_response(400 if result.error.code >= 500 else result.error.code, result.error.message)

@@ -134,7 +134,8 @@ async def build_and_serve(engine: Any, args: Namespace, sock: Any, config: Infer
     supported_tasks = await engine.get_supported_tasks()
     app = build_app(args, supported_tasks, engine.model_config)
     replica_id = config.resolved_replica_id()
-    loader = EngineWeightLoader(engine, config.bus.endpoints.trainer_weights, replica_id, config.bus)
+    loader = EngineWeightLoader(engine, config.bus.endpoints.trainer_weights, replica_id, config.bus,
+                                adapter_loader(engine, app, config) if config.enable_lora else None)  # fmt: skip
 
     def on_fatal(exc: BaseException) -> None:
         failures.append(exc)
@@ -164,3 +165,21 @@ async def build_and_serve(engine: Any, args: Namespace, sock: Any, config: Infer
         )  # fmt: skip
     finally:
         await sync.stop()
+
+
+def adapter_loader(engine: Any, app: Any, config: InferenceConfig) -> Any:
+    """Loads the trainer's LoRA adapter steps (services/inference/adapters.py); they are fetched in
+    this process, over a DEALER per step like the workers' full steps."""
+    from functools import partial
+    from pathlib import Path
+
+    from rlbus.services.inference.adapters import AdapterFolders
+    from rlbus.services.inference.engine import AdapterLoader
+    from rlbus.services.inference.worker_extension import pull_step
+
+    replica_id = config.resolved_replica_id()
+    fetch = partial(pull_step, address=config.bus.endpoints.trainer_weights, replica_id=replica_id,
+                    bus_config=config.bus)  # fmt: skip
+    folders = AdapterFolders(Path(config.output_dir) / "adapters" / replica_id, config.model)
+    # app.state gets vLLM's model registry in init_app_state, before the first load.
+    return AdapterLoader(engine, lambda: app.state.openai_serving_models, folders, config.max_lora_rank, fetch)

@@ -134,7 +134,12 @@ class WeightSync:
         latest = await self._query_latest(self.config.startup_weights_timeout_s)
         if latest is not None and self.tracker.offer(latest):
             await self.swap_to(self.tracker.take_pending())  # type: ignore[arg-type]
-        if self.tracker.served is None:
+        if self.tracker.served is None and self.config.await_adapter is not None:
+            # Requests name the adapter, which the base alone would answer with 404: they wait at the
+            # gate (and /health says starting) until the trainer's adapter is announced and loaded.
+            logger.info("waiting for the trainer's LoRA adapter {!r} before admitting requests",
+                        self.config.await_adapter)  # fmt: skip
+        elif self.tracker.served is None:
             logger.info("serving the base weights of {} as policy step {}", self.config.model, BASE_STEP)
             self._serve(self.tracker.loaded(BASE_STEP, 0.0, "base"), None)
             await self.gate.open(BASE_STEP)

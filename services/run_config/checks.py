@@ -23,7 +23,7 @@ from rlbus.config import ConfigError, ServiceConfig
 from rlbus.environments import UnknownEnvironmentError, check_environment
 from rlbus.model_path import looks_like_path, position_limit
 from rlbus.run_files import METRICS_FILE, STEPS_FILE
-from rlbus.services.inference.config import InferenceConfig
+from rlbus.services.inference.config import VLLM_LORA_RANKS, InferenceConfig, lora_rank_slot
 from rlbus.services.monitor.config import dashboard_address
 from rlbus.services.orchestrator.config import OrchestratorConfig
 from rlbus.services.run_config.placement import placement_problems
@@ -78,6 +78,8 @@ def rl_problems(config: RlConfig) -> list[Problem]:
         *model_problems(config.model, config.inference, "inference."),
         *orchestrator_problems(config.orchestrator, "orchestrator."),
         *context_problems(config.orchestrator, config.inference),
+        *adapter_problems(config),
+        *lora_rank_problems(config.inference, "inference."),
         *resume_problems(config),
         *schedule_problems(config.trainer, "trainer."),
         *port_problems(config),
@@ -169,7 +171,34 @@ def _length_problems(path: Path, inference: InferenceConfig, prefix: str) -> lis
 
 
 def inference_problems(config: InferenceConfig, prefix: str) -> list[Problem]:
-    return model_problems(config.model, config, prefix)
+    return model_problems(config.model, config, prefix) + lora_rank_problems(config, prefix)
+
+
+def lora_rank_problems(config: InferenceConfig, prefix: str) -> list[Problem]:
+    """vLLM refuses any other ``--max-lora-rank`` as it starts, after the model loaded."""
+    if not config.enable_lora or config.max_lora_rank in VLLM_LORA_RANKS:
+        return []
+    return [Problem(f"{prefix}max_lora_rank", config.max_lora_rank,
+                    f"vLLM takes one of {list(VLLM_LORA_RANKS)}; set {lora_rank_slot(config.max_lora_rank)}")]  # fmt: skip
+
+
+def adapter_problems(config: RlConfig) -> list[Problem]:
+    """A LoRA run that sends only its adapter needs replicas that can serve it."""
+    lora, inference = config.trainer.lora, config.inference
+    if lora is None or lora.transfer != "adapter":
+        return []
+    if not inference.enable_lora:
+        return [Problem("inference.enable_lora", False, "trainer.lora.transfer = 'adapter' sends only the adapter, "
+                        "which replicas serve as a LoRA: set it true, or trainer.lora.transfer = 'merged'")]  # fmt: skip
+    if lora.rank > inference.max_lora_rank:
+        slot = lora_rank_slot(lora.rank)
+        fix = f"raise that to {slot} or lower the rank" if slot >= lora.rank else f"vLLM serves ranks up to {slot}"
+        return [Problem("trainer.lora.rank", lora.rank, f"above inference.max_lora_rank = {inference.max_lora_rank}, "
+                        f"the largest rank the replicas load: {fix}")]  # fmt: skip
+    if lora.name == inference.resolved_model_name():
+        return [Problem("trainer.lora.name", lora.name, "is the served base model's name: requests naming it would "
+                        "get the base; choose another name")]  # fmt: skip
+    return []
 
 
 # ------------------------------------------------------------------ checkpoints and resuming

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -57,6 +57,10 @@ class RunCheckpointConfig(ConfigModel):
     save_async: bool | None = None
     """The trainer writes checkpoints on a background thread (sets ``trainer.ckpt.save_async``
     unless the section sets its own; prime-rl's ``--ckpt.save-async``). None leaves the trainer's setting."""
+    format: Literal["full", "sharded"] | None = None
+    """How the trainer writes model and optimizer (sets ``trainer.ckpt.format`` unless the section
+    sets its own): ``full`` (rank 0 gathers them) or ``sharded`` (every rank its own shards, torch DCP;
+    docs/scaling.md, Checkpoints). None leaves the trainer's setting."""
     resume_step: int | None = Field(-1, ge=-1)
     """Every service resumes from this step's checkpoints (metrics continue from the next step);
     -1 resumes from the latest, and starts fresh when the run folder holds none, so a service
@@ -190,7 +194,7 @@ class RlConfig(ServiceConfig):
                 section.__dict__["resume_step"] = self.ckpt.resume_step
         if self.ckpt.keep_interval is not None and "keep_interval" not in trainer.model_fields_set:
             trainer.__dict__["keep_interval"] = self.ckpt.keep_interval
-        for name in ("weights_only", "save_async"):
+        for name in ("weights_only", "save_async", "format"):
             value = getattr(self.ckpt, name)
             if value is not None and name not in trainer.model_fields_set:
                 trainer.__dict__[name] = value
@@ -232,6 +236,26 @@ class RlConfig(ServiceConfig):
                                                  for i in range(num_inference_replicas(self))]  # fmt: skip
         if worker.api_key is None and inference.api_key is not None:
             worker.__dict__["api_key"] = inference.api_key
+        return self
+
+    @model_validator(mode="after")
+    def _serve_the_adapter(self) -> RlConfig:
+        # Only the adapter travels (docs/lora.md): replicas need LoRA on and a rank slot for it, wait
+        # for it before serving, and env-workers name it in their requests. A section's own setting
+        # stays; services/run_config/checks.py refuses the ones that cannot work.
+        from rlbus.services.inference.config import lora_rank_slot
+
+        lora, inference, worker = self.trainer.lora, self.inference, self.env_worker
+        if lora is None or lora.transfer != "adapter":
+            return self
+        if "enable_lora" not in inference.model_fields_set:
+            inference.__dict__["enable_lora"] = True
+        if "max_lora_rank" not in inference.model_fields_set and inference.max_lora_rank < lora.rank:
+            inference.__dict__["max_lora_rank"] = lora_rank_slot(lora.rank)
+        if "await_adapter" not in inference.model_fields_set and inference.enable_lora:
+            inference.__dict__["await_adapter"] = lora.name
+        if "request_model" not in worker.model_fields_set:
+            worker.__dict__["request_model"] = lora.name
         return self
 
     @model_validator(mode="after")

@@ -2,9 +2,10 @@
 
 Only the adapter's parameters require gradients and reach the optimizer, so the base
 tensors are never written: :func:`base_fingerprint` hashes them to prove it. Inference
-gets merged weights in Hugging Face names (``W + alpha/r * B @ A``), computed into fresh
-tensors per step: the base parameters are never merged in place. The adapter alone is a
-small fraction of those bytes (:func:`weight_sizes`); docs/lora.md says what travels.
+gets, per ``lora.transfer``, the adapter's tensors alone in the names vLLM reads from a PEFT
+``adapter_model.safetensors`` (:func:`adapter_tensors`), or merged weights in Hugging Face
+names (``W + alpha/r * B @ A``), computed into fresh tensors per step: the base parameters
+are never merged in place. :func:`weight_sizes` compares the two; docs/lora.md says more.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from loguru import logger
 
+from rlbus.messages import LoraAdapterMeta
 from rlbus.services.trainer.distributed import DistContext
 from rlbus.services.trainer.lora_config import LoraConfig
 from rlbus.services.trainer.model import copy_to_host, named_arrays, to_numpy
@@ -102,6 +104,26 @@ def _delta(layer: torch.nn.Module, module_name: str, tensors: Mapping[str, torch
     return delta.T if layer.fan_in_fan_out else delta
 
 
+def adapter_tensor_name(peft_name: str) -> str:
+    """The name PEFT saves (and vLLM loads) an adapter tensor under: the parameter's name without
+    the adapter's own name, e.g. ``...q_proj.lora_A.default.weight`` -> ``...q_proj.lora_A.weight``."""
+    return peft_name.replace(f".{ADAPTER}.", ".")
+
+
+def adapter_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The adapter's A and B matrices in saved PEFT names (:func:`adapter_tensor_name`)."""
+    for name, param in model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            yield adapter_tensor_name(name), param.detach()
+
+
+def adapter_meta(model: torch.nn.Module, config: LoraConfig, fingerprint: str = "") -> LoraAdapterMeta:
+    """What a replica needs besides the tensors to load the adapter (the targets PEFT resolved)."""
+    targets = sorted(model.peft_config[ADAPTER].target_modules or config.target_modules)
+    return LoraAdapterMeta(name=config.name, rank=config.rank, alpha=config.alpha, target_modules=targets,
+                           base_fingerprint=fingerprint)  # fmt: skip
+
+
 def base_fingerprint(model: torch.nn.Module) -> str:
     """sha256 over the base tensors (HF names, dtype, shape, bytes): equal before and after
     training proves the base was never written. Works on a plain model too."""
@@ -138,12 +160,12 @@ def with_lora(model: torch.nn.Module, config: LoraConfig | None, world_size: int
 
 
 def servable_arrays(model: torch.nn.Module, ctx: DistContext, buffers: PublishBuffers | None = None,
-                    ) -> Iterator[NamedArray]:  # fmt: skip
-    """What inference loads each step: :func:`named_arrays`, or for a LoRA model the merged
-    weights (one rank: :func:`with_lora` refuses more)."""
+                    adapter_only: bool = False) -> Iterator[NamedArray]:  # fmt: skip
+    """What inference loads each step: :func:`named_arrays`, or for a LoRA model (one rank:
+    :func:`with_lora` refuses more) the adapter's tensors with ``adapter_only``, else the merged weights."""
     if not is_lora(model):
         yield from named_arrays(model, ctx, buffers)
         return
-    for name, tensor in merged_tensors(model):
+    for name, tensor in adapter_tensors(model) if adapter_only else merged_tensors(model):
         array, dtype = copy_to_host(tensor, buffers, name) if buffers is not None else to_numpy(tensor)
         yield name, array, dtype

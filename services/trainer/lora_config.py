@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from rlbus.config import ConfigModel
+from rlbus.messages import ADAPTER_NAME_PATTERN
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -21,6 +24,14 @@ class LoraConfig(ConfigModel):
     target_modules: list[str] = Field(default_factory=lambda: list(ALL_LINEAR))
     """Linear layers that get an adapter, as PEFT matches them (a module name's last parts); one
     that matches no layer stops the trainer before training."""
+    name: str = Field("rlbus-lora", pattern=ADAPTER_NAME_PATTERN)
+    """Name the adapter is served under: env-workers pass it as ``model`` and replicas keep adapters
+    by it (letters, digits, ``.``, ``_``, ``-``; no path separators; at most 64 characters)."""
+    transfer: Literal["adapter", "merged"] = "adapter"
+    """What the trainer sends to inference each step (RL): ``adapter``, only the adapter's tensors,
+    which replicas load in place as ``name`` (needs ``inference.enable_lora``, which ``rlbus rl``
+    sets); ``merged``, the full weights with the adapter merged in, which replicas load as for full
+    training (for engines that cannot serve LoRA)."""
 
     @field_validator("target_modules")
     @classmethod

@@ -21,13 +21,13 @@ from loguru import logger
 from rlbus import faults
 from rlbus.audit import AuditLog
 from rlbus.bus import Bus
-from rlbus.messages import BatchAck, BatchRequest, Refused, TrainBatch
+from rlbus.messages import BatchAck, BatchRequest, LoraAdapterMeta, Refused, TrainBatch
 from rlbus.pubsub import TelemetryClient
 from rlbus.services.trainer.batch import BadBatch, CheckedBatch, check_batch
 from rlbus.services.trainer.config import TrainerConfig
 from rlbus.services.trainer.distributed import DistContext, shutdown_distributed
 from rlbus.services.trainer.logprobs import RowTensors
-from rlbus.services.trainer.lora import is_lora, servable_arrays, weight_sizes
+from rlbus.services.trainer.lora import adapter_meta, base_fingerprint, is_lora, servable_arrays, weight_sizes
 from rlbus.services.trainer.pulse import StepPulse
 from rlbus.services.trainer.runtime import Runtime, build_runtime
 from rlbus.weights import PublishBuffers, WeightServer, WeightStore
@@ -95,12 +95,18 @@ class BatchClient:
 
 
 class WeightPublisher:
-    """Publishes every step's weights: rank 0 serves them, every rank helps gather."""
+    """Publishes every step's weights: rank 0 serves them, every rank helps gather. A LoRA run with
+    ``lora.transfer = "adapter"`` publishes only the adapter's tensors, announced with its metadata."""
 
     def __init__(self, bus: Bus, config: TrainerConfig, ctx: DistContext) -> None:
         self.ctx = ctx
+        self.config = config
         self.server: WeightServer | None = None
         self.buffers: PublishBuffers | None = None
+        self.published_bytes = 0
+        """Tensor bytes of the latest step published: what a replica fetches of it (in full)."""
+        self._lora: LoraAdapterMeta | None = None
+        """The adapter's metadata once a LoRA model was first published in adapter mode."""
         if ctx.is_main:
             store = WeightStore(bucket_bytes=config.weight_bucket_mb * 2**20, keep_steps=1, delta=config.weight_delta)
             endpoints = config.bus.endpoints
@@ -114,13 +120,24 @@ class WeightPublisher:
         started = time.perf_counter()
         if self.buffers is not None:
             self.buffers.begin_step()
-        arrays = servable_arrays(model, self.ctx, self.buffers)  # LoRA: merged into copies
+        lora = self.adapter(model)
+        arrays = servable_arrays(model, self.ctx, self.buffers, adapter_only=lora is not None)
         if self.server is not None:
-            self.server.publish(step, arrays)
+            self.published_bytes = self.server.publish(step, arrays, lora).total_bytes
         else:
             for _ in arrays:  # other ranks only take part in the gathers
                 pass
         return time.perf_counter() - started
+
+    def adapter(self, model) -> LoraAdapterMeta | None:
+        """The adapter's metadata when only the adapter travels, else None (merged or full weights).
+        The base's fingerprint is hashed once: the base never changes."""
+        lora = self.config.lora
+        if lora is None or lora.transfer != "adapter" or not is_lora(model):
+            return None
+        if self._lora is None:
+            self._lora = adapter_meta(model, lora, base_fingerprint(model) if self.ctx.is_main else "")
+        return self._lora
 
     def wait_fetched(self, step: int, timeout_s: float) -> None:
         """Serve on until a replica fetched ``step`` (see ``final_weights_timeout_s``)."""
@@ -152,7 +169,9 @@ class RlLoop:
 
     def run(self) -> None:
         step, max_steps = self.rt.start_step + 1, self.config.max_steps
-        if self.rt.start_step > 0:  # replicas joining a resumed run get the resumed weights
+        # Replicas joining a resumed run get the resumed weights; an adapter run publishes its
+        # fresh adapter (B = 0: the base's outputs) too, so replicas serve its name from the start.
+        if self.rt.start_step > 0 or self.weights.adapter(self.rt.model) is not None:
             self.weights.publish(self.rt.start_step, self.rt.model)
         self.telemetry.event("started", f"trainer rank {self.rt.ctx.rank} starts at step {step}")
         while max_steps is None or step <= max_steps:
@@ -177,7 +196,7 @@ class RlLoop:
                 return
             metrics = self.rt.trainer.run(step, rows, batch.num_loss_tokens, sft=batch.training_mode == "sft")
             metrics.update(self.publish_and_checkpoint(step))
-            metrics.update(self.lora_sizes)
+            metrics.update(self.weight_bytes())
             # Acknowledged only once checkpointed (when due): a trainer killed before that resumes
             # from its previous checkpoint and gets this very batch again from the orchestrator.
             self.record(batch, ok=True)
@@ -233,6 +252,17 @@ class RlLoop:
         logger.error("rejected the batch of step {}: {}", step, reason)
         self.batches.ack(step, ok=False, reason=reason)
         self.telemetry.event("bad_batch", reason, level="error", step=step)
+
+    def weight_bytes(self) -> dict[str, float]:
+        """Bytes this step put on the weight channel (per replica fetch, in full), and for LoRA the
+        adapter's against the full weights' (docs/lora.md): with ``transfer = "adapter"`` the
+        adapter's figure is the published one, what really travelled."""
+        sent = float(self.weights.published_bytes)
+        metrics = {"weights/published_bytes": sent, **self.lora_sizes}
+        if self.lora_sizes and self.weights.adapter(self.rt.model) is not None and sent:
+            metrics["weights/lora_adapter_bytes"] = sent
+            metrics["weights/lora_adapter_fraction"] = sent / self.lora_sizes["weights/full_bytes"]
+        return metrics
 
     def publish_and_checkpoint(self, step: int) -> dict[str, float]:
         """Send the step's weights to inference and checkpoint it when due. With ``save_async`` the

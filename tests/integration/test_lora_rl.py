@@ -1,5 +1,5 @@
-"""`rlbus rl` with ``[trainer.lora]``: only the adapter trains, the base stays bit-identical, and the
-trainer reports the adapter's bytes per step against the full weights (vLLM on CPU serves the merge)."""
+"""`rlbus rl` with ``[trainer.lora]``: only the adapter trains, the base stays bit-identical, and only
+the adapter travels to inference, where vLLM (on CPU too) loads it in place each step."""
 
 from __future__ import annotations
 
@@ -69,8 +69,18 @@ def test_lora_rl_run_keeps_the_base_and_reports_adapter_bytes(tmp_path):
 
     trainer = [m for m in read_jsonl(run / "metrics.jsonl") if m["service"] == "trainer" and "loss/mean" in m]
     assert sorted(m["step"] for m in trainer) == list(range(1, MAX_STEPS + 1))
-    for metrics in trainer:
+    adapter_bytes = {m["weights/lora_adapter_bytes"] for m in trainer}
+    for metrics in trainer:  # what went on the weight channel is the adapter, a fraction of the weights
+        assert metrics["weights/published_bytes"] == metrics["weights/lora_adapter_bytes"], metrics
         assert 0 < metrics["weights/lora_adapter_bytes"] < metrics["weights/full_bytes"] / 5, metrics
+    # Every weight update of the replica was an adapter of that size, from step 0 (the fresh adapter) on.
+    updates = [m for m in read_jsonl(run / "metrics.jsonl")
+               if m["service"] == "inference" and "inference/weight_update_mb" in m]  # fmt: skip
+    assert len(updates) >= 2 and {m["inference/weight_update_mb"] for m in updates} == {
+        size / 1e6 for size in adapter_bytes}  # fmt: skip
+    assert min(m["step"] for m in updates) == 0
+    [served] = (run / "adapters").glob("*/rlbus-lora/step_*")  # only the serving folder is kept
+    assert (served / "adapter_model.safetensors").is_file() and (served / "adapter_config.json").is_file()
     rows = read_jsonl(run / "steps.jsonl")
     assert [r["step"] for r in rows] == list(range(1, MAX_STEPS + 1))
 
@@ -84,6 +94,7 @@ def test_lora_rl_run_keeps_the_base_and_reports_adapter_bytes(tmp_path):
     moved = {name for name, tensor in served.items() if not torch.equal(tensor, original[name])}
     assert moved and all(name.endswith(("q_proj.weight", "v_proj.weight", "up_proj.weight")) for name in moved)
     assert (run / "weights" / f"step_{MAX_STEPS}" / "adapter" / "adapter_model.safetensors").is_file()
-    # Replicas served newer policies (merged weights of the steps).
+    # Completions were tagged with the adapter step they sampled on: trained steps, in range.
     samples = read_jsonl(run / "samples.jsonl")
+    assert {s["policy_step"] for s in samples} <= set(range(MAX_STEPS + 1))
     assert max(s["policy_step"] for s in samples) >= 1

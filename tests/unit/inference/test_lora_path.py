@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
+import msgspec
 import pytest
 from fastapi import FastAPI
 
@@ -56,14 +57,25 @@ def test_without_lora_dir_loading_by_http_is_refused(lora_dir):
     assert error.value.status == 403
 
 
+class FakeLoraRequest(msgspec.Struct):
+    """vLLM's LoRARequest (a msgspec struct), as far as the route uses it."""
+
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+
+
 class FakeModels:
-    """vLLM's OpenAIServingModels, as far as the route uses it."""
+    """vLLM's OpenAIServingModels, as far as the route uses it: it keeps the request as given."""
 
     def __init__(self) -> None:
         self.loaded: list = []
+        self.lora_requests: dict[str, FakeLoraRequest] = {}
 
     async def load_lora_adapter(self, request):
         self.loaded.append((request.lora_name, request.lora_path))
+        self.lora_requests[request.lora_name] = FakeLoraRequest(request.lora_name, request.lora_path,
+                                                                request.load_inplace)  # fmt: skip
         return f"Success: LoRA adapter '{request.lora_name}' added successfully."
 
 
@@ -95,6 +107,8 @@ def test_the_route_loads_an_adapter_inside_lora_dir(lora_dir, fake_vllm_protocol
     response, models = post_lora(lora_dir, {"lora_name": "a", "lora_path": str(lora_dir / "adapter")})
     assert response.status_code == 200, response.text
     assert models.loaded == [("a", str((lora_dir / "adapter").resolve()))]
+    # Loaded in place once; completions naming it must not make every engine step read it again.
+    assert models.lora_requests["a"].load_inplace is False
 
 
 @pytest.mark.parametrize(

@@ -255,3 +255,18 @@ def test_a_refused_policy_report_is_sent_again_until_acknowledged(bus_config, en
         return again
 
     assert run(bus_config, endpoint, scenario, published=2).step == 2
+
+
+def test_a_lora_run_replica_admits_nothing_until_the_adapter_serves(bus_config, endpoint):
+    async def scenario(world: World):
+        config = world.config.model_copy(update={"enable_lora": True, "await_adapter": "run-a"})
+        world.sync = WeightSync(config, world.loader, on_fatal=world.fatal.append)
+        await world.sync.start()
+        before = (world.sync.tracker.step, world.sync.gate.is_open, world.sync.tracker.ready)
+        world.trainer.publish(0, WEIGHTS)  # the trainer's fresh adapter, step 0
+        await world.policy_loaded(0)
+        return before, world.sync.gate.step, world.sync.gate.is_open, world.loader.loaded
+
+    before, gate_step, is_open, loaded = run(bus_config, endpoint, scenario)
+    assert before == (None, False, False)  # the base alone would answer requests naming the adapter 404
+    assert (gate_step, is_open, loaded) == (0, True, [0])

@@ -76,3 +76,17 @@ def test_run_checkpoints_set_trainer_and_orchestrator_together_unless_a_section_
     assert (own.trainer.ckpt.resume_step, own.orchestrator.ckpt.resume_step) == (3, 4)
     with pytest.raises(ConfigError, match="must checkpoint at the same steps"):
         load_config(RlConfig, ["--trainer.ckpt.interval", "2"], env={})
+
+
+def test_the_run_sets_the_trainers_checkpoint_format_once_unless_the_section_sets_its_own(tmp_path):
+    path = tmp_path / "rl.toml"
+    path.write_text('[ckpt]\nformat = "sharded"\n')
+    config = load_config(RlConfig, ["@", str(path)], env={})
+    assert config.trainer.ckpt.format == "sharded"
+    written = load_config(TrainerConfig, ["@", str(write_toml(config.trainer, tmp_path / "trainer.toml"))], env={})
+    assert written.ckpt.format == "sharded"  # what the trainer process reads
+    assert load_config(RlConfig, [], env={}).trainer.ckpt.format == "full"
+    own = load_config(RlConfig, ["@", str(path), "--trainer.ckpt.format", "full"], env={})
+    assert own.trainer.ckpt.format == "full"
+    with pytest.raises(ConfigError, match="ckpt.format"):
+        load_config(RlConfig, ["--ckpt.format", "shardd"], env={})
