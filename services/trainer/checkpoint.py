@@ -217,7 +217,7 @@ class CheckpointManager:
                 save_adapter(model, state, partial / "model")
             else:
                 save_hf_snapshot(model, state, tokenizer, partial / "model")
-            torch.save(optimizer_state, partial / "optimizer.pt")
+            save_tensor_state(optimizer_state, partial / "optimizer.pt")
         progress = {**progress, "step": step, "world_size": self.ctx.world_size, "saved_at": time.time(),
                     "format": "full" if optimizer_state is not None else "sharded"}  # fmt: skip
         (partial / "progress.json").write_text(json.dumps(progress, indent=2))
@@ -252,7 +252,7 @@ class CheckpointManager:
         else:
             model_state = read_hf_weights(folder / "model") if self.ctx.is_main else {}
             load_state(model, model_state, self.ctx)
-        optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True) if self.ctx.is_main else {}
+        optimizer_state = load_tensor_state(folder / "optimizer.pt") if self.ctx.is_main else {}
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.ctx.is_distributed)
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
@@ -328,3 +328,14 @@ def _link_or_copy(source: str, target: str) -> str:
     except OSError:
         shutil.copy2(source, target)
     return target
+
+
+def save_tensor_state(state: dict, path: Path) -> None:
+    """Optimizer and random state: torch's format, the one pickle stream rlbus writes
+    (tests/unit/test_no_pickle.py), read back only by :func:`load_tensor_state`."""
+    torch.save(state, path)
+
+
+def load_tensor_state(path: Path) -> dict:
+    # weights_only: torch's restricted unpickler, which builds only tensors and containers.
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rlbus.services.trainer.checkpoint import PARTIAL, _publish
+from rlbus.services.trainer.checkpoint import PARTIAL, _publish, load_tensor_state, save_tensor_state
 from rlbus.services.trainer.lora_ckpt import ADAPTER_WEIGHTS, BASE_FILE
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def save_run(table: RunTable, run: Run, folder: Path) -> None:
     base = {"base_model": table.base_name, "base_sha256": table.base_sha256}
     (partial / BASE_FILE).write_text(json.dumps(base, indent=2))
     state = {"run_id": run_id, "step": run.step, "optimizer": run.optimizer.state_dict(), "rng": run.rng}
-    torch.save(state, partial / RUN_STATE)
+    save_tensor_state(state, partial / RUN_STATE)
     _publish(partial)
 
 
@@ -68,7 +68,7 @@ def load_run(table: RunTable, run: Run, folder: Path) -> None:
     for name in (ADAPTER_WEIGHTS, BASE_FILE, RUN_STATE):
         if not (folder / name).is_file():
             raise ValueError(f"{folder} is no checkpoint of a run: it lacks {name}")
-    state = torch.load(folder / RUN_STATE, map_location="cpu", weights_only=True)
+    state = load_tensor_state(folder / RUN_STATE)
     if state["run_id"] != run_id:
         raise ValueError(f"{folder} is a checkpoint of run {state['run_id']!r}, not of run {run_id!r}")
     table.check_base(json.loads((folder / BASE_FILE).read_text())["base_sha256"], f"the adapter in {folder}")
