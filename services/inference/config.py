@@ -96,10 +96,12 @@ class InferenceConfig(ServiceConfig):
     fork the engine core from the server (vLLM's library default) instead of spawning it as ``vllm
     serve`` and its CPU platform ask (for executor workers this placement does not start). A spawned engine core imports
     torch and vLLM again: measured on 2 cores, the quickstart's replica served 19.5 s after ``rlbus rl``
-    started with spawn and 14.1 s with fork, steps as fast. Not with ``cpu_threads_bind``: a forked
-    engine keeps the OpenMP team the server's torch import sized before the binding was known, and
-    generated 2x slower beside a trainer (0.87 -> 1.70 s a step at ``max_async_level = 1``). False
-    keeps spawn (services/inference/executor.py); so does ``VLLM_WORKER_MULTIPROC_METHOD`` set by you."""
+    started with spawn and 14.1 s with fork, steps as fast. With ``cpu_threads_bind`` too: the binding
+    and its ``OMP_NUM_THREADS`` are set before the server imports torch, whose OpenMP team a forked
+    engine keeps (set after, the team was sized for every core and generated 2x slower beside a
+    trainer). At ``max_async_level = 1``: first rollouts 25.1 s after launch spawned, 16.0-17.6 s
+    forked, steps as fast. False keeps spawn (services/inference/executor.py); so does
+    ``VLLM_WORKER_MULTIPROC_METHOD`` set by you."""
     enable_lora: bool = False
     """Allow LoRA adapters (``POST /rlbus/load_lora``); costs some speed, so off unless needed."""
     max_lora_rank: int = Field(16, ge=1)

@@ -20,7 +20,6 @@ from loguru import logger
 
 from rlbus.services.inference.config import InferenceConfig
 from rlbus.services.inference.executor import (
-    bind_cpu_threads,
     fork_engine_core,
     place_worker,
     skip_broken_aot_cache,
@@ -90,11 +89,9 @@ def run_inference(config: InferenceConfig) -> int:
     if skip_broken_aot_cache(current_platform.is_cpu()):
         logger.debug("vLLM's AOT compile artifacts are off on CPU: they fail to load (VLLM_USE_AOT_COMPILE=0)")
     export_for_workers(config.worker_idle_spin_s)
-    if bind_cpu_threads(config.cpu_threads_bind):
-        logger.debug("vLLM's CPU worker pins its threads to cores {}", config.cpu_threads_bind)
     if place_worker(config.worker_in_engine_process, config.tensor_parallel_size):
         logger.debug("vLLM's model worker runs in its engine-core process (inference.worker_in_engine_process)")
-    forkable = config.fork_engine_core and config.cpu_threads_bind is None and current_platform.is_cpu()
+    forkable = config.fork_engine_core and current_platform.is_cpu()
     if forkable and fork_engine_core(type(current_platform)):
         logger.debug("vLLM's engine-core process is forked from the server (inference.fork_engine_core)")
     cli_env_setup()  # vLLM's CLI default: spawn processes (unless set above or by the user)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 from pydantic import ValidationError
 
@@ -86,3 +91,26 @@ def test_a_user_method_or_a_worker_process_keeps_spawn():
         assert not fork_engine_core(platform, environ)
         platform.check_and_update_config(object())
         assert environ[METHOD_VARIABLE] == "spawn"
+
+
+def test_the_thread_binding_is_in_the_environment_before_torch_loads():
+    """``rlbus inference`` applies ``cpu_threads_bind`` before importing the server (and torch): an
+    engine core forked from it keeps the OpenMP team size torch read when it loaded."""
+    probe = textwrap.dedent("""
+        import os, sys, types
+        seen = {}
+        def run_inference(config):
+            seen.update(omp=os.environ.get("OMP_NUM_THREADS"), torch="torch" in sys.modules)
+            return 0
+        sys.modules["rlbus.services.inference.server"] = types.SimpleNamespace(run_inference=run_inference)
+        from rlbus.services.inference.config import InferenceConfig
+        from rlbus.services.inference.main import run
+        assert run(InferenceConfig(model="m", cpu_threads_bind="0-2")) == 0
+        print(seen["omp"], seen["torch"])
+    """)  # fmt: skip
+    environ = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", THREADS_BIND_VARIABLE)}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], check=False, env=environ, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["3", "False"]
