@@ -43,7 +43,7 @@ def fake_loop(tmp_path, events: list[str]) -> RlLoop:
                               trainer=SimpleNamespace(run=lambda step, rows, n, sft=False: dict(METRICS)))  # fmt: skip
     loop.audit = AuditLog(tmp_path / "audit" / "trainer-t0.jsonl")
     loop.batches = Batches(loop.audit)
-    loop.weights = SimpleNamespace(publish=lambda step, model: 0.0)
+    loop.weights = SimpleNamespace(publish=lambda step, model: 0.0, published_bytes=0, adapter=lambda model: None)
     loop.pulse = SimpleNamespace(busy=lambda step: contextlib.nullcontext())
     loop.telemetry = SimpleNamespace(heartbeat=lambda *a: None, metrics=lambda *a: None, event=lambda *a, **k: None)
     loop.num_rejected = loop.num_dropped_samples = 0
