@@ -4,7 +4,9 @@
 batches, policy) as method calls and puts what must be sent into an
 :class:`Outbox`; :mod:`rlbus.services.orchestrator.service` owns the sockets and
 calls :meth:`Orchestrator.tick` after every burst of messages. Tests drive
-this class directly.
+this class directly. Results are checked and stored by its
+:class:`~rlbus.services.orchestrator.intake.ResultIntake`, built steps delivered to the trainer
+by its :class:`~rlbus.services.orchestrator.delivery.BatchDelivery`.
 
 Steps count from 1, as the trainer's do: batch ``s`` is trained as step
 ``s`` and yields policy ``s``; the base model is policy 0. Batch ``s`` is
@@ -20,10 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 from loguru import logger
 
-from rlbus import faults
 from rlbus.messages import (
     Ack,
     BatchAck,
@@ -42,10 +42,11 @@ from rlbus.services.orchestrator.buffer import Group, GroupBuffer, PolicyGate
 from rlbus.services.orchestrator.builder import BuiltStep, build_step
 from rlbus.services.orchestrator.checkpoint import ProgressState, ProgressStore
 from rlbus.services.orchestrator.config import OrchestratorConfig
+from rlbus.services.orchestrator.delivery import BatchDelivery
 from rlbus.services.orchestrator.evaluation import EvalRound, EvalScheduler
+from rlbus.services.orchestrator.intake import ResultIntake
 from rlbus.services.orchestrator.journal import Journal, Replay
-from rlbus.services.orchestrator.leases import Completion, TaskLedger, WorkerPool, dispatch
-from rlbus.services.orchestrator.rollouts import branched_problem, result_problem, unscored_problem
+from rlbus.services.orchestrator.leases import TaskLedger, WorkerPool, dispatch
 from rlbus.services.orchestrator.sampler import Draw, TaskSampler, existing_draws
 from rlbus.services.orchestrator.step_metrics import StepMetrics
 from rlbus.services.orchestrator.task_factory import TaskFactory
@@ -87,10 +88,6 @@ class Orchestrator:
         self.groups_per_batch = config.batch_size // config.rollouts_per_example
         self.max_steps = config.max_steps
         state = resume or ProgressState()
-        self.step = state.step + 1
-        self.resumed_step = state.step
-        """Progress is saved only once its step is acknowledged: steps up to here were trained before."""
-        """Next batch step to build."""
         self.totals = Counter(samples=state.total_samples, tokens=state.total_tokens, problems=state.total_problems)
         ratios = [env.ratio for env in config.train.env]
         self.sampler = TaskSampler(train_sizes, ratios, config.seed, state.sampler if resume else None)
@@ -101,26 +98,19 @@ class Orchestrator:
         # A teacher's rollouts (sft) were sampled by no policy of this run: they never go stale.
         self.buffer = GroupBuffer(config.max_off_policy_steps if config.training_mode != "sft" else NEVER_STALE)
         self.gate = PolicyGate(config.max_async_level)
-        # Only acknowledgements seen by this process count: after a restart the trainer may
-        # legitimately resume from an older checkpoint than ours (see _rewind).
-        self.store = BatchStore(acked_below=1)
         self.evals = EvalScheduler(config.eval, eval_sizes, final_step=config.max_steps)
         self._trained_at: float | None = None
         """When every step was first seen trained (the wait for the last policy's evaluation starts)."""
-        self.progress = progress
-        self.snapshots: dict[int, ProgressState] = {}
-        self.draw_of: dict[str, Draw] = {}
         self.step_metrics = StepMetrics(clock())
         self.outbox = Outbox()
         self.tasks = TaskFactory(config, self.ledger)
-        self.step_tasks: dict[int, list[str]] = {}
-        """Task ids of each built step not acknowledged yet (journaled again when renumbered)."""
-        self.journal = journal
+        self._journal = journal
+        self.delivery = BatchDelivery(config, state.step, self.step_metrics, self._event, progress, journal)
+        self.intake = ResultIntake(config, train_sizes, self.ledger, self.buffer, self.evals, self.step_metrics,
+                                   journal, self._report_eval)  # fmt: skip
         if replay is not None:
             self._restore(replay)
-        if self.max_steps is not None and state.step >= self.max_steps:
-            # Every step is trained and no trainer will ask again: its requests are answered as such.
-            self.store.ack_below(state.step + 1)
+        self.delivery.acknowledge_resumed()
 
     def _restore(self, replay: Replay) -> None:
         """Rebuild the steps built after progress ``replay.step`` and put the other journaled
@@ -128,7 +118,7 @@ class Orchestrator:
         self.ledger.mark_finished(replay.accepted_task_ids)
         groups: dict[str, Group] = {}
         for result in replay.results:
-            draw = self._adopt(result)
+            draw = self.intake.adopt(result)
             if draw is None:
                 continue  # the training environments changed since it was accepted
             if draw in self.pending_draws:
@@ -140,19 +130,17 @@ class Orchestrator:
             self._rebuild(step, [groups.pop(t) for t in task_ids])
         self.buffer.restore(groups.values())
         if self.journal is not None:
-            self.journal.resumed(replay.step, len(self.buffer) + sum(map(len, self.step_tasks.values())))
+            self.journal.resumed(replay.step, len(self.buffer) + self.delivery.num_unacked_groups)
         if replay.results:
             logger.info("journal: {} step(s) rebuilt after step {}, {} accepted group(s) back in the buffer",
-                        len(self.step_tasks), replay.step, len(self.buffer))  # fmt: skip
+                        len(self.delivery.step_tasks), replay.step, len(self.buffer))  # fmt: skip
 
     def _rebuild(self, step: int, groups: list[Group]) -> None:
         """Build ``step`` again exactly as before the restart (no metrics: they were reported)."""
         built = build_step(step, groups, self.config)
         self.totals.update(samples=built.num_samples, tokens=built.num_tokens, problems=built.num_problems)
-        self.step = step + 1
-        self.step_tasks[step] = [g.task_id for g in groups]
-        self.snapshots[step] = self._snapshot(built_steps=step)
-        self.store.add(step, built.batches)
+        self.delivery.record_tasks(step, [g.task_id for g in groups], journaled=False)
+        self.delivery.add(step, built.batches, self._snapshot(built_steps=step))
 
     # ---------------------------------------------------------------- state
 
@@ -178,10 +166,32 @@ class Orchestrator:
 
     @property
     def _all_trained(self) -> bool:
-        # Steps up to the resumed progress count as trained here (only for finishing: a trainer that
-        # resumes from an older checkpoint still gets them again, see _rewind). Otherwise an
-        # orchestrator restarted near the end waits forever for a trainer that has finished.
-        return self.max_steps is not None and self.store.first_unacked(self.resumed_step + 1) > self.max_steps
+        return self.delivery.all_trained
+
+    @property
+    def step(self) -> int:
+        """Next batch step to build."""
+        return self.delivery.next_step
+
+    @step.setter
+    def step(self, step: int) -> None:
+        self.delivery.move_to(step)
+
+    @property
+    def journal(self) -> Journal | None:
+        """Where accepted results, built and acknowledged steps are recorded (None: nowhere)."""
+        return self._journal
+
+    @journal.setter
+    def journal(self, journal: Journal | None) -> None:
+        self._journal = journal
+        self.delivery.attach_journal(journal)
+        self.intake.attach_journal(journal)
+
+    @property
+    def store(self) -> BatchStore:
+        """Built batches until the trainer acknowledges them."""
+        return self.delivery.store
 
     def waiting_for(self) -> str | None:
         """What progress is blocked on, for heartbeats; None when nothing is."""
@@ -246,91 +256,19 @@ class Orchestrator:
 
     def on_result(self, result: RolloutResult) -> ResultAck:
         """Store a result (or refuse it, saying why); the ack tells the worker to forget it."""
-        status, task = self.ledger.complete(result.task_id)
-        if status is Completion.DUPLICATE:
-            self.step_metrics.drop("duplicate_results")
-            return self._refuse(result, "duplicate: this task already has a result")
-        if status is Completion.ABANDONED:
-            return self._refuse(result, "abandoned: the task was given up after too many issues")
-        problem = self._result_problem(result, task)
-        if problem is None and not result.is_eval and self.config.training_mode != "rl":
-            problem = branched_problem(result) or (unscored_problem(result) if self.config.training_mode == "opd"
-                                                   else None)  # fmt: skip
-        if result.is_eval:
-            return self._on_eval_result(result, status, problem)
-        draw = self.draw_of.pop(result.task_id, None) if task is not None else self._adopt(result)
-        if draw is None:
-            problem = "not a task of this run"
-        if problem is not None:
-            self.step_metrics.drop("invalid_results")
-            logger.warning("refused result {!r:.80} from {!r:.80}: {}", result.task_id, result.worker_id, problem)
-            return self._refuse(result, problem)
-        if all(r.error is not None for r in result.rollouts):
-            # Infrastructure failures (inference down, environment crash) must not use up a training
-            # step: the group is dropped and a fresh example takes its place.
-            self.step_metrics.drop_errored_group(len(result.rollouts))
-            return self._refuse(result, f"every rollout errored: {result.rollouts[0].error}")
-        group = Group(result.task_id, result.env_id, draw, result.rollouts)  # type: ignore[arg-type]
-        if not self.buffer.add(group, self.step):
-            return self._refuse(result, f"stale: sampled by policy {group.oldest_policy_step}, "
-                                        f"{group.off_policy(self.step)} steps behind step {self.step} "
-                                        f"(max_off_policy_steps={self.config.max_off_policy_steps})")  # fmt: skip
-        if self.journal is not None:
-            self.journal.accepted(result)  # before the ack: the worker forgets what it was acked
-            faults.point("orchestrator.before_result_ack")
-        return ResultAck(task_ids=[result.task_id])
+        return self.intake.on_result(result, self.step, self.gate.policy_step)
 
     def on_unreadable_result(self, identity: bytes, task_id: str, problem: str) -> ResultAck:
-        """A result for ``task_id`` arrived but did not decode: refuse it (so the worker drops it
-        rather than resending it forever) and issue the task again, or give it up."""
-        self.step_metrics.drop("unreadable_results")
-        self.ledger.fail(task_id, identity, f"its result was unreadable ({problem[:200]})")
-        return ResultAck(task_ids=[task_id], accepted=False, reason=f"unreadable: {problem}")
+        """A result for ``task_id`` arrived but did not decode: refused, its task issued again or given up."""
+        return self.intake.on_unreadable_result(identity, task_id, problem)
 
     def on_batch_request(self, identity: bytes, request: BatchRequest) -> TrainBatch | Refused | None:
         """The rank's batch, a refusal, or None when the step is not built yet (answered later)."""
-        problem = self._request_problem(request)
-        if problem is not None:
-            return Refused(request="BatchRequest", reason=problem)
-        self._acknowledge_below(request.step)
-        if self.store.is_acked(request.step) and self.store.replay(request.step):
-            logger.warning("trainer asks for step {} again (restarted from its checkpoint): steps {}..{} are "
-                           "trained again with the same batches", request.step, request.step,
-                           self.store.acked_below + self.store.num_held - 1)  # fmt: skip
-            self._event("replay", f"trainer restarted at step {request.step}: acknowledged steps replayed",
-                        "warning", step=request.step)  # fmt: skip
-        if self.store.is_acked(request.step):
-            return Refused(
-                request="BatchRequest",
-                next_step=self.store.acked_below,
-                reason=(
-                    f"step {request.step} is already trained (acknowledged); the next step is {self.store.acked_below}"
-                ),
-            )
-        if request.step < self.step and not self.store.holds(request.step):
-            self._rewind(request.step)
-        batch = self.store.get(request.step, request.rank)
-        if batch is not None:
-            return batch
-        self._fast_forward(request.step)
-        self.store.wait(identity, request.rank, request.step)
-        return None
+        return self.delivery.on_batch_request(identity, request)
 
     def on_batch_ack(self, ack: BatchAck) -> None:
-        """Forget the step's batches. Not answered: a lost ack is made up for by the next
-        ``BatchRequest``, which acknowledges every earlier step."""
-        if ack.step < 1 or (self.max_steps is not None and ack.step > self.max_steps):
-            raise ValueError(f"BatchAck from {ack.trainer_id!r} for step {ack.step}, outside 1..{self.max_steps}")
-        if ack.step >= self.step:
-            # Only a BatchRequest moves this orchestrator ahead to a trainer's step: an ack of a step
-            # never built here proves nothing about the steps before it.
-            raise ValueError(f"BatchAck from {ack.trainer_id!r} for step {ack.step}, which was never built "
-                             f"(next step to build: {self.step})")  # fmt: skip
-        if not ack.ok:
-            self.step_metrics.drop("rejected_batches")
-            self._event("batch_rejected", f"trainer rejected step {ack.step}: {ack.reason}", "warning", step=ack.step)
-        if self.store.ack(ack.step):
-            self._on_acknowledged(ack.step)
+        """Forget the step's batches (not answered: the next ``BatchRequest`` acknowledges too)."""
+        self.delivery.on_batch_ack(ack)
 
     # ----------------------------------------------------------------- tick
 
@@ -365,17 +303,13 @@ class Orchestrator:
                 return
             # Results arrive in any order; a batch in draw order packs (and sums) the same way every run.
             groups.sort(key=lambda group: (group.draw.env_index, group.draw.example_id))
-            self.step_tasks[self.step] = [g.task_id for g in groups]
-            if self.journal is not None:
-                self.journal.built(self.step, self.step_tasks[self.step])
+            self.delivery.record_tasks(self.step, [g.task_id for g in groups])
             self._publish(build_step(self.step, groups, self.config), now)
 
     def _publish(self, built: BuiltStep, now: float) -> None:
         step = built.step
         self.totals.update(samples=built.num_samples, tokens=built.num_tokens, problems=built.num_problems)
-        self.step = step + 1
-        self.snapshots[step] = self._snapshot(built_steps=step)
-        self.outbox.batches += self.store.add(step, built.batches)
+        self.outbox.batches += self.delivery.add(step, built.batches, self._snapshot(built_steps=step))
         metrics = self.step_metrics.report(built, now, self.buffer, self.ledger, self.totals, self.gate.policy_step)
         self.outbox.metrics.append((step, metrics))
         if step % self.config.samples_interval == 0 and built.samples:
@@ -391,7 +325,7 @@ class Orchestrator:
         for _ in range(missing):
             draw = self.pending_draws.popleft() if self.pending_draws else self.sampler.draw()
             task = self.tasks.training(draw.env_index, draw.example_id, self.step)
-            self.draw_of[task.task_id] = draw
+            self.intake.issued(task.task_id, draw)
             self.ledger.add(task)
 
     def _settle_abandoned(self) -> None:
@@ -400,7 +334,7 @@ class Orchestrator:
         for abandoned in self.ledger.take_abandoned():
             task = abandoned.task
             self.step_metrics.drop("abandoned_tasks")
-            self.draw_of.pop(task.task_id, None)
+            self.intake.forget(task.task_id)
             if task.is_eval:
                 self._report_eval(self.evals.abandon(task.task_id))
             logger.warning("abandoned task {} ({}#{}): {}", task.task_id, task.env_id, task.example_id,
@@ -419,36 +353,6 @@ class Orchestrator:
                                                   policy_step, task_id, spec.temperature))  # fmt: skip
         logger.info("evaluating policy step {}: {} tasks", policy_step, len(planned))
 
-    def _adopt(self, result: RolloutResult) -> Draw | None:
-        """The draw of a training result this run did not issue (a worker resending after our
-        restart): kept if it names a training environment and a valid example."""
-        for index, spec in enumerate(self.config.train.env):
-            if spec.id == result.env_id and 0 <= result.example_id < self.train_sizes[index]:
-                return Draw(index, result.example_id)
-        return None
-
-    def _result_problem(self, result: RolloutResult, task: RolloutTask | None) -> str | None:
-        if task is not None and (task.env_id, task.example_id, task.is_eval) != (
-                result.env_id, result.example_id, result.is_eval):  # fmt: skip
-            return (f"result is for {result.env_id!r:.80}#{result.example_id} (eval {result.is_eval}), "
-                    f"the task for {task.env_id}#{task.example_id} (eval {task.is_eval})")  # fmt: skip
-        max_policy_step = max(self.gate.policy_step, self.step)
-        if task is not None:
-            num_rollouts: int | None = task.num_rollouts
-        else:  # adopted after a restart: a training group has the configured size
-            num_rollouts = None if result.is_eval else self.config.rollouts_per_example
-        return result_problem(result, num_rollouts, max_policy_step)
-
-    def _on_eval_result(self, result: RolloutResult, status: Completion, problem: str | None) -> ResultAck:
-        if status is Completion.UNKNOWN:
-            return self._refuse(result, "unknown eval task (issued before a restart?)")
-        if problem is not None:  # its example is left out of the round, which must still finish
-            self.step_metrics.drop("invalid_results")
-            self._report_eval(self.evals.abandon(result.task_id))
-            return self._refuse(result, problem)
-        self._report_eval(self.evals.record(result))
-        return ResultAck(task_ids=[result.task_id])
-
     def _report_eval(self, finished: EvalRound | None) -> None:
         if finished is None:
             return
@@ -456,69 +360,6 @@ class Orchestrator:
         self.outbox.metrics.append((finished.policy_step, metrics))
         logger.info("eval of policy step {}: {}", finished.policy_step,
                     ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "@" in k))  # fmt: skip
-
-    def _refuse(self, result: RolloutResult, reason: str) -> ResultAck:
-        return ResultAck(task_ids=[result.task_id], accepted=False, reason=reason)
-
-    def _request_problem(self, request: BatchRequest) -> str | None:
-        world_size = self.config.trainer_world_size
-        if request.world_size != world_size:
-            return f"world_size {request.world_size}, but batches are packed for trainer_world_size={world_size}"
-        if not 0 <= request.rank < world_size:
-            return f"rank {request.rank} is outside 0..{world_size - 1}"
-        if request.step < 1:
-            return f"step {request.step}: steps count from 1"
-        if self.max_steps is not None and request.step > self.max_steps:
-            return f"step {request.step} is past the end of the run (max_steps={self.max_steps})"
-        return None
-
-    def _acknowledge_below(self, step: int) -> None:
-        for released in self.store.ack_below(step):
-            self._on_acknowledged(released)
-
-    def _rewind(self, step: int) -> None:
-        """The trainer asks for ``step``, below what this orchestrator built since it resumed: the
-        trainer resumed from an older checkpoint, so those steps are not in its weights. Continue at
-        its step; batches held for later steps are renumbered from it, none of their rollouts is lost."""
-        logger.warning("trainer is at step {}, this orchestrator at {}: continuing at the trainer's step",
-                       step, self.step)  # fmt: skip
-        self._event("rewind", f"went back from step {self.step} to the trainer's step {step}", "warning")
-        moves = self.store.renumber(step)
-        self.snapshots = {new: msgspec.structs.replace(self.snapshots[old], step=new)
-                          for old, new in moves if old in self.snapshots}  # fmt: skip
-        self.step_tasks = {new: self.step_tasks.get(old, []) for old, new in moves}
-        if self.journal is not None:
-            for new_step, task_ids in self.step_tasks.items():
-                self.journal.built(new_step, task_ids)
-        self.step = step + len(moves)
-
-    def _fast_forward(self, step: int) -> None:
-        """The trainer is at ``step``, beyond what this orchestrator built (it restarted from an
-        older checkpoint, or fresh): skip ahead, since those steps are trained already."""
-        if step > self.step:
-            logger.warning("trainer is at step {}, this orchestrator at {}: skipping ahead", step, self.step)
-            self._event("fast_forward", f"skipped from step {self.step} to the trainer's step {step}", "warning")
-            self.step = step
-
-    def _on_acknowledged(self, step: int) -> None:
-        self.step_tasks.pop(step, None)
-        if self.journal is not None:
-            self.journal.acked(step)
-        snapshot = self.snapshots.pop(step, None)
-        for old in [s for s in self.snapshots if s < step]:
-            del self.snapshots[old]
-        if snapshot is None or self.progress is None:
-            self.store.forget_up_to(step)
-            return
-        if step % self.config.ckpt.interval == 0 or step == self.max_steps:
-            self.store.forget_up_to(step)
-            if self.journal is not None:
-                self.journal.sync()  # the progress file must never be ahead of the journal on disk
-            path = self.progress.save(snapshot)
-            faults.point("orchestrator.before_compaction")
-            if self.journal is not None:
-                self.journal.compact(step)  # after the save: a replay starts from this progress
-            self._event("checkpoint", f"progress of step {step} saved to {path}", step=step)
 
     def _snapshot(self, built_steps: int) -> ProgressState:
         return ProgressState(
@@ -528,7 +369,7 @@ class Orchestrator:
 
     def _undone_draws(self) -> list[Draw]:
         """Examples drawn but not in a built batch: in flight, buffered, or not issued yet."""
-        in_flight = [self.draw_of[t] for t in self.ledger.open_task_ids() if t in self.draw_of]
+        in_flight = self.intake.draws_of(self.ledger.open_task_ids())
         return in_flight + [g.draw for g in self.buffer] + list(self.pending_draws)
 
     def _event(self, kind: str, message: str, level: str = "info", **fields: Any) -> None:
