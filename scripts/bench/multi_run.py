@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trainer import CTX, build_model, make_batch, samples_of
+from trainer import CTX, add_batch_args, build_model, make_batch, samples_of
 
 from rlbus.logging import setup_logging
 from rlbus.messages import TrainBatch
@@ -83,16 +83,8 @@ def table_trainer(path: str, args: argparse.Namespace, peak: float, run_ids: tup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="model folder (default: a tiny model of the quickstart's size)")
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--min-len", type=int, default=130)
-    parser.add_argument("--max-len", type=int, default=200)
-    parser.add_argument("--prompt-len", type=int, default=110)
-    parser.add_argument("--seq-len", type=int, default=1024)
+    add_batch_args(parser)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     setup_logging("bench", None, level="warning")
     torch.manual_seed(0)

@@ -85,7 +85,7 @@ def bare_padded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch:
     ids = torch.zeros(len(samples), longest, dtype=torch.int64)
     mask = torch.zeros(len(samples), longest, dtype=torch.int64)
     for i, sample in enumerate(samples):
-        ids[i, :len(sample)], mask[i, :len(sample)] = torch.from_numpy(sample.astype(np.int64)), 1
+        ids[i, : len(sample)], mask[i, : len(sample)] = torch.from_numpy(sample.astype(np.int64)), 1
     optimizer.zero_grad(set_to_none=True)
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
     targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
@@ -112,8 +112,8 @@ def build_model(args: argparse.Namespace, folder: str) -> str:
     return folder
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_batch_args(parser: argparse.ArgumentParser) -> None:
+    """The model and batch shape options (also scripts/bench/multi_run.py's)."""
     parser.add_argument("--model", default=None, help="model folder (default: a tiny model of the quickstart's size)")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
@@ -123,6 +123,11 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=110)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_batch_args(parser)
     args = parser.parse_args()
     setup_logging("bench", None, level="warning")
     torch.manual_seed(0)
