@@ -84,17 +84,27 @@ class WeightsAnnounced(Message, kw_only=True):
 
 
 class WeightsQuery(Message, kw_only=True):
-    """Inference -> trainer: which step is latest? (late joiners ask this)."""
+    """Inference -> trainer: which step is latest? (late joiners ask this).
+
+    Version 2 added ``adapter``: one trainer may serve several runs' adapters, each with its own
+    latest step, so the question names whose. A bump, though defaulted: a version-1 trainer would
+    answer with its latest step of any adapter, which a replica would load as its own run's."""
+
+    VERSION: ClassVar[int] = 2
 
     replica_id: str
+    adapter: str = ""
+    """Whose latest step: a LoRA adapter's name (``ADAPTER_NAME_PATTERN``), "" for the full weights."""
 
 
 class WeightsFetch(Message, kw_only=True):
     """Inference worker -> trainer: send bucket ``bucket`` of ``step``.
 
-    Version 2 added ``base_step``: a replica may ask for deltas against the step it holds."""
+    Version 2 added ``base_step``: a replica may ask for deltas against the step it holds.
+    Version 3 added ``adapter``: runs sharing a trainer publish the same step numbers, so a step
+    is named by adapter and number (a version-2 trainer would serve whichever it held)."""
 
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
 
     replica_id: str
     step: int
@@ -105,6 +115,8 @@ class WeightsFetch(Message, kw_only=True):
     base_step: int | None = None
     """The step whose tensors the replica holds, verified: the trainer may then send deltas
     against it (delta mode). None: send the tensors in full."""
+    adapter: str = ""
+    """Whose step: the announcement's ``lora.name``, "" for the full weights."""
 
 
 class WeightsBucket(Message, kw_only=True):

@@ -13,6 +13,10 @@ and a fetch that names the step the replica holds (``WeightsFetch.base_step``)
 gets each tensor as a compressed XOR against it when that is smaller
 (:mod:`rlbus.weight_codec`); a base it no longer holds gets full tensors.
 
+Steps are kept per adapter (``lora.name``; "" for the full weights): runs sharing one trainer
+each publish their own adapter with their own step numbers, so every query, fetch and
+``keep_steps`` limit names the adapter, and step 3 of run ``a`` never answers for run ``b``'s.
+
 Torch lives at the service edges: the trainer hands numpy arrays in, the
 inference worker turns them back into tensors (``bfloat16`` travels as uint16
 bits and is named in ``TensorMeta.dtype``).
@@ -42,11 +46,23 @@ from rlbus.messages import (
 )
 from rlbus.pubsub import Publisher
 from rlbus.weight_codec import RAW, XOR_ZSTD, NamedArray, WeightsCorrupt, checksum, encode_delta
-from rlbus.weights_fetch import FetchedStep, HeldStep, ReplicaTransfer, Staging, fetch_step, fetch_weights, query_latest
+from rlbus.weights_fetch import (
+    FULL_WEIGHTS,
+    FetchedStep,
+    HeldStep,
+    ReplicaTransfer,
+    Staging,
+    adapter_of,
+    adapter_problem,
+    fetch_step,
+    fetch_weights,
+    query_latest,
+)
 
 __all__ = [
-    "FetchedStep", "HeldStep", "NamedArray", "PublishBuffers", "ReplicaTransfer", "Staging", "WeightServer", "WeightStore",
-    "WeightsCorrupt", "checksum", "fetch_step", "fetch_weights", "query_latest",
+    "FULL_WEIGHTS", "FetchedStep", "HeldStep", "NamedArray", "PublishBuffers", "ReplicaTransfer", "Staging",
+    "WeightServer", "WeightStore", "WeightsCorrupt", "adapter_of", "adapter_problem", "checksum", "fetch_step",
+    "fetch_weights", "query_latest",
 ]  # fmt: skip
 
 Bucket = list[tuple[str, np.ndarray]]
@@ -99,10 +115,12 @@ class PublishBuffers:
 
 
 class WeightStore:
-    """The steps a trainer can serve, split into buckets of about ``bucket_bytes``.
+    """The steps a trainer can serve, split into buckets of about ``bucket_bytes``, kept per adapter
+    (``keep_steps`` of each: one run's publications never push out another's).
 
     ``delta``: keep at least the step before the latest too, and answer fetches that name it as
-    their base with deltas (encoded once per bucket, shared by every replica that asks)."""
+    their base with deltas (encoded once per bucket, shared by every replica that asks); a base is
+    always a step of the same adapter."""
 
     def __init__(self, bucket_bytes: int, keep_steps: int = 1, delta: bool = False,
                  chunk_bytes: int = CHUNK_BYTES) -> None:  # fmt: skip
@@ -112,14 +130,15 @@ class WeightStore:
         self.chunk_bytes = chunk_bytes
         self.delta = delta
         self.keep_steps = max(keep_steps, 2) if delta else keep_steps
-        self._steps: dict[int, StoredStep] = {}
-        self._encoded: dict[tuple[int, int, int], EncodedBucket] = {}
-        """(step, base step, bucket) -> its deltas."""
+        self._steps: dict[str, dict[int, StoredStep]] = {}
+        """Adapter ("" for the full weights) -> step -> what it serves."""
+        self._encoded: dict[tuple[str, int, int, int], EncodedBucket] = {}
+        """(adapter, step, base step, bucket) -> its deltas."""
         self._lock = threading.Lock()
 
     def add(self, step: int, tensors: Iterable[NamedArray], lora: LoraAdapterMeta | None = None) -> WeightsAnnounced:
         """Store ``step`` (arrays are kept by reference) and return its announcement; ``lora``: the
-        tensors are that adapter's, not the full weights."""
+        tensors are that adapter's, not the full weights, and ``step`` is counted among its steps."""
         manifest: list[TensorMeta] = []
         buckets: list[Bucket] = [[]]
         bucket_fill = 0
@@ -150,28 +169,34 @@ class WeightStore:
             lora=lora,
         )
         by_name = {name: array for bucket in buckets for name, array in bucket} if self.delta else {}
+        adapter = adapter_of(announced)
         with self._lock:
-            self._steps[step] = StoredStep(announced, buckets, by_name)
-            for old in sorted(self._steps)[: -self.keep_steps]:
-                del self._steps[old]
+            steps = self._steps.setdefault(adapter, {})
+            steps[step] = StoredStep(announced, buckets, by_name)
+            for old in sorted(steps)[: -self.keep_steps]:
+                del steps[old]
             self._encoded = {key: value for key, value in self._encoded.items()
-                             if key[0] in self._steps and key[1] in self._steps}  # fmt: skip
+                             if key[0] != adapter or (key[1] in steps and key[2] in steps)}  # fmt: skip
         return announced
 
-    def latest(self) -> WeightsAnnounced | None:
+    def latest(self, adapter: str = FULL_WEIGHTS) -> WeightsAnnounced | None:
+        """The highest step held of ``adapter`` ("": the full weights), None when none is."""
         with self._lock:
-            return self._steps[max(self._steps)].announced if self._steps else None
+            steps = self._steps.get(adapter)
+            return steps[max(steps)].announced if steps else None
 
-    def bucket(self, step: int, index: int, nonce: int = 0, base_step: int | None = None) -> WeightsBucket | Refused:
-        """Bucket ``index`` of ``step``; as deltas against ``base_step`` when in delta mode and
-        that step is held, else in full."""
+    def bucket(self, step: int, index: int, nonce: int = 0, base_step: int | None = None,
+               adapter: str = FULL_WEIGHTS) -> WeightsBucket | Refused:  # fmt: skip
+        """Bucket ``index`` of ``adapter``'s ``step``; as deltas against ``base_step`` (of the same
+        adapter) when in delta mode and that step is held, else in full."""
         with self._lock:
-            stored = self._steps.get(step)
-            base = self._steps.get(base_step) if self.delta and base_step is not None and base_step != step else None
+            steps = self._steps.get(adapter, {})
+            stored, held = steps.get(step), sorted(steps)
+            base = steps.get(base_step) if self.delta and base_step is not None and base_step != step else None
         if stored is None:
-            return Refused(request="WeightsFetch", reason=f"step {step} is not held (have {sorted(self._steps)})")
+            return Refused(request="WeightsFetch", reason=f"step {step}{whose(adapter)} is not held (have {held})")
         if not 0 <= index < len(stored.buckets):
-            return Refused(request="WeightsFetch", reason=f"step {step} has no bucket {index}")
+            return Refused(request="WeightsFetch", reason=f"step {step}{whose(adapter)} has no bucket {index}")
         if base is not None:
             encoded = self._encoded_bucket(stored, base, index)
         else:
@@ -193,7 +218,8 @@ class WeightStore:
         return [flat[start : start + step] for start in range(0, flat.size, step)]
 
     def _encoded_bucket(self, stored: StoredStep, base: StoredStep, index: int) -> EncodedBucket:
-        key = (stored.announced.step, base.announced.step, index)
+        adapter = adapter_of(stored.announced)
+        key = (adapter, stored.announced.step, base.announced.step, index)
         with self._lock:
             cached = self._encoded.get(key)
         if cached is not None:
@@ -206,9 +232,15 @@ class WeightStore:
             encoded.tensors.append(array if delta is None else delta)
             encoded.encodings.append(RAW if delta is None else XOR_ZSTD)
         with self._lock:
-            if stored.announced.step in self._steps and base.announced.step in self._steps:
+            steps = self._steps.get(adapter, {})
+            if stored.announced.step in steps and base.announced.step in steps:
                 self._encoded[key] = encoded
         return encoded
+
+
+def whose(adapter: str) -> str:
+    """`` of adapter 'x'`` for an adapter's steps, nothing for the full weights (messages read as before)."""
+    return f" of adapter {adapter!r}" if adapter else ""
 
 
 class WeightServer:
@@ -227,8 +259,10 @@ class WeightServer:
         self._bind_error: Exception | None = None
         self._thread = threading.Thread(target=self._run, name="weight-server", daemon=True)
         self.num_buckets_served = 0
-        self._served: dict[int, set[int]] = {}
-        """Step -> its buckets served at least once (recent steps only)."""
+        self._served: dict[tuple[str, int], set[int]] = {}
+        """(adapter, step) -> its buckets served at least once (recent steps of each adapter only)."""
+        self._last_adapter = FULL_WEIGHTS
+        """The adapter of the step published last: whose step ``wait_fetched`` means by default."""
         self._served_changed = threading.Condition()
         self.fetch_address = self.announce_address = ""
         # publish() writes a byte here so the thread announces at once, not at its next wake-up.
@@ -253,21 +287,28 @@ class WeightServer:
         announced = self.store.add(step, tensors, lora)
         with self._lock:
             self._pending.append(announced)
+            self._last_adapter = adapter_of(announced)
         try:
             os.write(self._wake_write, b"!")
         except BlockingIOError:
             pass  # the pipe is full of wake-ups already: the thread is bound to wake
         return announced
 
-    def wait_fetched(self, step: int, timeout_s: float) -> bool:
-        """Block until every bucket of ``step`` was served at least once (a replica holds it), or
-        ``timeout_s`` passed; True when it was."""
-        announced = self.store.latest()
+    def wait_fetched(self, step: int, timeout_s: float, adapter: str | None = None) -> bool:
+        """Block until every bucket of ``adapter``'s ``step`` (its latest) was served at least once (a
+        replica holds it), or ``timeout_s`` passed; True when it was. ``adapter`` None: the adapter
+        of the step published last, so a single-run trainer (full weights or one adapter) need not
+        name it; a trainer serving several runs names each."""
+        if adapter is None:
+            with self._lock:
+                adapter = self._last_adapter
+        announced = self.store.latest(adapter)
         if announced is None or announced.step != step:
             return False
+        key = (adapter, step)
         with self._served_changed:
             return self._served_changed.wait_for(
-                lambda: len(self._served.get(step, ())) >= announced.num_buckets, timeout_s
+                lambda: len(self._served.get(key, ())) >= announced.num_buckets, timeout_s
             )
 
     def stop(self) -> None:
@@ -277,11 +318,11 @@ class WeightServer:
             os.close(self._wake_read)
             os.close(self._wake_write)
 
-    def _record_served(self, bucket: WeightsBucket) -> None:
+    def _record_served(self, adapter: str, bucket: WeightsBucket) -> None:
         self.num_buckets_served += 1
         with self._served_changed:
-            self._served.setdefault(bucket.step, set()).add(bucket.bucket)
-            for old in [s for s in self._served if s < bucket.step - 2]:
+            self._served.setdefault((adapter, bucket.step), set()).add(bucket.bucket)
+            for old in [key for key in self._served if key[0] == adapter and key[1] < bucket.step - 2]:
                 del self._served[old]
             self._served_changed.notify_all()
 
@@ -311,7 +352,8 @@ class WeightServer:
                 pending, self._pending = self._pending, []
             for announced in pending:
                 publisher.publish(announced)
-                logger.info("announced weights of step {} ({:.1f} MB)", announced.step, announced.total_bytes / 1e6)
+                logger.info("announced weights of step {}{} ({:.1f} MB)", announced.step,
+                            whose(adapter_of(announced)), announced.total_bytes / 1e6)  # fmt: skip
         # zmq sockets belong to the thread that uses them: close them here, not in stop().
         router.close()
         publisher.sock.close()
@@ -321,13 +363,23 @@ class WeightServer:
         if received is None:
             return
         identity, request = received
-        if isinstance(request, WeightsQuery):
-            reply = self.store.latest() or Refused(request="WeightsQuery", reason="no step published yet")
-        else:
-            reply = self.store.bucket(request.step, request.bucket, request.nonce, request.base_step)
-            if isinstance(reply, WeightsBucket):
-                self._record_served(reply)
+        reply = self._reply_to(request)
         try:
             self.bus.send(router, reply, identity)
         except PeerUnreachable as exc:  # gone, or not reading: the thread serves the others
             logger.warning("weights: {} not sent: {}", type(reply).__name__, exc)
+
+    def _reply_to(self, request: WeightsQuery | WeightsFetch) -> WeightsAnnounced | WeightsBucket | Refused:
+        """The answer to ``request``; a Refused (never an exception: this thread serves everyone)
+        for an adapter name that cannot be one, a step not held or one not published yet."""
+        name = type(request).__name__
+        problem = adapter_problem(request.adapter)
+        if problem:
+            return Refused(request=name, reason=problem)
+        if isinstance(request, WeightsQuery):
+            latest = self.store.latest(request.adapter)
+            return latest or Refused(request=name, reason=f"no step{whose(request.adapter)} published yet")
+        reply = self.store.bucket(request.step, request.bucket, request.nonce, request.base_step, request.adapter)
+        if isinstance(reply, WeightsBucket):
+            self._record_served(request.adapter, reply)
+        return reply

@@ -10,11 +10,16 @@ is returned only when all of them arrived and passed: a corrupt or partial trans
 :class:`WeightsCorrupt` and nothing of it may be loaded. Tensors are views of the received
 frames (no copy), or, given a :class:`Staging`, copies in buffers the replica reuses from step
 to step; deltas are decoded against the replica's :class:`HeldStep`.
+
+Steps are named by adapter and number (one trainer may serve several runs' adapters, each
+counting its own steps): a fetch asks for the announcement's adapter (``lora.name``), a query
+names the adapter whose latest step it wants ("" for the full weights).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import secrets
 import time
 from collections import deque
@@ -25,11 +30,36 @@ import zmq
 from loguru import logger
 
 from rlbus.bus import Bus
-from rlbus.messages import Refused, TensorMeta, WeightsAnnounced, WeightsBucket, WeightsFetch, WeightsQuery
+from rlbus.messages import (
+    ADAPTER_NAME_PATTERN,
+    Refused,
+    TensorMeta,
+    WeightsAnnounced,
+    WeightsBucket,
+    WeightsFetch,
+    WeightsQuery,
+)
 from rlbus.weight_codec import RAW, XOR_ZSTD, NamedArray, WeightsCorrupt, checksum, decode_delta, hasher
 
 DEFAULT_WINDOW = 4
 """Bucket requests in flight: enough to keep loopback busy while a bucket is checked."""
+
+FULL_WEIGHTS = ""
+"""The adapter name that stands for the full weights (steps whose ``lora`` is None)."""
+
+
+def adapter_of(announced: WeightsAnnounced) -> str:
+    """Whose step ``announced`` is: its adapter's name, or ``FULL_WEIGHTS``."""
+    return announced.lora.name if announced.lora is not None else FULL_WEIGHTS
+
+
+def adapter_problem(adapter: str) -> str:
+    """Why ``adapter`` names no adapter's steps ("" when it does: a LoRA adapter name or ``FULL_WEIGHTS``)."""
+    if adapter == FULL_WEIGHTS or re.fullmatch(ADAPTER_NAME_PATTERN, adapter):
+        return ""
+    shown = adapter if len(adapter) <= 80 else f"{adapter[:80]}... ({len(adapter)} characters)"
+    return (f"adapter {shown!r} is not an adapter name (a letter or digit, then up to 63 letters, digits, "
+            "'.', '_' or '-') nor \"\" (the full weights)")  # fmt: skip
 
 
 @dataclass
@@ -126,11 +156,15 @@ class _Transfer:
     num_delta_tensors: int = 0
 
 
-def query_latest(bus: Bus, sock: zmq.Socket, replica_id: str, timeout_s: float) -> WeightsAnnounced | None:
-    """The trainer's latest step, or None if it has published nothing yet."""
-    reply = bus.request(
-        sock, WeightsQuery(replica_id=replica_id), (WeightsAnnounced, Refused), timeout_s, what="answer to WeightsQuery"
-    )
+def query_latest(bus: Bus, sock: zmq.Socket, replica_id: str, timeout_s: float,
+                 adapter: str = FULL_WEIGHTS) -> WeightsAnnounced | None:  # fmt: skip
+    """The trainer's latest step of ``adapter`` ("": the full weights), or None if it has published
+    none yet. Raises ValueError for a name that cannot be an adapter's."""
+    problem = adapter_problem(adapter)
+    if problem:
+        raise ValueError(problem)
+    query = WeightsQuery(replica_id=replica_id, adapter=adapter)
+    reply = bus.request(sock, query, (WeightsAnnounced, Refused), timeout_s, what="answer to WeightsQuery")
     return reply if isinstance(reply, WeightsAnnounced) else None
 
 
@@ -155,7 +189,7 @@ def fetch_weights(bus: Bus, sock: zmq.Socket, announced: WeightsAnnounced, repli
     done: set[int] = set()
     while len(done) < announced.num_buckets:
         while to_ask and len(transfer.in_flight) < window:
-            _send(bus, sock, transfer, _new_request(replica_id, announced.step, to_ask.popleft(), base, timeout_s))
+            _send(bus, sock, transfer, _new_request(replica_id, announced, to_ask.popleft(), base, timeout_s))
         deadline = min(request.deadline for request in transfer.in_flight.values())
         reply = bus.recv_before(sock, deadline, (WeightsBucket, Refused))
         if reply is None:
@@ -172,8 +206,10 @@ def fetch_weights(bus: Bus, sock: zmq.Socket, announced: WeightsAnnounced, repli
     return _complete(transfer)
 
 
-def _new_request(replica_id: str, step: int, index: int, base: HeldStep | None, timeout_s: float) -> _Request:
-    message = WeightsFetch(replica_id=replica_id, step=step, bucket=index, nonce=secrets.randbelow(2**63 - 1) + 1,
+def _new_request(replica_id: str, announced: WeightsAnnounced, index: int, base: HeldStep | None,
+                 timeout_s: float) -> _Request:  # fmt: skip
+    message = WeightsFetch(replica_id=replica_id, step=announced.step, bucket=index, adapter=adapter_of(announced),
+                           nonce=secrets.randbelow(2**63 - 1) + 1,
                            base_step=base.step if base is not None else None)  # fmt: skip
     return _Request(message, time.monotonic() + timeout_s)
 

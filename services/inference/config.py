@@ -112,9 +112,12 @@ class InferenceConfig(ServiceConfig):
     await_adapter: str | None = Field(None, pattern=ADAPTER_NAME_PATTERN)
     """A LoRA run's adapter name (``rlbus rl`` sets it from ``trainer.lora.name`` when only the
     adapter travels): requests name it as ``model``, so the replica admits none until the trainer's
-    adapter of that name is loaded (the base alone would answer them 404). Adapters the trainer
-    announces are written under ``<output_dir>/adapters/<replica_id>/`` and loaded in place by name
-    (needs ``enable_lora``). None: serve the base weights when the trainer has published nothing."""
+    adapter of that name is loaded (the base alone would answer them 404). It also selects which
+    adapter the replica follows: it asks the trainer for this adapter's latest step and ignores
+    announcements of the full weights or of other adapters (other runs sharing the trainer).
+    Adapters are written under ``<output_dir>/adapters/<replica_id>/`` and loaded in place by name
+    (needs ``enable_lora``). None: follow the full weights, and serve the base weights when the
+    trainer has published none."""
     lora_dir: Path | None = None
     """Folder ``POST /rlbus/load_lora`` loads adapters from: a ``lora_path`` must be an absolute path
     that resolves (symlinks followed) inside it; hub ids are refused. None refuses loading by HTTP."""

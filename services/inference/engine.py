@@ -105,7 +105,9 @@ class AdapterLoader:
         self.engine, self.models, self.folders = engine, models, folders
         self.max_lora_rank = max_lora_rank
         self.fetch = fetch
-        """Blocking: the verified tensors of a step (``worker_extension.pull_step``); run on a thread."""
+        """Blocking: the verified tensors of a step (``worker_extension.pull_step``); run on a thread.
+        It asks for the step of ``announced.lora.name`` (``WeightsFetch.adapter``): runs sharing a
+        trainer number their steps alike, so the number alone could fetch another run's adapter."""
 
     async def load(self, announced: WeightsAnnounced) -> LoadReport:
         meta = announced.lora

@@ -12,6 +12,10 @@ Sockets (all connect; the trainer, orchestrator and monitor bind):
   (re)established. Sends never wait: no orchestrator must never slow serving.
 * PUSH ``monitor_telemetry``: heartbeats, metrics, events.
 
+With ``await_adapter`` set, the replica follows that adapter only: it asks for its latest
+step and ignores announcements of the full weights or of another adapter (another run's,
+when runs share one trainer). Without it, it asks for the full weights' latest step.
+
 Swaps run one at a time through the :class:`AdmissionGate` (see its docstring for
 what happens to requests in flight). A transfer that fails verification leaves
 the old weights serving; a load that fails half-way restores the base weights.
@@ -40,6 +44,7 @@ from rlbus.services.inference.config import InferenceConfig
 from rlbus.services.inference.gate import AdmissionGate
 from rlbus.services.inference.policy import BASE_STEP, LoadReport, PolicyReporter, PolicyTracker, ServedPolicy
 from rlbus.services.inference.telemetry import ThroughputMeter, read_engine_samples, weight_update_metrics
+from rlbus.weights_fetch import FULL_WEIGHTS, adapter_of
 
 IDLE_WAIT_S = 3600.0  # receive loops wake up this often even when nothing arrives
 
@@ -67,6 +72,8 @@ class WeightSync:
         self.config = config
         self.loader = loader
         self.replica_id = config.resolved_replica_id()
+        self.adapter = config.await_adapter or FULL_WEIGHTS
+        """Whose latest step the replica asks for (``await_adapter``; "" for the full weights)."""
         self.tracker = PolicyTracker(retry_max_s=config.weights_poll_interval_s)
         self.gate = AdmissionGate()
         self.reporter = PolicyReporter(self.replica_id, config.resolved_advertise_url())
@@ -132,7 +139,7 @@ class WeightSync:
 
     async def _load_initial_weights(self) -> None:
         latest = await self._query_latest(self.config.startup_weights_timeout_s)
-        if latest is not None and self.tracker.offer(latest):
+        if latest is not None and self.follows(latest) and self.tracker.offer(latest):
             await self.swap_to(self.tracker.take_pending())  # type: ignore[arg-type]
         if self.tracker.served is None and self.config.await_adapter is not None:
             # Requests name the adapter, which the base alone would answer with 404: they wait at the
@@ -210,7 +217,7 @@ class WeightSync:
         try:
             reply = await self.bus.request(
                 self.weights,
-                WeightsQuery(replica_id=self.replica_id),
+                WeightsQuery(replica_id=self.replica_id, adapter=self.adapter),
                 (WeightsAnnounced, Refused),
                 timeout_s,
                 what="answer to WeightsQuery",
@@ -218,9 +225,21 @@ class WeightSync:
         except BusTimeout:
             logger.info("no answer from the trainer at {} within {:g}s", self.weights.address, timeout_s)
             return None
+        if isinstance(reply, Refused):
+            logger.debug("the trainer has no step to offer: {}", reply.reason)
         return reply if isinstance(reply, WeightsAnnounced) else None
 
+    def follows(self, announced: WeightsAnnounced) -> bool:
+        """Whether ``announced`` is for this replica: any step without ``await_adapter`` (as before
+        runs shared a trainer), else only steps of that adapter."""
+        return self.config.await_adapter is None or adapter_of(announced) == self.config.await_adapter
+
     def _offer(self, announced: WeightsAnnounced) -> None:
+        if not self.follows(announced):
+            logger.debug("ignored step {} of {!r}: another run's (this replica follows adapter {!r})",
+                         announced.step, adapter_of(announced) or "the full weights",
+                         self.config.await_adapter)  # fmt: skip
+            return
         if self.tracker.offer(announced):
             self._pending.set()
 

@@ -143,8 +143,9 @@ def pull_weights(announced: WeightsAnnounced, address: str, replica_id: str, bus
 
 def pull_step(announced: WeightsAnnounced, address: str, replica_id: str,
               bus_config: BusConfig) -> list[tuple[str, np.ndarray, str]]:  # fmt: skip
-    """All tensors of ``announced``, checked, over a DEALER used for this step only
-    (so a late reply to an abandoned fetch can never be mistaken for this step's)."""
+    """All tensors of ``announced`` (of its adapter, ``lora.name``, when it has one), checked, over
+    a DEALER used for this step only (so a late reply to an abandoned fetch can never be mistaken
+    for this step's)."""
     with Bus(bus_config) as bus:
         sock = bus.connect(zmq.DEALER, address, "weights")
         return fetch_step(bus, sock, announced, replica_id, bus_config.request_timeout_s, retries=2)

@@ -36,8 +36,8 @@ class TamperingStore(WeightStore):
 
     corrupt_steps: set[int]
 
-    def bucket(self, step: int, index: int, nonce: int = 0, base_step: int | None = None):
-        reply = super().bucket(step, index, nonce, base_step)
+    def bucket(self, step: int, index: int, nonce: int = 0, base_step: int | None = None, adapter: str = ""):
+        reply = super().bucket(step, index, nonce, base_step, adapter)
         if step in self.corrupt_steps and isinstance(reply, WeightsBucket) and index == 0:
             tampered = reply.tensors[0].copy()
             tampered.reshape(-1).view(np.uint8)[0] ^= 0xFF

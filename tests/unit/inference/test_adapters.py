@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import msgpack
@@ -13,8 +14,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from rlbus.bus import BusError
+from rlbus.bus import Bus, BusError
 from rlbus.codec import DecodeError, decode, encode
+from rlbus.config.base import BusConfig
 from rlbus.messages import LoraAdapterMeta, TensorMeta, WeightsAnnounced
 from rlbus.services.inference.adapters import (
     AdapterFolders,
@@ -23,7 +25,8 @@ from rlbus.services.inference.adapters import (
     check_adapter_meta,
 )
 from rlbus.services.inference.engine import AdapterLoader, EngineWeightLoader
-from rlbus.weights import WeightsCorrupt, checksum
+from rlbus.services.inference.worker_extension import pull_step
+from rlbus.weights import WeightsCorrupt, WeightServer, WeightStore, checksum
 
 PREFIX = "base_model.model.model.layers.0.self_attn.q_proj"
 META = LoraAdapterMeta(name="run-a", rank=2, alpha=4.0, target_modules=["q_proj"], base_fingerprint="ab12")
@@ -196,3 +199,24 @@ def test_an_adapter_step_on_a_replica_without_lora_is_refused():
     weights = EngineWeightLoader(FakeEngine(), "tcp://unused", "r", None)
     report = asyncio.run(weights.load_step(announcement(1)))
     assert (report.ok, report.kind) == (False, "transfer") and "enable_lora" in report.error
+
+
+def test_the_adapter_fetched_is_the_one_announced_though_another_has_the_same_step(tmp_path):
+    """The replica's real fetch path (``server.adapter_loader``: ``pull_step``) against a trainer
+    serving two runs' adapters, both at step 3."""
+    bus_config = BusConfig(request_timeout_s=5, linger_ms=0)
+    with Bus(bus_config) as bus:
+        server = WeightServer(bus, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", WeightStore(bucket_bytes=64)).start()
+        try:
+            run_b = LoraAdapterMeta(name="run-b", rank=2, alpha=4.0, target_modules=["q_proj"])
+            announced = server.publish(3, adapter_tensors(1.0), META)
+            server.publish(3, adapter_tensors(5.0), run_b)
+            fetch = partial(pull_step, address=server.fetch_address, replica_id="r", bus_config=bus_config)
+            weights, _, models, _ = loader(tmp_path, fetch)
+            report = asyncio.run(weights.load_step(announced))
+        finally:
+            server.stop()
+    assert report.ok, report.error
+    saved = load_file(str(Path(models.lora_requests["run-a"].lora_path) / "adapter_model.safetensors"))
+    for name, array, _ in adapter_tensors(1.0):
+        assert saved[name].tobytes() == array.tobytes()

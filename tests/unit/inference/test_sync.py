@@ -16,7 +16,16 @@ import zmq
 from rlbus.abus import AsyncBus
 from rlbus.bus import Bus
 from rlbus.config.base import BusEndpoints
-from rlbus.messages import Ack, Event, Heartbeat, MetricsReport, PolicyLoaded, Refused, WeightsAnnounced
+from rlbus.messages import (
+    Ack,
+    Event,
+    Heartbeat,
+    LoraAdapterMeta,
+    MetricsReport,
+    PolicyLoaded,
+    Refused,
+    WeightsAnnounced,
+)
 from rlbus.services.inference.config import InferenceConfig
 from rlbus.services.inference.policy import LoadReport, policy_ref
 from rlbus.services.inference.sync import WeightSync
@@ -24,6 +33,10 @@ from rlbus.services.orchestrator.buffer import PolicyGate
 from rlbus.weights import WeightServer, WeightStore
 
 WEIGHTS = [("w", np.ones((4, 4), np.float32), "float32")]
+
+
+def lora(name: str) -> LoraAdapterMeta:
+    return LoraAdapterMeta(name=name, rank=2, alpha=4.0, target_modules=["q_proj"])
 
 
 class FakeLoader:
@@ -263,10 +276,43 @@ def test_a_lora_run_replica_admits_nothing_until_the_adapter_serves(bus_config, 
         world.sync = WeightSync(config, world.loader, on_fatal=world.fatal.append)
         await world.sync.start()
         before = (world.sync.tracker.step, world.sync.gate.is_open, world.sync.tracker.ready)
-        world.trainer.publish(0, WEIGHTS)  # the trainer's fresh adapter, step 0
+        world.trainer.publish(0, WEIGHTS, lora("run-a"))  # the trainer's fresh adapter, step 0
         await world.policy_loaded(0)
         return before, world.sync.gate.step, world.sync.gate.is_open, world.loader.loaded
 
     before, gate_step, is_open, loaded = run(bus_config, endpoint, scenario)
     assert before == (None, False, False)  # the base alone would answer requests naming the adapter 404
     assert (gate_step, is_open, loaded) == (0, True, [0])
+
+
+def test_a_lora_replica_follows_only_its_own_runs_adapter(bus_config, endpoint):
+    """Runs sharing a trainer: the replica of run-a asks for run-a's latest step (run-b's is newer)
+    and ignores announcements of run-b and of full weights."""
+
+    async def scenario(world: World):
+        world.trainer.publish(2, WEIGHTS, lora("run-a"))
+        world.trainer.publish(5, WEIGHTS, lora("run-b"))
+        config = world.config.model_copy(update={"enable_lora": True, "await_adapter": "run-a"})
+        world.sync = WeightSync(config, world.loader, on_fatal=world.fatal.append)
+        await world.sync.start()
+        started = list(world.loader.loaded)
+        world.trainer.publish(7, WEIGHTS, lora("run-b"))
+        world.trainer.publish(8, WEIGHTS)
+        world.trainer.publish(3, WEIGHTS, lora("run-a"))
+        await world.policy_loaded(3)
+        return started, world.loader.loaded
+
+    started, loaded = run(bus_config, endpoint, scenario)
+    assert (started, loaded) == ([2], [2, 3])
+
+
+def test_which_announcements_a_replica_follows():
+    store = WeightStore(bucket_bytes=1 << 20)
+    full, run_a, run_b = (store.add(1, WEIGHTS, meta) for meta in (None, lora("run-a"), lora("run-b")))
+    follows = []
+    for update in ({}, {"enable_lora": True, "await_adapter": "run-a"}):
+        sync = WeightSync(InferenceConfig(port=8123, **update), FakeLoader())
+        follows.append([sync.follows(announced) for announced in (full, run_a, run_b)])
+        sync.bus.close()
+    # Without await_adapter every announcement is offered, as before runs shared a trainer.
+    assert follows == [[True, True, True], [False, True, False]]

@@ -43,7 +43,9 @@ def publish_and_fetch(model_dir, model, transfer: str):
         try:
             publisher.publish(3, model)
             sock = bus.connect(zmq.DEALER, publisher.server.fetch_address, "weights-client")
-            announced = query_latest(bus, sock, "replica-0", timeout_s=10)
+            # An adapter's steps are asked for by its name; merged transfers publish full weights ("").
+            adapter = LORA["name"] if transfer == "adapter" else ""
+            announced = query_latest(bus, sock, "replica-0", timeout_s=10, adapter=adapter)
             tensors = {name: array for name, array, _ in fetch_step(bus, sock, announced, "replica-0", 10)}
         finally:
             publisher.stop()
