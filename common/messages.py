@@ -8,7 +8,7 @@ receivers refuse versions they do not speak instead of misreading them.
 
 Channels, socket patterns and delivery guarantees are described in
 ``docs/protocol.md``; each class says who sends it to whom. The classes live in one module per
-channel (``messages_tasks``, ``messages_batches``, ``messages_weights``, ``messages_monitor``, with
+channel (``messages_tasks``, ``messages_batches``, ``messages_weights``, ``messages_monitor``, ``messages_runs``, with
 the base classes and generic replies in ``messages_base``); import them from here.
 Times are UNIX seconds (float) unless a name says otherwise.
 """
@@ -27,6 +27,7 @@ from rlbus.messages_monitor import (
     ViewRequest,
     ViewSnapshot,
 )
+from rlbus.messages_runs import RunJoin, RunJoined, RunLeave
 from rlbus.messages_tasks import (
     ResultAck,
     Rollout,
@@ -70,6 +71,9 @@ __all__ = [
     "RolloutResult",
     "RolloutSamples",
     "RolloutTask",
+    "RunJoin",
+    "RunJoined",
+    "RunLeave",
     "Sample",
     "SamplingParams",
     "Scalar",
@@ -93,4 +97,5 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     BatchRequest, TrainBatch, BatchAck,
     WeightsAnnounced, WeightsQuery, WeightsFetch, WeightsBucket, PolicyLoaded,
     ViewRequest, ViewSnapshot,
+    RunJoin, RunJoined, RunLeave,
 )  # fmt: skip

@@ -70,6 +70,9 @@ class BusEndpoints(ConfigModel):
     """Monitor PULL collecting heartbeats, metrics and events from every service."""
     monitor_view: str = "tcp://127.0.0.1:5556"
     """Monitor ROUTER answering live-view requests from ``rlbus tail``."""
+    trainer_runs: str = "tcp://127.0.0.1:5559"
+    """Shared trainer (``trainer.max_concurrent_runs``) ROUTER where run orchestrators join and
+    leave; unused by a single-run trainer."""
 
 
 class CurveConfig(ConfigModel):

@@ -160,3 +160,27 @@ class TrainerConfig(TrainingConfig):
     when no replica fetched weights during the run."""
     trainer_id: str = "trainer"
     """Name the trainer gives the orchestrator in every BatchRequest and BatchAck."""
+    max_concurrent_runs: int | None = Field(None, ge=1)
+    """Train up to this many runs at once, each on its own LoRA adapter of the shared base with the
+    optimizer, schedule, loss and max_steps its orchestrator sends when joining at
+    ``bus.endpoints.trainer_runs`` (this config's are not used), and its own checkpoints
+    (``runs/<run_id>/checkpoints``, with ``ckpt.enabled``). None trains one run. Set, ``lora``,
+    ``max_steps`` and ``memory.ac`` must be unset and ``num_ranks`` 1."""
+
+    @model_validator(mode="after")
+    def _shared_trainer_fits(self) -> TrainerConfig:
+        if self.max_concurrent_runs is None:
+            return self
+        if self.lora is not None:
+            raise ValueError("max_concurrent_runs trains each run's own adapter from the LoRA settings its "
+                             "orchestrator sends: remove [trainer.lora]")  # fmt: skip
+        if self.max_steps is not None:
+            raise ValueError("max_concurrent_runs: max_steps means nothing for a shared trainer (each run has "
+                             "its own); remove it")  # fmt: skip
+        if self.memory.ac:
+            raise ValueError("max_concurrent_runs with memory.ac is not supported yet (as for lora): set "
+                             "memory.ac = 0")  # fmt: skip
+        if self.num_ranks > 1:
+            raise ValueError(f"max_concurrent_runs with num_ranks = {self.num_ranks} is not supported yet: a "
+                             "shared trainer runs on one rank")  # fmt: skip
+        return self

@@ -11,11 +11,9 @@ steps, failures or restarts leave every other run's adapter and optimizer state 
 ``leave`` deletes the adapter (its memory goes with the run's optimizer); the same id may join
 again and resume from its own checkpoint (multi_run_ckpt.py).
 
-Not wired yet: the trainer loop (service.py) that registers runs arriving over the bus and
-routes each batch to its run, orchestrators announcing their RunSpec, checkpoint folders per
-run under the output dir, and inference serving each run's adapter by name
-(:meth:`RunTable.adapter_tensors` gives the tensors in the names vLLM and PEFT load).
-One trainer rank only, as for single-run LoRA.
+The loop that takes runs joining over the bus and routes each batch to its run is
+``shared_loop.py``; :meth:`RunTable.adapter_tensors` gives the tensors in the names vLLM and
+PEFT load. One trainer rank only, as for single-run LoRA.
 """
 
 from __future__ import annotations
@@ -215,15 +213,29 @@ class RunTable:
         run.step = step
         return metrics
 
+    def skip_to(self, run_id: str, step: int) -> None:
+        """Count ``run_id`` as having used up steps up to ``step`` without training them: a batch
+        rejected as bad, or an orchestrator that has acknowledged steps this run's state lacks."""
+        run = self.run(run_id)
+        if step < run.step:
+            raise ValueError(f"run {run_id!r} is at step {run.step}; it cannot go back to step {step}")
+        run.step = step
+
     def adapter_tensors(self, run_id: str) -> dict[str, torch.Tensor]:
         """A CPU copy of the run's adapter in the names of PEFT's and vLLM's adapter files
         (``...q_proj.lora_A.weight``: no run id infix)."""
         params = self.run(run_id).params
         return {file_name(name, run_id): p.detach().to("cpu", copy=True) for name, p in params.items()}
 
-    def save(self, run_id: str, folder: Path) -> None:
-        """The run's adapter (a PEFT folder), optimizer, step and random state in ``folder``."""
-        save_run(self, self.run(run_id), folder)
+    def save(self, run_id: str, folder: Path, recheck_base: bool = False) -> None:
+        """The run's adapter (a PEFT folder), optimizer, step and random state in ``folder``.
+        ``recheck_base``: hash the live base again (one pass over its weights) and record that hash
+        rather than the one taken at start, refusing to save if they differ."""
+        base_sha256 = self.base_sha256
+        if recheck_base and (base_sha256 := base_fingerprint(self.model)) != self.base_sha256:
+            raise RuntimeError(f"the base's weights changed while training (sha256 {self.base_sha256[:12]}… at "
+                               f"start, {base_sha256[:12]}… now): no run may write the base")  # fmt: skip
+        save_run(self, self.run(run_id), folder, base_sha256)
 
     def load(self, run_id: str, folder: Path) -> RunProgress:
         """Resume the joined run ``run_id`` from its checkpoint in ``folder``."""

@@ -42,7 +42,7 @@ def file_name(peft_name: str, run_id: str) -> str:
     return re.sub(rf"(\.lora_\w+)\.{re.escape(run_id)}(\.|$)", r"\1\2", peft_name)
 
 
-def save_run(table: RunTable, run: Run, folder: Path) -> None:
+def save_run(table: RunTable, run: Run, folder: Path, base_sha256: str) -> None:
     from safetensors.torch import save_file
 
     run_id = run.spec.run_id
@@ -53,7 +53,7 @@ def save_run(table: RunTable, run: Run, folder: Path) -> None:
     config = copy.deepcopy(table.model.peft_config[run_id])
     config.inference_mode = True  # as PeftModel.save_pretrained writes it: loaders serve, not train
     config.save_pretrained(str(partial))
-    base = {"base_model": table.base_name, "base_sha256": table.base_sha256}
+    base = {"base_model": table.base_name, "base_sha256": base_sha256}
     (partial / BASE_FILE).write_text(json.dumps(base, indent=2))
     state = {"run_id": run_id, "step": run.step, "optimizer": run.optimizer.state_dict(), "rng": run.rng}
     save_tensor_state(state, partial / RUN_STATE)

@@ -301,7 +301,12 @@ def log_step(step: int, metrics: dict[str, float]) -> None:
 
 
 def run_trainer(config: TrainerConfig) -> int:
-    """Entry of ``rlbus trainer``: train until ``max_steps`` (or forever)."""
+    """Entry of ``rlbus trainer``: train until ``max_steps`` (or forever); with
+    ``max_concurrent_runs``, serve the runs that join (shared_loop.py) until stopped."""
+    if config.max_concurrent_runs is not None:
+        from rlbus.services.trainer.shared_loop import run_shared_trainer
+
+        return run_shared_trainer(config)
     runtime = build_runtime(config, config.loss, config.max_steps)
     try:
         with Bus(config.bus) as bus:

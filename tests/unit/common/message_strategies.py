@@ -32,8 +32,18 @@ def _finite(dtype: str) -> st.SearchStrategy | None:
     return hnp.from_dtype(np.dtype(dtype), allow_nan=False) if dtype.startswith("float") else None
 
 
+# Any-typed fields (``RunJoin.spec``) carry JSON-like data: scalars, lists and string-keyed maps.
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | TEXT,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(TEXT, children, max_size=3),
+    max_leaves=8,
+)
+
+
 def for_type(annotation: Any) -> st.SearchStrategy:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return JSON_VALUES
     if annotation is np.ndarray:
         return arrays()
     if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):

@@ -38,12 +38,15 @@ WIRE_DIGESTS = {
     "TrainBatch": "9a28aa0a642933059dc76c0a9cb5dc43a8d2eeb3e42695a26d404b4a9673f31c",
     "BatchAck": "2c63b18227416a842326463502ec798be1da77aef1ba05ae902165530df22e3d",
     "WeightsAnnounced": "0c5b37deb38a7e13d1184a40c2b5ece26c9d369af8703425faeef27d374409f0",
-    "WeightsQuery": "7771854c5e129ebf302fe252ef864d86d7f4353e95410ef25a5f10eb6d1e5198",
-    "WeightsFetch": "e95abdd1b1b1863dc87a0a77b1532506a0b1f77702e10ee3810935468a81f93d",
+    "WeightsQuery": "f68a829795a38e194ef940c9d6eb95983c122d2aa2399eb0c96d9680844600b3",
+    "WeightsFetch": "f2a52d98cc6d026866e7e089c2913ef518d622ee0dc2a81c798502ead86a9714",
     "WeightsBucket": "b1c119bad85c8e29fe83ff051373f3cb0df095bda9d36aee7f697e5fe2ec36a5",
     "PolicyLoaded": "a5437feceba8bd265fe2edff200c440e62fcedff8521fe2671bb0532c87735f1",
     "ViewRequest": "f61f21b927ab69d468e9da865e67801f73202116b3c6b6b5a892a695d73103bb",
     "ViewSnapshot": "1b513a859b973fca6ea46e4b58255781f86c4f3e965a9937b10ce9bef36fd7d6",
+    "RunJoin": "49f4697f38b8fc792a5c9d60f768cb956aec5a07bd0df58752228aab20ebc10e",
+    "RunJoined": "dedd828f0988fe1045515e34205922000772726efb09cdbe0c576820912a30f5",
+    "RunLeave": "3d08a4bd23ed85f0e87cda6448ab32ef37c7aec740bb2d7ae00690bddc71da80",
 }
 
 
@@ -55,6 +58,8 @@ def value_for(annotation: Any, name: str) -> Any:
         return np.arange(len(name), dtype=np.int32)
     if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
         return instance_of(annotation)
+    if annotation is Any:
+        return {f"{name}-any": [len(name), f"{name}-text"]}
     if origin is Literal:
         return args[-1]
     if origin in (typing.Union, types.UnionType):

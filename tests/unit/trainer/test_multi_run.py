@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import re
 import weakref
 from typing import Any
@@ -252,3 +253,18 @@ def test_the_saved_adapter_is_a_peft_adapter(tiny_model_dir, tmp_path):
     ids = torch.arange(3, 40).unsqueeze(0)
     with torch.no_grad():
         assert torch.equal(served(input_ids=ids).logits, runs.model(input_ids=ids).logits)
+
+
+def test_a_save_that_rechecks_the_base_records_it_hashed_again_and_refuses_a_changed_base(tiny_model_dir, tmp_path):
+    runs = table(tiny_model_dir)
+    runs.join(spec("alpha"))
+    train(runs, "alpha", 1)
+    runs.save("alpha", tmp_path / "ok", recheck_base=True)
+    recorded = json.loads((tmp_path / "ok" / "lora_base.json").read_text())["base_sha256"]
+    assert recorded == runs.base_sha256 == base_fingerprint(runs.model)
+    base_weight = next(p for n, p in runs.model.named_parameters() if ".lora_" not in n and p.ndim == 2)
+    with torch.no_grad():
+        base_weight[0, 0] += 1.0  # what no run may do
+    runs.save("alpha", tmp_path / "unchecked")  # the periodic save trusts the hash taken at start
+    with pytest.raises(RuntimeError, match="base's weights changed while training"):
+        runs.save("alpha", tmp_path / "checked", recheck_base=True)
