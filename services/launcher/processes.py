@@ -65,7 +65,8 @@ def process_table(config: RlConfig, config_dir: Path, environ: Mapping[str, str]
     """Every process of a local run, in start order: the monitor first, so no early telemetry waits long.
 
     One inference replica per GPU group of ``inference_gpu_ids`` (one without), each on its own port;
-    the trainer is one process that starts its ``trainer.num_ranks`` ranks itself (:mod:`rlbus.ranks`).
+    the trainer is one process that starts its ``trainer.num_ranks`` ranks itself (:mod:`rlbus.ranks`),
+    and none with ``[shared_trainer]``: a trainer started by itself trains the run.
     ``environ`` (the launcher's, by default) tells which GPUs the ids name."""
     envs = placement_environments(config, os.environ if environ is None else environ)
     specs = [ProcessSpec("monitor", "monitor", config_dir / "monitor.toml", to_console=True)]
@@ -74,11 +75,10 @@ def process_table(config: RlConfig, config_dir: Path, environ: Mapping[str, str]
         name = inference_process_name(index, num_replicas)
         args = () if num_replicas == 1 else ("--port", str(config.inference.port + index), "--replica-id", name)
         specs.append(ProcessSpec(name, "inference", config_dir / "inference.toml", args, env=envs.get(name, {})))
-    specs += [
-        ProcessSpec("trainer", "trainer", config_dir / "trainer.toml", clean_exit="finished",
-                    env=envs.get("trainer", {})),
-        ProcessSpec("orchestrator", "orchestrator", config_dir / "orchestrator.toml", clean_exit="done"),
-    ]  # fmt: skip
+    if config.shared_trainer is None:  # else a trainer started by itself trains this run (and others)
+        specs.append(ProcessSpec("trainer", "trainer", config_dir / "trainer.toml", clean_exit="finished",
+                                 env=envs.get("trainer", {})))  # fmt: skip
+    specs.append(ProcessSpec("orchestrator", "orchestrator", config_dir / "orchestrator.toml", clean_exit="done"))
     for index in range(config.num_env_workers):
         name = f"env-worker-{index}"
         specs.append(ProcessSpec(name, "env-worker", config_dir / "env-worker.toml", ("--worker-id", name)))
@@ -146,5 +146,3 @@ def describe_exit(code: int) -> str:
         except ValueError:
             return f"was killed by signal {-code}"
     return f"exited with code {code}"
-
-

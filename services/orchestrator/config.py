@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
@@ -156,6 +156,28 @@ class TeacherConfig(ConfigModel):
     """``sft``: train only on teacher rollouts with at least this reward; None keeps all."""
 
 
+class SharedTrainerJoinConfig(ConfigModel):
+    """Train this run on a shared trainer (``rlbus trainer`` with ``max_concurrent_runs``): the
+    orchestrator joins it with ``RunJoin`` and leaves with ``RunLeave`` when done (docs/lora.md)."""
+
+    runs_address: str = Field(min_length=1)
+    """The shared trainer's ``bus.endpoints.trainer_runs`` (its ROUTER for joining runs)."""
+    run_id: str = Field(min_length=1)
+    """This run's name on the trainer: its adapter's name, checkpoint folder and metrics tag."""
+    spec: dict[str, Any]
+    """The run's ``RunSpec`` as JSON (lora, optimizer, scheduler, loss, max_steps, seed), which the
+    trainer validates; ``rlbus rl`` builds it from the run's ``[trainer.*]`` sections."""
+
+    @model_validator(mode="after")
+    def _spec_names_this_run(self) -> SharedTrainerJoinConfig:
+        named = self.spec.get("run_id", self.run_id)
+        if named != self.run_id:
+            raise ValueError(f"shared_trainer.spec.run_id = {named!r} but shared_trainer.run_id = {self.run_id!r}: "
+                             "they name the same run; drop spec.run_id or make them equal")  # fmt: skip
+        self.spec.setdefault("run_id", self.run_id)
+        return self
+
+
 class OrchestratorConfig(ServiceConfig):
     """The orchestrator hands tasks to env-workers, turns scored rollouts into
     training batches and keeps sampling within the staleness bounds."""
@@ -202,6 +224,9 @@ class OrchestratorConfig(ServiceConfig):
     teacher scores each token); ``sft``: the teacher samples, the student imitates. docs/training.md."""
     teacher: TeacherConfig | None = None
     """The teacher of ``opd`` and ``sft``; None in ``rl``."""
+    shared_trainer: SharedTrainerJoinConfig | None = None
+    """Join a shared trainer as one of its runs (``rlbus rl`` sets it from ``[shared_trainer]``);
+    None: a trainer of this run's own pulls the batches, as usual."""
 
     @model_validator(mode="after")
     def _teacher_fits_the_mode(self) -> OrchestratorConfig:

@@ -7,6 +7,9 @@
 - ``policy`` (``orchestrator_policy``): inference replicas send
   ``PolicyLoaded`` and get ``Ack``.
 
+With ``shared_trainer`` set, a DEALER to a shared trainer's ``trainer_runs`` joins the run there
+(:mod:`rlbus.services.orchestrator.trainer_join`) and leaves when every step is trained.
+
 One thread polls all three, hands each message to the core, then sends what
 the core decided. It sleeps in ``poll`` until a message, a lease expiry or
 the next heartbeat, so an idle orchestrator uses no CPU.
@@ -35,10 +38,12 @@ from rlbus.services.orchestrator.config import OrchestratorConfig
 from rlbus.services.orchestrator.core import Orchestrator, Outbox
 from rlbus.services.orchestrator.journal import Journal, Replay
 from rlbus.services.orchestrator.sampler import Environment
+from rlbus.services.orchestrator.trainer_join import RunRefused, TrainerJoin
 
 EnvLoader = Callable[[str, dict[str, Any]], Environment]
 MAX_MESSAGES_PER_SOCKET = 256  # per poll round, so one busy channel cannot starve the others
 MAX_POLL_S = 0.5  # also how quickly a stop request is noticed
+EXIT_REFUSED = 2  # the shared trainer refused this run: a config error, no restart with it can help
 WAIT_LOG_S = 60.0  # a wait that lasts is logged this often, naming what it waits for and since when
 
 
@@ -84,6 +89,11 @@ class OrchestratorService:
             self.policy: ((PolicyLoaded,), self._on_policy),
         }
         self.bus.answer_rejected(self.tasks, self._on_unreadable_task_message)
+        shared = config.shared_trainer
+        self.trainer_join = TrainerJoin(self.bus, config, shared) if shared is not None else None
+        """This run's join of a shared trainer (None: a trainer of its own pulls the batches)."""
+        for sock in self.trainer_join.sockets if self.trainer_join is not None else ():
+            self.poller.register(sock, zmq.POLLIN)
         self.num_bad_requests: Counter[str] = Counter()
         self._waiting: tuple[str | None, float, float] = (None, time.time(), time.monotonic())
         """(what progress waits for, since when (wall clock), when it was last logged (monotonic))."""
@@ -105,9 +115,13 @@ class OrchestratorService:
                     self.tasks.address, self.batches.address, self.policy.address)  # fmt: skip
         self.telemetry.event("started", f"orchestrator started at step {self.core.step}", step=self.core.step)
         next_heartbeat = time.monotonic()
+        if self.trainer_join is not None:
+            self.trainer_join.start(time.monotonic())
         try:
             while not self.core.done and not stop.is_set():
                 ready = dict(self.poller.poll(self._poll_ms(next_heartbeat)))
+                if self.trainer_join is not None:
+                    self.trainer_join.handle(ready, time.monotonic())
                 for sock, (expected, handle) in self.handlers.items():
                     if sock in ready:
                         self._drain(sock, expected, handle)
@@ -119,9 +133,15 @@ class OrchestratorService:
                 self.journal.finished([group.task_id for group in self.core.buffer])
                 logger.info("all {} steps trained; orchestrator done", self.config.max_steps)
                 self.telemetry.event("finished", f"all {self.config.max_steps} steps trained")
+                if self.trainer_join is not None:
+                    self.trainer_join.leave()
             else:
                 logger.info("stopping at step {} as requested", self.core.step)
             self.telemetry.heartbeat("stopping", step=self.core.step)
+        except RunRefused as exc:
+            logger.error("{}; fix the run's config (shared_trainer.run_id, [trainer.lora] ...) and start again", exc)
+            self.telemetry.event("refused", str(exc), "error")
+            return EXIT_REFUSED
         finally:
             self.journal.close()
             self.bus.close()
@@ -129,7 +149,9 @@ class OrchestratorService:
 
     def _poll_ms(self, next_heartbeat: float) -> int:
         now = time.monotonic()
-        wake = min(next_heartbeat, now + MAX_POLL_S, self.core.next_deadline() or float("inf"))
+        join_deadline = self.trainer_join.next_deadline() if self.trainer_join is not None else None
+        wake = min(next_heartbeat, now + MAX_POLL_S, self.core.next_deadline() or float("inf"),
+                   join_deadline or float("inf"))  # fmt: skip
         return max(0, int((wake - now) * 1000) + 1)
 
     def _drain(self, sock: BusSocket, expected: tuple[type[Message], ...], handle: Callable) -> None:

@@ -28,6 +28,7 @@ from rlbus.services.monitor.config import dashboard_address
 from rlbus.services.orchestrator.config import OrchestratorConfig
 from rlbus.services.run_config.placement import placement_problems
 from rlbus.services.run_config.rl import RlConfig
+from rlbus.services.run_config.shared_trainer import shared_trainer_problems
 from rlbus.services.run_config.teacher import teacher_problem
 from rlbus.services.trainer.config import TrainerConfig, TrainingConfig
 from rlbus.services.trainer.sft_config import SftConfig
@@ -79,6 +80,7 @@ def rl_problems(config: RlConfig) -> list[Problem]:
         *orchestrator_problems(config.orchestrator, "orchestrator."),
         *context_problems(config.orchestrator, config.inference),
         *adapter_problems(config),
+        *shared_trainer_problems(config),
         *lora_rank_problems(config.inference, "inference."),
         *resume_problems(config),
         *schedule_problems(config.trainer, "trainer."),

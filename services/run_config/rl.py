@@ -19,6 +19,7 @@ from rlbus.services.env_worker.config import EnvWorkerConfig
 from rlbus.services.inference.config import InferenceConfig
 from rlbus.services.monitor.config import MonitorConfig, PrimePlatformConfig
 from rlbus.services.orchestrator.config import OrchestratorConfig
+from rlbus.services.run_config.shared_trainer import SharedTrainerConfig, join_shared_trainer
 from rlbus.services.run_config.short import expand_short_keys, short_keys
 from rlbus.services.run_config.slurm import SlurmConfig
 from rlbus.services.trainer.config import TrainerConfig
@@ -71,8 +72,10 @@ class RlConfig(ServiceConfig):
     """Everything ``rlbus rl`` needs to start all five services locally."""
 
     SERVICE: ClassVar[str] = "rl"
-    HELP_HIDDEN: ClassVar[tuple[str, ...]] = ("monitor.prime_platform", "env_worker.teacher")
-    """Keys ``--help`` leaves out: the top-level ``prime_platform`` and ``orchestrator.teacher.client`` set them."""
+    HELP_HIDDEN: ClassVar[tuple[str, ...]] = ("monitor.prime_platform", "env_worker.teacher",
+                                              "orchestrator.shared_trainer")  # fmt: skip
+    """Keys ``--help`` leaves out: the top-level ``prime_platform``, ``orchestrator.teacher.client``
+    and ``shared_trainer`` set them."""
 
     inference: InferenceConfig = InferenceConfig()
     """Inference replica settings."""
@@ -114,6 +117,11 @@ class RlConfig(ServiceConfig):
     """Stream the run to the Prime platform's dashboard (docs/platform.md): a ``[prime_platform]``
     section (even an empty one), any ``--prime_platform.*`` flag, or the bare flag
     ``--orchestrator.prime-monitor`` enables it; it becomes ``monitor.prime_platform``. None: off."""
+    shared_trainer: SharedTrainerConfig | None = None
+    """Train on a shared trainer started by itself (``rlbus trainer`` with ``max_concurrent_runs``):
+    the launcher starts no trainer, the orchestrator joins that one with the run's ``[trainer.lora]``,
+    optimizer, scheduler and loss, the replica serves the run's adapter (docs/lora.md). None: the
+    run starts its own trainer."""
     bench: bool = False
     """Benchmark mode (``--bench``): run the real loop for 5 steps (``max_steps`` when smaller, at
     least 3: the first is warm-up) with W&B, checkpoints, resuming and evaluation off (and the
@@ -236,6 +244,12 @@ class RlConfig(ServiceConfig):
                                                  for i in range(num_inference_replicas(self))]  # fmt: skip
         if worker.api_key is None and inference.api_key is not None:
             worker.__dict__["api_key"] = inference.api_key
+        return self
+
+    @model_validator(mode="after")
+    def _join_the_shared_trainer(self) -> RlConfig:
+        # Before _serve_the_adapter: the run id becomes the adapter's name, which it hands on.
+        join_shared_trainer(self)
         return self
 
     @model_validator(mode="after")
