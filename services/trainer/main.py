@@ -65,8 +65,7 @@ def _until_sigterm(config: TrainerConfig | SftConfig, run: Callable[[Any], int])
     try:
         return run(config)
     except Terminated:
-        resume = ("resume with --ckpt.resume-step -1" if config.ckpt.enabled
-                  else "checkpoints are off (--ckpt.enabled), so a restart begins from the start")  # fmt: skip
+        resume = _resume_hint(config)
         logger.warning("{} got SIGTERM: stopped; {}", config.SERVICE, resume)
         return 128 + signal.SIGTERM
     finally:
@@ -91,3 +90,14 @@ def run_sft(config: SftConfig) -> int:
     from rlbus.services.trainer import sft
 
     return _until_sigterm(config, sft.run_sft)
+
+
+def _resume_hint(config: TrainerConfig | SftConfig) -> str:
+    shared = getattr(config, "max_concurrent_runs", None) is not None
+    if not config.ckpt.enabled:
+        if shared:
+            return "checkpoints are off (--ckpt.enabled): a restarted shared trainer starts each run's adapter afresh"
+        return "checkpoints are off (--ckpt.enabled), so a restart begins from the start"
+    if shared:
+        return "a restarted shared trainer resumes each run that joins again from runs/<run_id>/checkpoints"
+    return "resume with --ckpt.resume-step -1"
