@@ -37,6 +37,10 @@ from rlbus.services.trainer.perf import measure_peak_flops
 from rlbus.services.trainer.shared_loop_runs import RunChannel, RunCheckpoints
 from rlbus.weights import WeightServer, WeightStore
 
+SHOWN_CHARS = 80
+"""Peer-chosen text (run ids, addresses) is quoted in refusals and logs up to this many characters:
+a 10,000-character run id must flood neither the reply nor the log."""
+
 
 class JoinRefused(Exception):
     """A ``RunJoin`` or ``RunLeave`` that cannot be served; the text is the reason sent back."""
@@ -58,6 +62,7 @@ class SharedLoop:
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         self.heartbeat_at = 0.0
+        self.linear_widths = linear_widths(table.model)
         config_of_model = table.model.config
         self.vocab_size = int(config_of_model.vocab_size)
         self.max_positions = int(config_of_model.max_position_embeddings)
@@ -94,7 +99,7 @@ class SharedLoop:
         try:
             return self._join(message) if isinstance(message, RunJoin) else self._leave(message)  # type: ignore[arg-type]
         except JoinRefused as exc:
-            logger.error("refused {} of run {!r}: {}", request, getattr(message, "run_id", "?"), exc)
+            logger.error("refused {} of run {}: {}", request, shown(getattr(message, "run_id", "?")), exc)
             return Refused(request=request, reason=str(exc))
 
     def _join(self, join: RunJoin) -> RunJoined:
@@ -127,6 +132,9 @@ class SharedLoop:
         """Join ``spec`` to the table, resumed from its newest checkpoint when it has one."""
         checkpoints = RunCheckpoints(self.config.output_dir, spec.run_id)
         problem = checkpoints.owner_problem(token)
+        if problem is not None:
+            raise JoinRefused(problem)
+        problem = rank_problem(spec, self.linear_widths)
         if problem is not None:
             raise JoinRefused(problem)
         try:
@@ -176,8 +184,8 @@ class SharedLoop:
             if new_run:
                 self.table.leave(join.run_id)
                 del self.adapters[join.run_id]
-            raise JoinRefused(f"run {join.run_id!r}: cannot connect to batches_address {join.batches_address!r} "
-                              f"or monitor_address {join.monitor_address!r}: {exc}") from None  # fmt: skip
+            raise JoinRefused(f"run {join.run_id!r}: cannot connect to batches_address {shown(join.batches_address)} "
+                              f"or monitor_address {shown(join.monitor_address)}: {str(exc)[:SHOWN_CHARS * 2]}") from None  # fmt: skip
         channel.audit = AuditLog.from_env(f"trainer-{self.config.trainer_id}-{join.run_id}")
         return channel
 
@@ -319,13 +327,43 @@ def parse_spec(join: RunJoin) -> RunSpec:
     """The run's validated spec, or JoinRefused saying what is wrong with it."""
     problem = run_id_problem(join.run_id)
     if problem is not None:
-        raise JoinRefused(f"run id {join.run_id!r} cannot name an adapter and a folder: {problem}")
+        raise JoinRefused(f"run id {shown(join.run_id)} cannot name an adapter and a folder: {problem}")
     if join.spec.get("run_id", join.run_id) != join.run_id:
-        raise JoinRefused(f"the spec is of run {join.spec['run_id']!r}, the join of run {join.run_id!r}")
+        raise JoinRefused(f"the spec is of run {shown(join.spec['run_id'])}, the join of run {join.run_id!r}")
     try:
         return RunSpec.model_validate({**join.spec, "run_id": join.run_id})
     except ValueError as exc:
         raise JoinRefused(f"run {join.run_id!r} has a bad spec: {exc}") from None
+
+
+def linear_widths(model: torch.nn.Module) -> dict[str, int]:
+    """The base's linear layers (as PEFT names its targets) and the rank each can use: a LoRA
+    update of a layer has rank at most min(in_features, out_features)."""
+    widths: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".lora_" not in name:  # not a joined run's adapter
+            widths[name.removesuffix(".base_layer")] = min(module.in_features, module.out_features)
+    return widths
+
+
+def rank_problem(spec: RunSpec, widths: dict[str, int]) -> str | None:
+    """Why ``spec``'s LoRA rank is too high for the layers it targets, or None. A higher rank adds
+    memory, never expressiveness, and a huge one would exhaust the trainer's memory for every run."""
+    targets = spec.lora.target_modules
+    targeted = {n: w for n, w in widths.items() if any(n == t or n.endswith(f".{t}") for t in targets)}
+    if not targeted:
+        return None  # targets naming no layer are refused by RunTable.join, with the layers' names
+    narrowest = min(targeted, key=targeted.__getitem__)
+    if spec.lora.rank <= targeted[narrowest]:
+        return None
+    return (f"run {spec.run_id!r}: lora.rank {spec.lora.rank} is more than {targeted[narrowest]}, the width of "
+            f"the narrowest targeted layer ({narrowest}): choose a rank of at most {targeted[narrowest]}")  # fmt: skip
+
+
+def shown(value: object) -> str:
+    """``repr(value)``, cut to ``SHOWN_CHARS`` for quoting peer-chosen text."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
 
 
 def run_shared_trainer(config: TrainerConfig) -> int:

@@ -181,5 +181,5 @@ def test_fuzzed_announce_xpub_rejects_everything_and_still_announces(weight_serv
 def test_every_bound_endpoint_is_fuzzed():
     """A new bound endpoint must get a fuzz test: this list names the tested ones."""
     fuzzed = {"orchestrator_tasks", "orchestrator_batches", "orchestrator_policy", "trainer_weights",
-              "trainer_announce", "monitor_telemetry", "monitor_view"}  # fmt: skip
+              "trainer_announce", "trainer_runs", "monitor_telemetry", "monitor_view"}  # fmt: skip
     assert set(BusEndpoints.model_fields) == fuzzed

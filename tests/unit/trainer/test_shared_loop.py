@@ -236,12 +236,18 @@ def test_an_unanswered_batch_request_is_sent_again(tiny_model_dir, tmp_path):
     ("alpha", {"lora": {"target_modules": ["nope_proj"]}}, "['nope_proj'] match no linear layer"),
     ("a.b", {}, "cannot name an adapter and a folder"),
     ("alpha", {"optimizer": {"lr": -1}}, "optimizer.lr"),
+    # Above the narrowest targeted layer's width (v_proj: 64) a rank only costs memory; a huge one
+    # would exhaust the trainer's memory for every run.
+    ("alpha", {"lora": {"rank": 65, "target_modules": ["q_proj", "v_proj"]}}, "lora.rank 65 is more than 64"),
+    ("alpha", {"lora": {"rank": 2**40}}, f"lora.rank {2**40} is more than"),
+    ("x" * 10_000, {}, "... (10002 characters)"),
 ])  # fmt: skip
 def test_a_bad_spec_is_refused_with_the_reason(tiny_model_dir, tmp_path, run_id, overrides, reason):
     config = trainer_config(tiny_model_dir, tmp_path)
     with shared_trainer(config) as loop, Bus(config.bus) as bus:
         refused = FakeOrchestrator(bus, loop, run_id, "a" * 8).join(spec(1e-2, 3, **overrides))
         assert isinstance(refused, Refused) and reason in refused.reason, refused
+        assert len(refused.reason) < 1000  # a peer's 10k-character run id is not echoed back whole
         assert loop.table.runs() == []
         # The refusal left nothing behind: a good spec under the same name joins.
         assert FakeOrchestrator(bus, loop, "alpha", "a" * 8).join(spec(1e-2, 3)).step == 0
