@@ -12,13 +12,13 @@ everywhere: the replica waits for it, env-workers request it.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from rlbus.config import ConfigModel
 from rlbus.config.base import BusEndpoints
+from rlbus.identity import run_id_problem
 from rlbus.services.orchestrator.config import SharedTrainerJoinConfig
 
 if TYPE_CHECKING:
@@ -28,10 +28,6 @@ if TYPE_CHECKING:
 DEFAULT_ENDPOINTS = BusEndpoints()
 ENDPOINT_KEYS = {"address": "trainer_runs", "weights": "trainer_weights", "announce": "trainer_announce"}
 """Field of ``[shared_trainer]`` -> the run's ``bus.endpoints`` key it sets."""
-# The same rule as rlbus.services.trainer.multi_run.run_id_problem (which imports torch, and the
-# config checks must not): tests/unit/launcher/test_shared_trainer_config.py keeps them in step.
-MAX_RUN_ID = 64
-SAFE_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 class SharedTrainerConfig(ConfigModel):
@@ -47,19 +43,6 @@ class SharedTrainerConfig(ConfigModel):
     run_id: str | None = None
     """The run's name on the trainer, of its adapter and its checkpoint folder (letters, digits,
     ``_``, ``-``); None takes ``trainer.lora.name`` when the config sets it."""
-
-
-def run_id_problem(run_id: str) -> str | None:
-    """Why ``run_id`` cannot name a run on a shared trainer, or None when it can."""
-    if not run_id:
-        return "it is empty"
-    if len(run_id) > MAX_RUN_ID:
-        return f"it has {len(run_id)} characters, more than {MAX_RUN_ID}"
-    if not SAFE_RUN_ID.fullmatch(run_id):
-        return "use only letters, digits, '_' and '-', starting with a letter or digit (no '.', '/' or '\\')"
-    if run_id in "lora_":
-        return "it is part of PEFT's parameter prefix 'lora_'"
-    return None
 
 
 def resolved_run_id(config: RlConfig) -> str | None:

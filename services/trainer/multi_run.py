@@ -18,7 +18,6 @@ PEFT load. One trainer rank only, as for single-run LoRA.
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ from loguru import logger
 from pydantic import Field, field_validator
 
 from rlbus.config import ConfigModel
+from rlbus.identity import run_id_problem
 from rlbus.services.trainer.config import LossConfig, OptimizerConfig, SchedulerConfig
 from rlbus.services.trainer.distributed import DistContext
 from rlbus.services.trainer.logprobs import RowTensors
@@ -38,25 +38,6 @@ from rlbus.services.trainer.lora_config import LoraConfig
 from rlbus.services.trainer.multi_run_ckpt import adapter_params, file_name, load_run, save_run
 from rlbus.services.trainer.schedule import LRSchedule
 from rlbus.services.trainer.train_step import TrainStep, build_optimizer
-
-MAX_RUN_ID = 64
-SAFE_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-
-
-def run_id_problem(run_id: str) -> str | None:
-    """Why ``run_id`` cannot name an adapter and a folder, or None when it can."""
-    if not run_id:
-        return "it is empty"
-    if len(run_id) > MAX_RUN_ID:
-        return f"it has {len(run_id)} characters, more than {MAX_RUN_ID}"
-    if not SAFE_RUN_ID.fullmatch(run_id):
-        # '.' also splits PEFT's module names; '/' and '\\' would leave the run's folder. A subset of
-        # the names inference serves adapters under (messages.ADAPTER_NAME_PATTERN).
-        return "use only letters, digits, '_' and '-', starting with a letter or digit (no '.', '/' or '\\')"
-    if run_id in "lora_":
-        # PEFT finds adapter tensors by name and may re-initialise an adapter named like this.
-        return "it is part of PEFT's parameter prefix 'lora_'"
-    return None
 
 
 class RunSpec(ConfigModel):
