@@ -14,6 +14,8 @@ already trained (a resend after a lost ack) is acknowledged again and skipped.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 from loguru import logger
@@ -307,14 +309,19 @@ def run_trainer(config: TrainerConfig) -> int:
         from rlbus.services.trainer.shared_loop import run_shared_trainer
 
         return run_shared_trainer(config)
-    runtime = build_runtime(config, config.loss, config.max_steps)
     try:
-        with Bus(config.bus) as bus:
-            loop = RlLoop(config, runtime, bus)
-            try:
-                loop.run()
-            finally:
-                loop.close()
+        runtime = build_runtime(config, config.loss, config.max_steps)
+        return serve(config, lambda bus: RlLoop(config, runtime, bus))
     finally:
         shutdown_distributed()
+
+
+def serve(config: TrainerConfig, make_loop: Callable[[Bus], Any]) -> int:
+    """Run the loop ``make_loop`` builds on a bus of ``config`` until it ends; always close it."""
+    with Bus(config.bus) as bus:
+        loop = make_loop(bus)
+        try:
+            loop.run()
+        finally:
+            loop.close()
     return 0

@@ -25,6 +25,7 @@ from loguru import logger
 from rlbus.audit import AuditLog
 from rlbus.bus import Bus, PeerUnreachable
 from rlbus.codec import DecodeError
+from rlbus.identity import run_id_problem
 from rlbus.messages import Ack, LoraAdapterMeta, Message, Refused, RunJoin, RunJoined, RunLeave, TrainBatch
 from rlbus.pubsub import TelemetryClient
 from rlbus.services.trainer.batch import BadBatch, check_batch
@@ -32,8 +33,9 @@ from rlbus.services.trainer.config import TrainerConfig
 from rlbus.services.trainer.distributed import init_distributed, shutdown_distributed
 from rlbus.services.trainer.logprobs import RowTensors
 from rlbus.services.trainer.model import TORCH_DTYPES, load_model, to_numpy
-from rlbus.services.trainer.multi_run import RunSpec, RunTable, StepSettings, run_id_problem
+from rlbus.services.trainer.multi_run import RunSpec, RunTable, StepSettings
 from rlbus.services.trainer.perf import measure_peak_flops
+from rlbus.services.trainer.service import serve
 from rlbus.services.trainer.shared_loop_runs import RunChannel, RunCheckpoints
 from rlbus.weights import WeightServer, WeightStore
 
@@ -377,12 +379,6 @@ def run_shared_trainer(config: TrainerConfig) -> int:
         peak_flops = config.peak_flops or measure_peak_flops(ctx.device, TORCH_DTYPES[config.dtype])
         settings = StepSettings(ctx, peak_flops, config.padded_rows(), config.memory.micro_batch_size)
         table = RunTable(model, config.max_concurrent_runs or 1, settings)
-        with Bus(config.bus) as bus:
-            loop = SharedLoop(config, bus, table)
-            try:
-                loop.run()
-            finally:
-                loop.close()
+        return serve(config, lambda bus: SharedLoop(config, bus, table))
     finally:
         shutdown_distributed()
-    return 0
