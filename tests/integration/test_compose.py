@@ -23,6 +23,7 @@ from loguru import logger
 
 from rlbus.config import deep_merge
 from rlbus.curve import create_keys
+from rlbus.jsonl import read_json_objects as read_jsonl
 from rlbus.platform_client import STATUS_BUDGET_S
 from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 from rlbus.services.monitor.platform_run import STREAM_TIMEOUT_S
@@ -132,10 +133,6 @@ def prepare_build_context() -> None:
         if not (LOCAL_BUILD_DIR / wheel.name).exists():
             shutil.copy2(wheel, LOCAL_BUILD_DIR / wheel.name)
     shutil.copy2(CA_BUNDLE, LOCAL_BUILD_DIR / CA_BUNDLE.name)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def containers(env: dict[str, str]) -> list[dict]:

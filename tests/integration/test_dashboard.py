@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from rlbus.jsonl import read_json_objects as read_jsonl
 from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 from rlbus.services.monitor.dashboard_server import DashboardServer, missing_static_files
 from rlbus.services.monitor.dashboard_state import Dashboard
@@ -59,10 +60,6 @@ max_model_len = 512
 dashboard = "127.0.0.1:{dashboard_port}"
 """)
     return path
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def readouts(driver: Any) -> list[dict[str, str]]:

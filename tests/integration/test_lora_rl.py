@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlbus.jsonl import read_json_objects as read_jsonl
 from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 from rlbus.services.trainer.lora import base_fingerprint
 from rlbus.services.trainer.model import load_model, read_hf_weights
@@ -53,10 +54,6 @@ max_model_len = 512
 {LORA_TOML}
 """)
     return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_lora_rl_run_keeps_the_base_and_reports_adapter_bytes(tmp_path):

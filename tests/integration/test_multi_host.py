@@ -9,7 +9,6 @@ is shared but the model folder and the machine's disk cache.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from rlbus.jsonl import read_json_objects as read_jsonl
 from rlbus.services.cli import main as rlbus
 from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 from tests.integration.netns import NetnsLab, netns_unavailable
@@ -74,10 +74,6 @@ def host_keys(keys: Path, host: str, folder: Path) -> Path:
         for public in (keys / "clients").glob("*.key"):
             shutil.copy(public, folder / "clients")
     return folder
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def wait_for_exit(processes: dict[str, subprocess.Popen], name: str, logs: Path, timeout_s: float) -> int:

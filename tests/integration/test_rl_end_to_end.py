@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from rlbus.jsonl import read_json_objects as read_jsonl
 from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 from tests.conftest import free_tcp_port
 from tests.integration.small_run import TRAINING_TOML, loopback_endpoints
@@ -25,7 +25,7 @@ def run_config(tmp_path: Path, model: Path) -> Path:
     path = tmp_path / "rl.toml"
     path.write_text(f"""
 model = "{model}"
-output_dir = "{tmp_path / 'run'}"
+output_dir = "{tmp_path / "run"}"
 max_steps = {MAX_STEPS}
 num_env_workers = 2
 
@@ -43,16 +43,15 @@ console = true
     return path
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def test_rl_run_trains_contiguous_steps_and_exits_cleanly(tmp_path):
     model = build_tiny_model(tmp_path / "tiny", TinyModelConfig(out=tmp_path / "tiny"))
     config = run_config(tmp_path, model)
     result = subprocess.run(
         [sys.executable, "-m", "rlbus", "rl", "@", str(config)],
-        cwd=ROOT, capture_output=True, text=True, timeout=1500,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     run = tmp_path / "run"
     assert result.returncode == 0, result.stderr[-4000:]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from rlbus.jsonl import read_json_objects as read_jsonl
 from rlbus.services.launcher.slurm_ctl import TERMINAL_STATES, expand_task_ids
 from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 from tests.conftest import free_tcp_port
@@ -101,10 +102,6 @@ num_inference_replicas = {num_replicas}
 """)
     (tmp_path / "node-out").mkdir()
     return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def controller_tasks(env: dict[str, str], run: Path) -> dict[str, list[tuple[str, str]]]:

@@ -3,7 +3,6 @@ rollout's two token branches become two samples of the step (real vLLM, trainer,
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
+from rlbus.jsonl import read_json_objects as read_jsonl
 from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 from tests.conftest import free_tcp_port
 from tests.integration.small_run import loopback_endpoints
@@ -23,10 +23,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 ROOT = Path(__file__).resolve().parents[2]
 MAX_STEPS = 2
 ENV_ID = "verifiers:tiny-v1-twice"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_two_conversations_of_one_episode_train_as_two_samples(tmp_path):

@@ -11,7 +11,6 @@ bundled ``null`` harness, a PEP 723 program that ``uv`` syncs from PyPI on first
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
+from rlbus.jsonl import read_json_objects as read_jsonl
 from rlbus.services.models.tiny import TinyModelConfig, build_tiny_model
 from tests.conftest import free_tcp_port
 from tests.integration.small_run import loopback_endpoints
@@ -70,10 +70,6 @@ def textarena_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
     bin_dir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLBUS_")}
     yield env | {"NLTK_DATA": str(data), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def rl_config(tmp_path: Path, model: Path) -> Path:
