@@ -23,6 +23,7 @@ import re
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,9 @@ DEFAULT_WINDOW = 4
 
 FULL_WEIGHTS = ""
 """The adapter name that stands for the full weights (steps whose ``lora`` is None)."""
+
+BucketHook = Callable[[int, list[NamedArray]], None]
+"""Told each bucket's index and tensors (manifest order) once every tensor of it passed its checks."""
 
 
 def adapter_of(announced: WeightsAnnounced) -> str:
@@ -99,6 +103,12 @@ class FetchedStep:
     wire_bytes: int = 0
     """Tensor bytes received (deltas at their compressed size)."""
     num_delta_tensors: int = 0
+    source: str = ""
+    """The address the step came from (a peer's relay or the trainer; "" when not told)."""
+    relay_bytes: int = 0
+    """Of ``wire_bytes``, those a peer replica's relay sent (:mod:`rlbus.weights_relay`)."""
+    trainer_bytes: int = 0
+    """Of ``wire_bytes``, those the trainer sent, when the fetch went through ``fetch_from_sources``."""
 
     def held(self) -> HeldStep:
         return HeldStep(self.announced.step, {name: array for name, array, _ in self.tensors})
@@ -154,6 +164,21 @@ class _Transfer:
     received: dict[str, np.ndarray] = field(default_factory=dict)
     wire_bytes: int = 0
     num_delta_tensors: int = 0
+    by_bucket: dict[int, list[TensorMeta]] = field(default_factory=dict)
+    """Bucket index -> its tensors in manifest order."""
+
+    def __post_init__(self) -> None:
+        for meta in self.announced.manifest:
+            self.by_bucket.setdefault(meta.bucket, []).append(meta)
+
+    def bucket_tensors(self, index: int) -> list[NamedArray]:
+        """Bucket ``index``'s tensors in manifest order; raises WeightsCorrupt if its reply lacked any."""
+        metas = self.by_bucket.get(index, [])
+        missing = [meta.name for meta in metas if meta.name not in self.received]
+        if missing:
+            raise WeightsCorrupt(f"step {self.announced.step}: bucket {index} lacks {len(missing)} tensor(s) of "
+                                 f"the manifest, e.g. {missing[0]}")  # fmt: skip
+        return [(meta.name, self.received[meta.name], meta.dtype) for meta in metas]
 
 
 def query_latest(bus: Bus, sock: zmq.Socket, replica_id: str, timeout_s: float,
@@ -176,11 +201,13 @@ def fetch_step(bus: Bus, sock: zmq.Socket, announced: WeightsAnnounced, replica_
 
 def fetch_weights(bus: Bus, sock: zmq.Socket, announced: WeightsAnnounced, replica_id: str, timeout_s: float,
                   retries: int = 2, window: int = DEFAULT_WINDOW, base: HeldStep | None = None,
-                  staging: Staging | None = None) -> FetchedStep:  # fmt: skip
+                  staging: Staging | None = None, on_bucket: BucketHook | None = None) -> FetchedStep:  # fmt: skip
     """Step ``announced``, verified, with up to ``window`` buckets in flight. Each request is resent
     up to ``retries`` times after ``timeout_s`` without its reply. With ``base`` (the step this
     replica holds), the trainer may send deltas against it; with ``staging``, tensors are copied
-    into its buffers (see :class:`Staging`)."""
+    into its buffers (see :class:`Staging`). ``on_bucket`` is told each bucket as soon as all of its
+    tensors passed their checks (deltas already decoded: full tensors), e.g. to relay it to peers
+    before the rest of the step arrived; its arrays are those the step returns."""
     if window < 1:
         raise ValueError(f"window must be at least 1, got {window}")
     base = base if base is not None and base.step != announced.step else None
@@ -198,7 +225,10 @@ def fetch_weights(bus: Bus, sock: zmq.Socket, announced: WeightsAnnounced, repli
         request = _answered(transfer, reply)
         if request is not None:
             _check_bucket(transfer, reply, request.message.bucket)
+            verified = transfer.bucket_tensors(request.message.bucket)
             done.add(request.message.bucket)
+            if on_bucket is not None:
+                on_bucket(request.message.bucket, verified)
             # Requests queued behind this one were waiting their turn, not lost: a timeout means
             # no progress for ``timeout_s``, not a slow link's time for ``window`` buckets.
             for waiting in transfer.in_flight.values():
@@ -237,7 +267,7 @@ def _answered(transfer: _Transfer, reply: WeightsBucket | Refused) -> _Request |
     if isinstance(reply, Refused):
         step = transfer.announced.step
         buckets = sorted(r.message.bucket for r in transfer.in_flight.values())
-        raise WeightsCorrupt(f"trainer refused bucket {buckets[0] if buckets else '?'} of step {step}: {reply.reason}")
+        raise WeightsCorrupt(f"refused bucket {buckets[0] if buckets else '?'} of step {step}: {reply.reason}")
     request = transfer.in_flight.get(reply.nonce) if reply.nonce else None
     if request is None and reply.nonce == 0:
         # A trainer that does not echo nonces: its replies are matched by bucket only.

@@ -11,7 +11,9 @@ of its runs against best of ours (this shared machine's figures vary by 2x from 
   gather does) until the replica reports the step loaded;
 * delta: bytes on the wire per step with and without ``delta`` mode, steps differing by a small
   update of every weight (``--update-scale``);
-* fan-out: publish -> every replica loaded, with 1, 2 and 4 replicas.
+* fan-out: publish -> every replica loaded, with 1, 2 and 4 replicas, each pulling from the trainer
+  and through a relay tree (``--fanout`` k: replica i pulls from replica (i - 1) // k's relay, as
+  ``inference.weights_fanout`` arranges), with the bytes the trainer uploaded per step.
 
 Models: SmolLM2-135M (``models/smollm2`` when present, else random tensors of its size) and a
 synthetic model of ``--big-gb`` GB. ``--quick`` runs a small smoke version of everything.
@@ -40,8 +42,10 @@ from rlbus.bus import Bus
 from rlbus.config import BusConfig
 from rlbus.logging import setup_logging
 from rlbus.messages import Hello, MetricsReport, WeightsAnnounced
+from rlbus.ports import free_loopback_port
 from rlbus.pubsub import Subscriber
-from rlbus.weights import NamedArray, PublishBuffers, ReplicaTransfer, WeightServer, WeightStore, fetch_weights
+from rlbus.weights import NamedArray, PublishBuffers, ReplicaTransfer, WeightServer, WeightStore
+from rlbus.weights_relay import WeightRelay, WeightSources, fetch_from_sources
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOLLM2 = ROOT / "models" / "smollm2"
@@ -98,11 +102,15 @@ def gathered(tensors: list[NamedArray], buffers: PublishBuffers):
 
 
 def replica_main(replica_id: str, fetch_address: str, announce_address: str, report_address: str,
-                 window: int) -> None:  # fmt: skip
-    """A replica without vLLM: fetch each announced step (as deltas when the trainer offers them),
-    verify it, copy it into place, report."""
+                 window: int, relay_bind: str = "", upstream: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """A replica without vLLM: fetch each announced step (from ``upstream`` relays first, as deltas
+    when the trainer offers them), verify it, serve each verified bucket at ``relay_bind`` if set,
+    copy it into place, report (as the vLLM worker extension does)."""
     setup_logging("bench-replica", None, level="warning")
-    with Bus(BusConfig(linger_ms=0, request_timeout_s=TIMEOUT_S)) as bus:
+    config = BusConfig(linger_ms=0, request_timeout_s=TIMEOUT_S)
+    sources = WeightSources(fetch_address, upstream, answer_timeout_s=5.0, wait_s=TIMEOUT_S)
+    with Bus(config) as bus:
+        relay = WeightRelay(bus, relay_bind, wait_s=TIMEOUT_S).start() if relay_bind else None
         announcements = Subscriber(bus, announce_address)
         announcements.wait_ready(TIMEOUT_S)
         report = bus.connect(zmq.PUSH, report_address, "telemetry")
@@ -112,13 +120,12 @@ def replica_main(replica_id: str, fetch_address: str, announce_address: str, rep
         while True:
             announced = announcements.recv(3600, WeightsAnnounced)
             started = time.perf_counter()
-            sock = bus.connect(zmq.DEALER, fetch_address, "weights")
-            fetch = fetch_weights(bus, sock, announced, replica_id, TIMEOUT_S, window=window,
-                                  base=transfer.base(announced), staging=transfer.staging())  # fmt: skip
+            # With a relay, each bucket is served to peers as soon as it is verified here.
+            fetch = fetch_from_sources(config, announced, replica_id, sources, base=transfer.base(announced),
+                                       staging=transfer.staging(), window=window, relay=relay)  # fmt: skip
             fetched = time.perf_counter()
             for name, array, _ in fetch.tensors:
                 np.copyto(loaded.setdefault(name, np.empty_like(array)), array)
-            sock.close(linger=0)
             transfer.loaded(fetch)
             metrics = {"fetch_s": fetched - started, "load_s": time.perf_counter() - fetched,
                        "wire_bytes": float(fetch.wire_bytes)}  # fmt: skip
@@ -131,20 +138,25 @@ class StepFigures:
     publish_to_loaded_s: float
     fetch_s: list[float]
     wire_bytes: list[float]
+    trainer_bytes: int = 0
+    """What the trainer's WeightServer sent for this step (to every replica together)."""
 
 
 class Trainer:
     """A WeightServer in this process and ``num_replicas`` replica processes."""
 
-    def __init__(self, num_replicas: int, bucket_mb: int, window: int, delta: bool) -> None:
+    def __init__(self, num_replicas: int, bucket_mb: int, window: int, delta: bool, fanout: int = 0) -> None:
         self.bus = Bus(BusConfig(linger_ms=0))
         store = WeightStore(bucket_bytes=bucket_mb << 20, delta=delta)
         self.server = WeightServer(self.bus, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", store).start()
         self.buffers = PublishBuffers(store.keep_steps + 1)
         self.reports = self.bus.bind(zmq.PULL, "tcp://127.0.0.1:*", "telemetry")
+        relays = [f"tcp://127.0.0.1:{free_loopback_port()}" if fanout and i * fanout + 1 < num_replicas else ""
+                  for i in range(num_replicas)]  # fmt: skip
         self.replicas = [
             SPAWN.Process(target=replica_main, args=(f"replica-{i}", self.server.fetch_address,
-                          self.server.announce_address, self.reports.address, window), daemon=True)
+                          self.server.announce_address, self.reports.address, window, relays[i],
+                          (relays[(i - 1) // fanout],) if fanout and i else ()), daemon=True)
             for i in range(num_replicas)
         ]  # fmt: skip
         for process in self.replicas:
@@ -153,7 +165,7 @@ class Trainer:
             self.bus.recv(self.reports, TIMEOUT_S, Hello, "replica ready")
 
     def step(self, step: int, tensors: list[NamedArray], gather_copy: bool) -> StepFigures:
-        started = time.perf_counter()
+        started, served_before = time.perf_counter(), self.server.bytes_served
         self.server.publish(step, gathered(tensors, self.buffers) if gather_copy else tensors)
         reports: list[MetricsReport] = []
         while len(reports) < len(self.replicas):
@@ -161,7 +173,8 @@ class Trainer:
             if message.step == step:
                 reports.append(message)
         return StepFigures(time.perf_counter() - started, [r.metrics["fetch_s"] for r in reports],
-                           [r.metrics["wire_bytes"] for r in reports])  # fmt: skip
+                           [r.metrics["wire_bytes"] for r in reports],
+                           self.server.bytes_served - served_before)  # fmt: skip
 
     def close(self) -> None:
         for process in self.replicas:
@@ -172,11 +185,11 @@ class Trainer:
 
 
 def run_steps(model: list[NamedArray], args: argparse.Namespace, num_replicas: int, delta: bool = False,
-              gather_copy: bool = True) -> list[StepFigures]:  # fmt: skip
+              gather_copy: bool = True, fanout: int = 0) -> list[StepFigures]:  # fmt: skip
     """Figures of ``args.steps`` steps after a first one (a full transfer for every replica)."""
     # Full transfers do not depend on the values: only delta mode needs steps that differ.
     steps = [model, next_step(model, args.update_scale, 1)] if delta else [model]
-    trainer = Trainer(num_replicas, args.bucket_mb, args.window, delta)
+    trainer = Trainer(num_replicas, args.bucket_mb, args.window, delta, fanout)
     try:
         figures = [trainer.step(step, steps[step % len(steps)], gather_copy) for step in range(1, args.steps + 2)]
     finally:
@@ -192,7 +205,7 @@ Line = str | tuple[str, float, str]
 
 
 def rate(label: str, mb_s: float, unit: str = "MB/s  ") -> tuple[str, float, str]:
-    return (f"  {label:<30} {mb_s:9.1f} {unit}", mb_s, "")
+    return (f"  {label:<36} {mb_s:9.1f} {unit}", mb_s, "")
 
 
 def model_lines(label: str, model: list[NamedArray], args: argparse.Namespace, delta: bool,
@@ -234,12 +247,26 @@ def snapshot_lines(folders: list[Path]) -> list[str]:
 
 
 def fanout_lines(model: list[NamedArray], args: argparse.Namespace) -> list[Line]:
+    """Publish -> every replica loaded, all from the trainer and through a relay tree of ``args.fanout``,
+    with the trainer's upload per step (median) in MB and in models."""
     mb = sum(array.nbytes for _, array, _ in model) / 1e6
-    lines: list[Line] = [f"fan-out of {mb:.1f} MB, publish -> every replica loaded (best of {args.steps}):"]
+    head = (f"fan-out of {mb:.1f} MB, publish -> every replica loaded (best of {args.steps}); relay tree: "
+            f"replica i pulls from replica (i - 1) // {args.fanout}:")  # fmt: skip
+    lines: list[Line] = [head]
+    summary = []
     for count in args.replicas:
-        seconds = min(f.publish_to_loaded_s for f in run_steps(model, args, count))
-        lines.append(rate(f"{count} replica(s), {seconds:.3f} s", mb * count / seconds, "MB/s delivered"))
-    return lines
+        for fanout, how in ((0, "from trainer"), (args.fanout, "relay tree")):
+            if fanout and count == 1:
+                continue  # one replica has no peer to relay to: the same as from the trainer
+            figures = run_steps(model, args, count, fanout=fanout)
+            seconds = min(f.publish_to_loaded_s for f in figures)
+            upload = statistics.median(f.trainer_bytes for f in figures) / 1e6
+            lines.append(rate(f"{count} replica(s) {how}, {seconds:.3f} s", mb * count / seconds,
+                              f"MB/s delivered, trainer upload {upload:.1f} MB/step,"))  # fmt: skip
+            if fanout:
+                summary.append(f"fanout {count} replicas trainer upload {upload / mb:.2f} of {count} x model "
+                               f"({seconds:.3f} s to all loaded)")  # fmt: skip
+    return lines + summary
 
 
 def formatted(lines: list[Line], raw: float) -> str:
@@ -255,6 +282,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=4, help="buckets a replica keeps in flight")
     parser.add_argument("--update-scale", type=float, default=1e-3, help="relative size of each step's update")
     parser.add_argument("--replicas", type=lambda s: [int(n) for n in s.split(",")], default=[1, 2, 4])
+    parser.add_argument("--fanout", type=int, default=2, help="relay tree: peers each replica serves (>= 1)")
     parser.add_argument("--no-delta", dest="delta", action="store_false", help="skip the delta figures")
     parser.add_argument("--snapshots", type=Path, nargs="+", help="saved weights of a run, in step order")
     args = parser.parse_args()

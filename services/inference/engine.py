@@ -30,8 +30,10 @@ class EngineWeightLoader:
     """Loads steps and base weights into the engine's workers; aborts requests on demand."""
 
     def __init__(self, engine: Any, weights_address: str, replica_id: str, bus_config: BusConfig,
-                 adapters: AdapterLoader | None = None) -> None:  # fmt: skip
+                 adapters: AdapterLoader | None = None, relay: dict | None = None) -> None:  # fmt: skip
         self.engine = engine
+        self.relay = relay
+        """Fan-out settings for the workers (``InferenceConfig.relay_settings``); None: trainer only."""
         self.weights_address = weights_address
         self.replica_id = replica_id
         self.bus_config = bus_config
@@ -47,6 +49,8 @@ class EngineWeightLoader:
             return await self.adapters.load(announced)
         args = (msgspec.to_builtins(announced), self.weights_address, self.replica_id,
                 self.bus_config.model_dump(mode="json"))  # fmt: skip
+        if self.relay:
+            args = (*args, self.relay)
         report = await self._call("rlbus_load_step", args, announced.step)
         if report.ok or report.kind == "load":
             await self.engine.reset_prefix_cache()
@@ -88,7 +92,8 @@ def merge_reports(reports: list[LoadReport]) -> LoadReport:
         kind = "transfer" if all(r.kind == "transfer" for r in reports) else "load"
     return LoadReport(ok=not failed, step=first.step, num_bytes=first.num_bytes,
                       fetch_s=max(r.fetch_s for r in reports), load_s=max(r.load_s for r in reports),
-                      error=first.error, kind=kind)  # fmt: skip
+                      error=first.error, kind=kind, relay_bytes=sum(r.relay_bytes for r in reports),
+                      trainer_bytes=sum(r.trainer_bytes for r in reports))  # fmt: skip
 
 
 class AdapterLoader:

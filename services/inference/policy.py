@@ -53,6 +53,10 @@ class LoadReport:
     error: str = ""
     kind: str = ""
     """On failure: ``transfer`` (nothing loaded, old weights serve) or ``load`` (model may be partly updated)."""
+    relay_bytes: int = 0
+    """Of the bytes fetched, those peer replicas' relays sent (``inference.weights_upstream``)."""
+    trainer_bytes: int = 0
+    """Of the bytes fetched, those the trainer sent."""
 
     @property
     def seconds(self) -> float:

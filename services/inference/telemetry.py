@@ -66,4 +66,7 @@ def weight_update_metrics(report: LoadReport) -> dict[str, float]:
         "inference/weight_load_s": report.load_s,
         "inference/weight_update_mb": report.num_bytes / 1e6,
         "inference/weight_update_mb_per_s": report.mb_per_s,
+        # Where the step came from: peer replicas' relays or the trainer (summed over tensor-parallel ranks).
+        "inference/weight_relay_mb": report.relay_bytes / 1e6,
+        "inference/weight_trainer_mb": report.trainer_bytes / 1e6,
     }

@@ -25,6 +25,7 @@ from rlbus.services.run_config.placement import (
     inference_process_name,
     num_inference_replicas,
     placement_environments,
+    weight_relay_args,
 )
 
 CleanExit = Literal["done", "finished", "failure"]
@@ -64,7 +65,8 @@ def service_command(spec: ProcessSpec) -> list[str]:
 def process_table(config: RlConfig, config_dir: Path, environ: Mapping[str, str] | None = None) -> list[ProcessSpec]:
     """Every process of a local run, in start order: the monitor first, so no early telemetry waits long.
 
-    One inference replica per GPU group of ``inference_gpu_ids`` (one without), each on its own port;
+    One inference replica per GPU group of ``inference_gpu_ids`` (one without), each on its own port
+    (and in the weight fan-out tree of ``inference.weights_fanout``);
     the trainer is one process that starts its ``trainer.num_ranks`` ranks itself (:mod:`rlbus.ranks`),
     and none with ``[shared_trainer]``: a trainer started by itself trains the run.
     ``environ`` (the launcher's, by default) tells which GPUs the ids name."""
@@ -74,6 +76,7 @@ def process_table(config: RlConfig, config_dir: Path, environ: Mapping[str, str]
     for index in range(num_replicas):
         name = inference_process_name(index, num_replicas)
         args = () if num_replicas == 1 else ("--port", str(config.inference.port + index), "--replica-id", name)
+        args += weight_relay_args(config, index, num_replicas)
         specs.append(ProcessSpec(name, "inference", config_dir / "inference.toml", args, env=envs.get(name, {})))
     if config.shared_trainer is None:  # else a trainer started by itself trains this run (and others)
         specs.append(ProcessSpec("trainer", "trainer", config_dir / "trainer.toml", clean_exit="finished",

@@ -87,10 +87,25 @@ def inference_process_name(index: int, num_replicas: int) -> str:
     return "inference" if num_replicas == 1 else f"inference-{index}"
 
 
+def weight_relay_args(config: RlConfig, index: int, num_replicas: int) -> tuple[str, ...]:
+    """Flags placing replica ``index`` in the weight fan-out tree of ``inference.weights_fanout`` k:
+    replica i pulls from replica (i - 1) // k (replica 0 from the trainer) and serves its peers at
+    ``tcp://127.0.0.1:<weights_relay_port + i>`` when it has any. Nothing with one replica or k = 0."""
+    fanout, port = config.inference.weights_fanout, config.inference.weights_relay_port
+    if fanout == 0 or num_replicas < 2:
+        return ()
+    args: tuple[str, ...] = ()
+    if index * fanout + 1 < num_replicas:  # it has a child: (child - 1) // k == index
+        args += ("--weights-relay", f"tcp://127.0.0.1:{port + index}")
+    if index > 0:
+        args += ("--weights-upstream", f'["tcp://127.0.0.1:{port + (index - 1) // fanout}"]')
+    return args
+
+
 def placement_problems(config: RlConfig, environ: Mapping[str, str]) -> list[Problem]:
     """Group sizes that do not divide, ids listed twice or that do not exist, GPUs shared without a
     memory split, and rank counts that disagree with the GPU list."""
-    problems = _shape_problems(config)
+    problems = _shape_problems(config) + _relay_problems(config)
     if _has_ids(config):
         problems += _existence_problems(config, environ) + _sharing_problems(config)
     return problems + _rank_problems(config)
@@ -122,6 +137,21 @@ def _shape_problems(config: RlConfig) -> list[Problem]:
             problems.append(Problem(key, _value(config, key), f"GPU(s) {twice} listed more than once; "
                                     "two replicas (or ranks) on one GPU would each take its memory"))  # fmt: skip
     return problems
+
+
+def _relay_problems(config: RlConfig) -> list[Problem]:
+    from rlbus.services.run_config.checks import Problem
+
+    inference, count = config.inference, num_inference_replicas(config)
+    if inference.weights_fanout == 0 or count < 2:
+        return []
+    relays = range(inference.weights_relay_port, inference.weights_relay_port + count)
+    https = range(inference.port, inference.port + count)
+    if relays[-1] > 65535 or set(relays) & set(https):
+        return [Problem("inference.weights_relay_port", inference.weights_relay_port,
+                        f"the {count} replicas' relays need ports {relays[0]}..{relays[-1]}, which must be at most "
+                        f"65535 and apart from their HTTP ports {https[0]}..{https[-1]}")]  # fmt: skip
+    return []
 
 
 def _existence_problems(config: RlConfig, environ: Mapping[str, str]) -> list[Problem]:
