@@ -64,10 +64,12 @@ class WeightsAnnounced(Message, kw_only=True):
     ``delta``. Version 3: ``lora``. Though defaulted, it is a bump: a version-2 replica given an
     adapter's announcement would fail on the unknown field at best, and at worst (a decoder that
     dropped unknown fields) load adapter tensors as if they were the model's; the codec refuses
-    the other version by name instead, before anything is fetched.
+    the other version by name instead, before anything is fetched. Version 4: ``broadcast_group``
+    (every field change bumps the version, docs/protocol.md; a version-3 replica refuses it and
+    asks again, a version-4 one treats an empty name as before).
     """
 
-    VERSION: ClassVar[int] = 3
+    VERSION: ClassVar[int] = 4
 
     step: int
     manifest: list[TensorMeta]
@@ -81,6 +83,11 @@ class WeightsAnnounced(Message, kw_only=True):
     """Set when the step holds only a LoRA adapter's tensors (PEFT names, e.g.
     ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``): replicas load it as this
     adapter, in place, on the base they serve. None: the step holds the full weights."""
+    broadcast_group: str = ""
+    """Set when the trainer also broadcasts this step over its collective weight group (docs/inference.md):
+    the group's name (``epoch.generation``, ``rlbus.weights_collective``). A replica in that group
+    takes the broadcast, checked against this manifest, and fetches over the bus when it is not in
+    it or the broadcast fails; "" (every step of a bus-only trainer): fetch over the bus."""
 
 
 class WeightsQuery(Message, kw_only=True):

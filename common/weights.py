@@ -136,9 +136,11 @@ class WeightStore:
         """(adapter, step, base step, bucket) -> its deltas."""
         self._lock = threading.Lock()
 
-    def add(self, step: int, tensors: Iterable[NamedArray], lora: LoraAdapterMeta | None = None) -> WeightsAnnounced:
+    def add(self, step: int, tensors: Iterable[NamedArray], lora: LoraAdapterMeta | None = None,
+            broadcast_group: str = "") -> WeightsAnnounced:  # fmt: skip
         """Store ``step`` (arrays are kept by reference) and return its announcement; ``lora``: the
-        tensors are that adapter's, not the full weights, and ``step`` is counted among its steps."""
+        tensors are that adapter's, not the full weights, and ``step`` is counted among its steps;
+        ``broadcast_group``: the collective group the step is also broadcast in (``WeightsAnnounced``)."""
         manifest: list[TensorMeta] = []
         buckets: list[Bucket] = [[]]
         bucket_fill = 0
@@ -167,6 +169,7 @@ class WeightStore:
             published_at=time.time(),
             delta=self.delta,
             lora=lora,
+            broadcast_group=broadcast_group,
         )
         by_name = {name: array for bucket in buckets for name, array in bucket} if self.delta else {}
         adapter = adapter_of(announced)
@@ -202,20 +205,12 @@ class WeightStore:
         else:
             encoded = EncodedBucket([name for name, _ in stored.buckets[index]],
                                     [array for _, array in stored.buckets[index]], [])  # fmt: skip
-        pieces = [self._chunked(array) for array in encoded.tensors]
+        pieces = [chunked(array, self.chunk_bytes) for array in encoded.tensors]
         return WeightsBucket(step=step, bucket=index, names=encoded.names, nonce=nonce,
                              tensors=[piece for chunks in pieces for piece in chunks],
                              chunks=[len(chunks) for chunks in pieces] if any(len(c) > 1 for c in pieces) else [],
                              base_step=base.announced.step if base is not None else None,
                              encodings=encoded.encodings)  # fmt: skip
-
-    def _chunked(self, array: np.ndarray) -> list[np.ndarray]:
-        """``array`` whole when it fits a chunk, else 1-D views of its flattened elements, in order."""
-        if array.nbytes <= self.chunk_bytes or array.ndim == 0:
-            return [array]
-        flat = array.reshape(-1)
-        step = max(1, self.chunk_bytes // array.itemsize)
-        return [flat[start : start + step] for start in range(0, flat.size, step)]
 
     def _encoded_bucket(self, stored: StoredStep, base: StoredStep, index: int) -> EncodedBucket:
         adapter = adapter_of(stored.announced)
@@ -236,6 +231,15 @@ class WeightStore:
             if stored.announced.step in steps and base.announced.step in steps:
                 self._encoded[key] = encoded
         return encoded
+
+
+def chunked(array: np.ndarray, chunk_bytes: int) -> list[np.ndarray]:
+    """``array`` whole when it fits a chunk, else 1-D views of its flattened elements, in order."""
+    if array.nbytes <= chunk_bytes or array.ndim == 0:
+        return [array]
+    flat = array.reshape(-1)
+    step = max(1, chunk_bytes // array.itemsize)
+    return [flat[start : start + step] for start in range(0, flat.size, step)]
 
 
 def whose(adapter: str) -> str:
@@ -259,6 +263,8 @@ class WeightServer:
         self._bind_error: Exception | None = None
         self._thread = threading.Thread(target=self._run, name="weight-server", daemon=True)
         self.num_buckets_served = 0
+        self.bytes_served = 0
+        """Tensor bytes sent in buckets (deltas at their size): the trainer's upload, for benches and logs."""
         self._served: dict[tuple[str, int], set[int]] = {}
         """(adapter, step) -> its buckets served at least once (recent steps of each adapter only)."""
         self._last_adapter = FULL_WEIGHTS
@@ -282,9 +288,10 @@ class WeightServer:
         return self
 
     def publish(self, step: int, tensors: Iterable[NamedArray], lora: LoraAdapterMeta | None = None,
-                ) -> WeightsAnnounced:  # fmt: skip
-        """Store ``step`` and announce it; replicas fetch it from then on (``lora``: see :meth:`WeightStore.add`)."""
-        announced = self.store.add(step, tensors, lora)
+                broadcast_group: str = "") -> WeightsAnnounced:  # fmt: skip
+        """Store ``step`` and announce it; replicas fetch it from then on (``lora``, ``broadcast_group``:
+        see :meth:`WeightStore.add`)."""
+        announced = self.store.add(step, tensors, lora, broadcast_group)
         with self._lock:
             self._pending.append(announced)
             self._last_adapter = adapter_of(announced)
@@ -320,6 +327,7 @@ class WeightServer:
 
     def _record_served(self, adapter: str, bucket: WeightsBucket) -> None:
         self.num_buckets_served += 1
+        self.bytes_served += sum(piece.nbytes for piece in bucket.tensors)
         with self._served_changed:
             self._served.setdefault((adapter, bucket.step), set()).add(bucket.bucket)
             for old in [key for key in self._served if key[0] == adapter and key[1] < bucket.step - 2]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -13,10 +14,17 @@ from rlbus.config.base import Secret
 from rlbus.curve import is_loopback_host
 from rlbus.identity import service_id
 from rlbus.messages import ADAPTER_NAME_PATTERN
+from rlbus.weights_collective import parse_address
 
 # vLLM's VLLM_CPU_OMP_THREADS_BIND grammar: core lists ("0-3,6") per worker, joined by "|".
 _CORES = r"\d+(-\d+)?(,\d+(-\d+)?)*"
 CORES_PATTERN = rf"^(auto|nobind|{_CORES}(\|{_CORES})*)$"
+
+
+RELAY_CONNECT_PATTERN = r"^(tcp://[^\s/:*]+:\d{1,5}|ipc://\S+)$"
+"""A relay address a peer connects to: ``tcp://host:port`` or ``ipc://path``."""
+RELAY_BIND_PATTERN = r"^$|^(tcp://[^\s/:]+:(\d{1,5}|\*)|ipc://\S+)$"
+"""A relay address to bind ("" for none): ``tcp://host:port`` (``*``: any free port) or ``ipc://path``."""
 
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -131,8 +139,43 @@ class InferenceConfig(ServiceConfig):
     swap_drain_timeout_s: float = Field(300.0, gt=0)
     """How long a weight swap waits for in-flight requests to finish on the old weights before it
     aborts them (they return ``finish_reason: "abort"``, still tagged with the old step)."""
+    weights_relay: str = Field("", pattern=RELAY_BIND_PATTERN)
+    """Address where this replica serves the steps it loaded to peer replicas (a ZeroMQ ROUTER bound
+    in its vLLM worker, rank 0 only with tensor parallelism; e.g. ``tcp://127.0.0.1:5580``), from
+    the receive buffers it keeps anyway: peers that list it in ``weights_upstream`` take each step
+    from here instead of the trainer. "" serves none. ``rlbus rl`` sets it from ``weights_fanout``."""
+    weights_upstream: list[str] = Field(default_factory=list)
+    """Relay addresses (other replicas' ``weights_relay``) tried in order for each full-weights
+    step before the trainer. Every tensor is still checked against the trainer's own manifest; a
+    refusal, a silence or a corrupt bucket moves on to the next source, the trainer last. Empty:
+    the trainer only. ``rlbus rl`` sets it from ``weights_fanout``."""
+    weights_relay_timeout_s: float = Field(2.0, gt=0)
+    """How long an upstream relay has to answer at all before this replica tries its next source."""
+    weights_relay_wait_s: float = Field(30.0, gt=0)
+    """How long a relay holds a peer's request for a step it is still fetching (or has not been
+    told of yet) before refusing it; a peer waits this long on a relay that answers before it
+    fetches the step from the trainer itself."""
+    weights_fanout: int = Field(0, ge=0)
+    """``rlbus rl`` with several replicas: pull weights through a tree of replicas in which each
+    serves up to this many others (replica i pulls from replica (i - 1) // k, replica 0 from the
+    trainer), so the trainer uploads each step about once instead of once per replica. 0: every
+    replica pulls from the trainer. Ignored by a replica started alone (set ``weights_relay`` and
+    ``weights_upstream`` there)."""
+    weights_relay_port: int = Field(5580, ge=1, le=65535)
+    """With ``weights_fanout``: replica i of ``rlbus rl`` serves its peers at
+    ``tcp://127.0.0.1:<weights_relay_port + i>``."""
     vllm_args: list[str] = Field(default_factory=list)
     """Extra ``vllm serve`` command-line arguments, e.g. ``["--max-num-batched-tokens", "4096"]``."""
+
+    @model_validator(mode="after")
+    def _check_relay_addresses(self) -> InferenceConfig:
+        bad = [address for address in self.weights_upstream if not re.fullmatch(RELAY_CONNECT_PATTERN, address)]
+        if bad:
+            raise ValueError(f"weights_upstream: {bad[0]!r} is not a relay address to connect to (tcp://host:port "
+                             "or ipc://path)")  # fmt: skip
+        if self.weights_relay and self.weights_relay in self.weights_upstream:
+            raise ValueError(f"weights_upstream lists this replica's own weights_relay {self.weights_relay!r}")
+        return self
 
     @model_validator(mode="after")
     def _adapter_needs_lora(self) -> InferenceConfig:
@@ -152,6 +195,13 @@ class InferenceConfig(ServiceConfig):
             )
         return self
 
+    def relay_settings(self) -> dict | None:
+        """What the vLLM workers need of weight fan-out (``rlbus_load_step``'s ``relay``); None when off."""
+        if not self.weights_relay and not self.weights_upstream:
+            return None
+        return {"bind": self.weights_relay, "upstream": list(self.weights_upstream),
+                "answer_timeout_s": self.weights_relay_timeout_s, "wait_s": self.weights_relay_wait_s}  # fmt: skip
+
     def resolved_replica_id(self) -> str:
         return self.replica_id or service_id("inference", self.port)
 
@@ -161,3 +211,49 @@ class InferenceConfig(ServiceConfig):
 
     def resolved_model_name(self) -> str:
         return self.served_model_name or self.model
+
+    # ------------------------------------------------ collective weight transport (docs/inference.md)
+    weight_transport: Literal["bus", "collective"] = "bus"
+    """``bus`` (default): fetch every step from the trainer over the bus. ``collective``: also join the
+    trainer's weight group (its ``weight_transport = "collective"``) as ``weight_group_rank`` and take
+    the steps it broadcasts, each checked against its manifest; any step the broadcast fails for is
+    fetched over the bus. Needs ``tensor_parallel_size`` 1. The group forms once every replica
+    joined, which the worker does at its first weight load: the first step a replica loads comes
+    over the bus."""
+    weight_group_address: str | None = None
+    """``collective``: the trainer's ``weight_group_address`` (``host:port`` of its rendezvous store)."""
+    weight_group_rank: int = Field(1, ge=1)
+    """``collective``: this replica's rank in the weight group, 1..``weight_group_replicas``, unique per replica."""
+    weight_group_replicas: int = Field(1, ge=1)
+    """``collective``: the trainer's ``weight_group_replicas`` (how many replicas the group holds)."""
+    weight_group_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """``collective``: the trainer's ``weight_group_backend`` (``auto``: nccl where CUDA is available, else gloo)."""
+    weight_group_timeout_s: float = Field(60.0, gt=0)
+    """``collective``: how long joining the group or one bucket's broadcast may take before the replica
+    leaves that group (and fetches the step over the bus); set it like the trainer's."""
+    weight_group_verify: bool = True
+    """``collective``: check every broadcast tensor's xxh3 checksum against the manifest before loading
+    (on GPUs this copies each step to host memory once); off trusts the fabric: sizes are still checked."""
+
+    @model_validator(mode="after")
+    def _weight_group_is_set(self) -> InferenceConfig:
+        if self.weight_transport != "collective":
+            return self
+        if self.weight_group_address is None:
+            raise ValueError('weight_transport = "collective" needs weight_group_address (the trainer\'s)')
+        parse_address(self.weight_group_address)
+        if self.weight_group_rank > self.weight_group_replicas:
+            raise ValueError(f"weight_group_rank = {self.weight_group_rank} is past weight_group_replicas = "
+                             f"{self.weight_group_replicas} (ranks are 1..replicas)")  # fmt: skip
+        if self.tensor_parallel_size != 1:
+            raise ValueError(f"weight_transport = \"collective\" needs tensor_parallel_size = 1 (got "
+                             f"{self.tensor_parallel_size}): one rank per replica in the weight group")  # fmt: skip
+        return self
+
+    def weight_group_settings(self) -> dict | None:
+        """What the vLLM worker needs to join the weight group (``weight_collective.GroupSettings``); None on the bus."""
+        if self.weight_transport != "collective":
+            return None
+        return {"address": self.weight_group_address, "rank": self.weight_group_rank,
+                "size": self.weight_group_replicas + 1, "backend": self.weight_group_backend,
+                "timeout_s": self.weight_group_timeout_s, "verify": self.weight_group_verify}  # fmt: skip

@@ -89,6 +89,9 @@ def run_inference(config: InferenceConfig) -> int:
     if skip_broken_aot_cache(current_platform.is_cpu()):
         logger.debug("vLLM's AOT compile artifacts are off on CPU: they fail to load (VLLM_USE_AOT_COMPILE=0)")
     export_for_workers(config.worker_idle_spin_s)
+    from rlbus.services.inference.weight_collective import export_for_workers as export_weight_group
+
+    export_weight_group(config.weight_group_settings())  # weight_transport = "collective": the worker joins
     if place_worker(config.worker_in_engine_process, config.tensor_parallel_size):
         logger.debug("vLLM's model worker runs in its engine-core process (inference.worker_in_engine_process)")
     forkable = config.fork_engine_core and current_platform.is_cpu()
@@ -132,7 +135,8 @@ async def build_and_serve(engine: Any, args: Namespace, sock: Any, config: Infer
     app = build_app(args, supported_tasks, engine.model_config)
     replica_id = config.resolved_replica_id()
     loader = EngineWeightLoader(engine, config.bus.endpoints.trainer_weights, replica_id, config.bus,
-                                adapter_loader(engine, app, config) if config.enable_lora else None)  # fmt: skip
+                                adapter_loader(engine, app, config) if config.enable_lora else None,
+                                config.relay_settings())  # fmt: skip
 
     def on_fatal(exc: BaseException) -> None:
         failures.append(exc)

@@ -11,6 +11,12 @@ step and ``load_weights`` keeps its shard. Each worker keeps its receive buffers
 (:class:`rlbus.weights.Staging`: one copy of the weights in host memory, two when
 the trainer sends deltas, whose base is the step loaded last) from step to step.
 
+Fan-out (``inference.weights_relay`` / ``weights_upstream``, :mod:`rlbus.weights_relay`): the worker
+tries its upstream peers' relays before the trainer, checking every tensor against the trainer's
+manifest all the same, and the rank-0 worker of a replica with ``weights_relay`` serves each bucket
+to peers from these buffers as soon as it is verified (and stops before the next fetch rewrites them).
+The report says how many bytes came from relays and from the trainer (``relay_bytes``, ``trainer_bytes``).
+
 Loading goes through the worker's ``reload_weights(weights_iterator=...)``: vLLM's
 in-place reload, which calls the model's ``load_weights`` and then re-runs each
 layer's post-load processing. Plain ``model.load_weights`` is not enough: on CPU
@@ -42,10 +48,13 @@ from rlbus.bus import Bus, BusError
 from rlbus.config.base import BusConfig
 from rlbus.messages import TensorMeta, WeightsAnnounced
 from rlbus.services.inference.idle_spin import apply_in_worker
-from rlbus.weights import FetchedStep, ReplicaTransfer, fetch_step, fetch_weights
+from rlbus.weights import FetchedStep, ReplicaTransfer, fetch_step
+from rlbus.weights_relay import WeightRelay, WeightSources, fetch_from_sources
 
 if TYPE_CHECKING:
     import torch
+
+    from rlbus.services.inference.weight_collective import Broadcast
 
 WORKER_EXTENSION = "rlbus.services.inference.worker_extension.RlbusWorkerExtension"
 TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
@@ -58,29 +67,44 @@ class RlbusWorkerExtension:
     vllm_config: Any
     _rlbus_checkpoint: dict[str, list[int]] | None
     _rlbus_transfer: ReplicaTransfer
+    _rlbus_relay: WeightRelay | None
 
-    def rlbus_load_step(self, announced: dict, weights_address: str, replica_id: str, bus_config: dict) -> dict:
-        """Pull step ``announced`` from the trainer, verify it, load it; returns a LoadReport dict."""
+    def rlbus_load_step(self, announced: dict, weights_address: str, replica_id: str, bus_config: dict,
+                        relay: dict | None = None) -> dict:  # fmt: skip
+        """Pull step ``announced`` (from the ``relay["upstream"]`` peers first, then the trainer), verify it,
+        load it, and serve it to peers when ``relay["bind"]`` is set; returns a LoadReport dict."""
         meta = msgspec.convert(announced, WeightsAnnounced)
         report: dict[str, Any] = {"ok": False, "step": meta.step, "num_bytes": meta.total_bytes}
         started = time.perf_counter()
         transfer = self._rlbus_replica_transfer()
+        relay = relay or {}
+        server = self._rlbus_weight_relay(relay.get("bind", ""), relay.get("wait_s", 30.0), BusConfig(**bus_config))
+        sources = WeightSources(weights_address, tuple(relay.get("upstream", ())),
+                                relay.get("answer_timeout_s", 2.0), relay.get("wait_s", 30.0))  # fmt: skip
         try:
             mismatch = manifest_mismatch(meta.manifest, self._rlbus_checkpoint_shapes())
             if mismatch:
                 raise BusError(f"step {meta.step} does not fit this model: {mismatch}")
-            fetched_step = pull_weights(meta, weights_address, replica_id, BusConfig(**bus_config), transfer)
+            from rlbus.services.inference.weight_collective import receive_broadcast  # torch: imported late
+
+            if (broadcast := receive_broadcast(meta)) is not None:  # weight_transport = "collective"
+                return self._rlbus_load_broadcast(meta, broadcast, report, started)
+            # With a relay, peers get each bucket once verified here (the old step no more from now on).
+            fetched_step = pull_weights(meta, sources, replica_id, BusConfig(**bus_config), transfer, server)
             tensors = [(name, to_torch(array, dtype)) for name, array, dtype in fetched_step.tensors]
         except (BusError, ValueError) as exc:
             logger.warning("refused weights of step {}: {}", meta.step, exc)
+            if server is not None:
+                server.fetch_failed()
             # The retry fetches in full: a delta that failed may have had a base the trainer no longer
             # means by that step number (a restarted trainer republishing it).
             transfer.forget()
             return report | {"error": str(exc), "kind": "transfer", "fetch_s": time.perf_counter() - started}
         fetched = time.perf_counter()
-        logger.info("fetched step {}: {:.1f} MB on the wire for {:.1f} MB of weights, {} tensor(s) as deltas",
-                    meta.step, fetched_step.wire_bytes / 1e6, meta.total_bytes / 1e6,
-                    fetched_step.num_delta_tensors)  # fmt: skip
+        report |= {"relay_bytes": fetched_step.relay_bytes, "trainer_bytes": fetched_step.trainer_bytes}
+        logger.info("fetched step {} from {}: {:.1f} MB on the wire for {:.1f} MB of weights, {} tensor(s) as "
+                    "deltas", meta.step, fetched_step.source, fetched_step.wire_bytes / 1e6,
+                    meta.total_bytes / 1e6, fetched_step.num_delta_tensors)  # fmt: skip
         try:
             self.reload_weights(weights_iterator=tensors)  # type: ignore[attr-defined]
             refresh_tied_head(self.model_runner.get_model())
@@ -89,6 +113,22 @@ class RlbusWorkerExtension:
             transfer.forget()  # the base weights come back: no step is held any more
             return report | {"error": f"{type(exc).__name__}: {exc}", "kind": "load"}
         transfer.loaded(fetched_step)
+        return report | {"ok": True, "fetch_s": fetched - started, "load_s": time.perf_counter() - fetched}
+
+    def _rlbus_load_broadcast(self, meta: WeightsAnnounced, broadcast: Broadcast, report: dict,
+                              started: float) -> dict:  # fmt: skip
+        """Load ``meta`` from its broadcast, verified already (``weight_collective``); no bus fetch."""
+        fetched = time.perf_counter()
+        logger.info("received step {} by broadcast ({:.1f} MB)", meta.step, meta.total_bytes / 1e6)
+        self._rlbus_replica_transfer().forget()  # no step held for deltas: the next bus fetch goes in full
+        try:
+            self.reload_weights(weights_iterator=broadcast.tensors)  # type: ignore[attr-defined]
+            refresh_tied_head(self.model_runner.get_model())
+        except Exception as exc:  # noqa: BLE001 - reported to the server, which restores the base weights
+            logger.exception("loading step {} failed after verification", meta.step)
+            return report | {"error": f"{type(exc).__name__}: {exc}", "kind": "load"}
+        finally:
+            broadcast.release()
         return report | {"ok": True, "fetch_s": fetched - started, "load_s": time.perf_counter() - fetched}
 
     def rlbus_reload_base(self) -> dict:
@@ -107,6 +147,20 @@ class RlbusWorkerExtension:
         if not hasattr(self, "_rlbus_transfer"):
             self._rlbus_transfer = ReplicaTransfer()
         return self._rlbus_transfer
+
+    def _rlbus_weight_relay(self, bind: str, wait_s: float, bus_config: BusConfig) -> WeightRelay | None:
+        """The relay serving this worker's verified steps to peers, started on first use; None when
+        ``bind`` is "", on tensor-parallel ranks but the first (one copy serves), or when it could not
+        bind (logged: peers then fall back to the trainer, and this replica still loads its steps)."""
+        if not hasattr(self, "_rlbus_relay"):
+            self._rlbus_relay = None
+            if bind and getattr(self, "rank", 0) == 0:
+                try:
+                    self._rlbus_relay = WeightRelay(Bus(bus_config), bind, wait_s).start()
+                    logger.info("serving loaded weights to peer replicas at {}", self._rlbus_relay.address)
+                except BusError as exc:
+                    logger.error("weights_relay off: {}", exc)
+        return self._rlbus_relay
 
     def _rlbus_checkpoint_shapes(self) -> dict[str, list[int]] | None:
         if not hasattr(self, "_rlbus_checkpoint"):
@@ -131,14 +185,15 @@ def refresh_tied_head(model: Any) -> None:
         method.process_weights_after_loading(head)
 
 
-def pull_weights(announced: WeightsAnnounced, address: str, replica_id: str, bus_config: BusConfig,
-                 transfer: ReplicaTransfer) -> FetchedStep:  # fmt: skip
-    """Step ``announced``, verified, into ``transfer``'s buffers, over a DEALER used for this step
-    only (so a late reply to an abandoned fetch can never be mistaken for this step's)."""
-    with Bus(bus_config) as bus:
-        sock = bus.connect(zmq.DEALER, address, "weights")
-        return fetch_weights(bus, sock, announced, replica_id, bus_config.request_timeout_s, retries=2,
-                             base=transfer.base(announced), staging=transfer.staging())  # fmt: skip
+def pull_weights(announced: WeightsAnnounced, sources: WeightSources | str, replica_id: str, bus_config: BusConfig,
+                 transfer: ReplicaTransfer, relay: WeightRelay | None = None) -> FetchedStep:  # fmt: skip
+    """Step ``announced``, verified against its manifest, into ``transfer``'s buffers, from the first
+    of ``sources`` (upstream relays, then the trainer; an address: the trainer alone) that delivers
+    it, each over a DEALER used for this step only (so a late reply to an abandoned fetch can never
+    be mistaken for this step's); ``relay`` serves each bucket to peers once verified."""
+    sources = WeightSources(sources) if isinstance(sources, str) else sources
+    return fetch_from_sources(bus_config, announced, replica_id, sources, base=transfer.base(announced),
+                              staging=transfer.staging(), relay=relay)  # fmt: skip
 
 
 def pull_step(announced: WeightsAnnounced, address: str, replica_id: str,

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from rlbus.config import ConfigModel, ServiceConfig
 from rlbus.services.trainer.lora_config import LoraConfig
+from rlbus.weights_collective import parse_address
 
 
 class OptimizerConfig(ConfigModel):
@@ -158,6 +159,26 @@ class TrainerConfig(TrainingConfig):
     """After the last step, keep serving weights until a replica fetched the last step's (so the
     run's final evaluation and late replicas see the trained policy), at most this long; skipped
     when no replica fetched weights during the run."""
+    weight_transport: Literal["bus", "collective"] = "bus"
+    """How replicas get each step: ``bus`` (default): they fetch it from the trainer over the bus,
+    any network, replicas may come and go. ``collective``: rank 0 also broadcasts every full-weight
+    step to a fixed set of ``weight_group_replicas`` replicas in a process group of their own (NCCL
+    on GPUs that share a fabric, gloo on CPUs); each replica checks it against the manifest and
+    falls back to the bus when that fails. LoRA adapter steps always travel over the bus
+    (docs/inference.md#collective-weight-transport)."""
+    weight_group_address: str | None = None
+    """``collective``: ``host:port`` where the trainer binds the group's rendezvous store (a
+    TCPStore, unauthenticated: a trusted network only); replicas set the same address."""
+    weight_group_replicas: int = Field(1, ge=1)
+    """``collective``: how many replicas (ranks 1..N) the group waits for; it forms only once all
+    joined, and until then every step travels over the bus."""
+    weight_group_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """``collective``: ``nccl`` (GPU buffers, GPUs on one fabric), ``gloo`` (host buffers, TCP),
+    ``auto``: nccl where CUDA is available, else gloo. Replicas must use the same."""
+    weight_group_timeout_s: float = Field(60.0, gt=0)
+    """``collective``: how long forming the group or one bucket's broadcast may take; past it the
+    trainer drops the group (a timed-out collective cannot be reused), the step's replicas fetch it
+    over the bus, and the trainer forms a new group generation in the background."""
     trainer_id: str = "trainer"
     """Name the trainer gives the orchestrator in every BatchRequest and BatchAck."""
     max_concurrent_runs: int | None = Field(None, ge=1)
@@ -166,6 +187,19 @@ class TrainerConfig(TrainingConfig):
     ``bus.endpoints.trainer_runs`` (this config's are not used), and its own checkpoints
     (``runs/<run_id>/checkpoints``, with ``ckpt.enabled``). None trains one run. Set, ``lora``,
     ``max_steps`` and ``memory.ac`` must be unset and ``num_ranks`` 1."""
+
+    @model_validator(mode="after")
+    def _weight_group_is_set(self) -> TrainerConfig:
+        if self.weight_transport != "collective":
+            return self
+        if self.weight_group_address is None:
+            raise ValueError("weight_transport = \"collective\" needs weight_group_address (host:port the "
+                             "trainer binds for the replicas' weight group)")  # fmt: skip
+        parse_address(self.weight_group_address)
+        if self.max_concurrent_runs is not None:
+            raise ValueError("weight_transport = \"collective\" with max_concurrent_runs is not supported: a "
+                             "shared trainer publishes adapters, which travel over the bus")  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _shared_trainer_fits(self) -> TrainerConfig:

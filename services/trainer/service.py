@@ -32,6 +32,7 @@ from rlbus.services.trainer.logprobs import RowTensors
 from rlbus.services.trainer.lora import adapter_meta, base_fingerprint, is_lora, servable_arrays, weight_sizes
 from rlbus.services.trainer.pulse import StepPulse
 from rlbus.services.trainer.runtime import Runtime, build_runtime
+from rlbus.services.trainer.weight_broadcast import WeightBroadcaster, broadcaster_for, publish_step
 from rlbus.weights import PublishBuffers, WeightServer, WeightStore
 
 # How the orchestrator names the step to train after refusing an acknowledged one.
@@ -104,6 +105,8 @@ class WeightPublisher:
         self.ctx = ctx
         self.config = config
         self.server: WeightServer | None = None
+        self.broadcaster: WeightBroadcaster | None = None
+        """``weight_transport = "collective"``: also broadcasts each step to the replicas' group (rank 0)."""
         self.buffers: PublishBuffers | None = None
         self.published_bytes = 0
         """Tensor bytes of the latest step published: what a replica fetches of it (in full)."""
@@ -116,6 +119,7 @@ class WeightPublisher:
             self.buffers = PublishBuffers(store.keep_steps + 1)
             logger.info("serving weights at {} (announcements at {})", self.server.fetch_address,
                         self.server.announce_address)  # fmt: skip
+            self.broadcaster = broadcaster_for(config)
 
     def publish(self, step: int, model) -> float:
         """Gather and publish ``step``; returns the seconds it took."""
@@ -125,7 +129,7 @@ class WeightPublisher:
         lora = self.adapter(model)
         arrays = servable_arrays(model, self.ctx, self.buffers, adapter_only=lora is not None)
         if self.server is not None:
-            self.published_bytes = self.server.publish(step, arrays, lora).total_bytes
+            self.published_bytes = publish_step(self.server, self.broadcaster, step, arrays, lora).total_bytes
         else:
             for _ in arrays:  # other ranks only take part in the gathers
                 pass
@@ -150,6 +154,8 @@ class WeightPublisher:
             logger.warning("no replica fetched the weights of step {} within {:g}s", step, timeout_s)
 
     def stop(self) -> None:
+        if self.broadcaster is not None:
+            self.broadcaster.stop()
         if self.server is not None:
             self.server.stop()
 

@@ -37,7 +37,7 @@ WIRE_DIGESTS = {
     "BatchRequest": "361c8343f2fd5e30299fb5cd25d8b3cb75d0cae29c2714df88efdb57e170d79d",
     "TrainBatch": "9a28aa0a642933059dc76c0a9cb5dc43a8d2eeb3e42695a26d404b4a9673f31c",
     "BatchAck": "2c63b18227416a842326463502ec798be1da77aef1ba05ae902165530df22e3d",
-    "WeightsAnnounced": "0c5b37deb38a7e13d1184a40c2b5ece26c9d369af8703425faeef27d374409f0",
+    "WeightsAnnounced": "4f5b8838d49c76a4a843bfb22ca0a628e5f53abdf8293b73831495d21399d277",
     "WeightsQuery": "f68a829795a38e194ef940c9d6eb95983c122d2aa2399eb0c96d9680844600b3",
     "WeightsFetch": "f2a52d98cc6d026866e7e089c2913ef518d622ee0dc2a81c798502ead86a9714",
     "WeightsBucket": "b1c119bad85c8e29fe83ff051373f3cb0df095bda9d36aee7f697e5fe2ec36a5",
