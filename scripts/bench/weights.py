@@ -31,7 +31,7 @@ import multiprocessing
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +140,10 @@ class StepFigures:
     wire_bytes: list[float]
     trainer_bytes: int = 0
     """What the trainer's WeightServer sent for this step (to every replica together)."""
+    publish_s: float = 0.0
+    """The trainer's part: copying each tensor out (the gather), checksums and bucketing."""
+    load_s: list[float] = field(default_factory=list)
+    """Each replica's copy of the verified step into place (vLLM's ``load_weights`` copies too)."""
 
 
 class Trainer:
@@ -167,6 +171,7 @@ class Trainer:
     def step(self, step: int, tensors: list[NamedArray], gather_copy: bool) -> StepFigures:
         started, served_before = time.perf_counter(), self.server.bytes_served
         self.server.publish(step, gathered(tensors, self.buffers) if gather_copy else tensors)
+        published = time.perf_counter()
         reports: list[MetricsReport] = []
         while len(reports) < len(self.replicas):
             message = self.bus.recv(self.reports, TIMEOUT_S, MetricsReport, f"step {step} loaded")
@@ -174,7 +179,8 @@ class Trainer:
                 reports.append(message)
         return StepFigures(time.perf_counter() - started, [r.metrics["fetch_s"] for r in reports],
                            [r.metrics["wire_bytes"] for r in reports],
-                           self.server.bytes_served - served_before)  # fmt: skip
+                           self.server.bytes_served - served_before, published - started,
+                           [r.metrics["load_s"] for r in reports])  # fmt: skip
 
     def close(self) -> None:
         for process in self.replicas:
@@ -215,7 +221,8 @@ def model_lines(label: str, model: list[NamedArray], args: argparse.Namespace, d
     copy = "" if gather_copy else " (the trainer's copy out of the model not modelled: memory)"
     lines: list[Line] = [f"{label} ({mb:.1f} MB), best of {args.steps} steps{copy}:",
                          rate("fetch + verify", max(mb / f.fetch_s[0] for f in full)),
-                         rate("publish -> loaded", max(mb / f.publish_to_loaded_s for f in full))]  # fmt: skip
+                         rate("publish -> loaded", max(mb / f.publish_to_loaded_s for f in full)),
+                         split_line(min(full, key=lambda f: f.publish_to_loaded_s))]  # fmt: skip
     if delta:
         deltas = run_steps(model, args, 1, delta=True)
         wire = statistics.median(f.wire_bytes[0] for f in deltas) / 1e6
@@ -224,6 +231,17 @@ def model_lines(label: str, model: list[NamedArray], args: argparse.Namespace, d
                      f"({wire / full_wire:.3f} of full)")  # fmt: skip
         lines.append(rate("delta fetch + verify", max(mb / f.fetch_s[0] for f in deltas)))
     return lines
+
+
+def split_line(figures: StepFigures) -> str:
+    """Where publish -> loaded went in one step: the parts run one after another (a step loads
+    only once all of it is verified, so the old one serves until then)."""
+    fetch, load = figures.fetch_s[0], figures.load_s[0]
+    other = figures.publish_to_loaded_s - figures.publish_s - fetch - load
+    return (
+        f"  split of the best, s: publish (copy out + checksums) {figures.publish_s:.3f}, fetch + verify "
+        f"{fetch:.3f}, load (copy into place) {load:.3f}, announce and reports {other:.3f}"
+    )
 
 
 def snapshot_lines(folders: list[Path]) -> list[str]:
