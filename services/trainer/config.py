@@ -187,6 +187,11 @@ class TrainerConfig(TrainingConfig):
     ``bus.endpoints.trainer_runs`` (this config's are not used), and its own checkpoints
     (``runs/<run_id>/checkpoints``, with ``ckpt.enabled``). None trains one run. Set, ``lora``,
     ``max_steps`` and ``memory.ac`` must be unset and ``num_ranks`` 1."""
+    run_idle_evict_s: float | None = Field(600.0, gt=0)
+    """With ``max_concurrent_runs``: when a run joins while every slot is taken, the run whose
+    orchestrator has not delivered the batch asked of it for this long (killed for good, say: it
+    never sends RunLeave) gives up its slot, checkpointed first with ``ckpt.enabled``; it can join
+    again later like any run. None: a slot is freed only by its run leaving."""
 
     @model_validator(mode="after")
     def _weight_group_is_set(self) -> TrainerConfig:

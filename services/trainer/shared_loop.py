@@ -36,7 +36,7 @@ from rlbus.services.trainer.model import TORCH_DTYPES, load_model, to_numpy
 from rlbus.services.trainer.multi_run import RunSpec, RunTable, StepSettings
 from rlbus.services.trainer.perf import measure_peak_flops
 from rlbus.services.trainer.service import serve
-from rlbus.services.trainer.shared_loop_runs import RunChannel, RunCheckpoints
+from rlbus.services.trainer.shared_loop_runs import RunChannel, RunCheckpoints, linear_widths, rank_problem
 from rlbus.weights import WeightServer, WeightStore
 
 SHOWN_CHARS = 80
@@ -112,6 +112,8 @@ class SharedLoop:
             raise JoinRefused(f"run id {join.run_id!r} is already training here (at step {step}) for another "
                               "orchestrator (another run token): give this run another run id, or stop the other")  # fmt: skip
         if active is None:
+            if len(self.channels) >= self.table.max_concurrent_runs:
+                self._evict_idle_run(join.run_id)
             self._add_run(spec, join.token)
         elif spec != self.table.run(join.run_id).spec:
             logger.warning("run {} re-joined with another spec; it keeps the one it joined with until it leaves",
@@ -164,13 +166,32 @@ class SharedLoop:
             return Ack(ref=leave.nonce)
         if channel.token != leave.token:
             raise JoinRefused(f"run {leave.run_id!r} joined with another run token: not yours to end")
-        run = self.table.run(leave.run_id)
-        if run.step > 0:
-            self._checkpoint(leave.run_id, run.step, final=True)
-        self._close_channel(channel)
-        self.table.leave(leave.run_id)
-        del self.channels[leave.run_id], self.adapters[leave.run_id]
+        self._remove_run(channel)
         return Ack(ref=leave.nonce)
+
+    def _remove_run(self, channel: RunChannel) -> None:
+        """Checkpoint the run (with ``ckpt.enabled``), free its slot and drop its channel."""
+        run = self.table.run(channel.run_id)
+        if run.step > 0:
+            self._checkpoint(channel.run_id, run.step, final=True)
+        self._close_channel(channel)
+        self.table.leave(channel.run_id)
+        del self.channels[channel.run_id], self.adapters[channel.run_id]
+
+    def _evict_idle_run(self, joining: str) -> None:
+        """Free the slot of the run idle longest, if past ``run_idle_evict_s``: an orchestrator killed
+        for good never sends RunLeave, and its slot would otherwise refuse every new run forever."""
+        after_s, now = self.config.run_idle_evict_s, time.monotonic()
+        idle = [c for c in self.channels.values() if after_s is not None and now - c.asked_at >= after_s]
+        if not idle:
+            return
+        channel = min(idle, key=lambda c: c.asked_at)
+        logger.warning("run {} gives its slot to run {}: its orchestrator sent nothing for {:.0f}s (it can "
+                       "re-join later, from its checkpoint when ckpt.enabled)", channel.run_id, shown(joining),
+                       now - channel.asked_at)  # fmt: skip
+        channel.telemetry.event("run_evicted", f"run {channel.run_id} left the shared trainer: idle for "
+                                f"{now - channel.asked_at:.0f}s while run {shown(joining)} needed its slot")  # fmt: skip
+        self._remove_run(channel)
 
     def _open_channel(self, join: RunJoin, new_run: bool) -> RunChannel:
         """The run's batch DEALER and telemetry; a new run whose addresses do not work leaves again."""
@@ -336,30 +357,6 @@ def parse_spec(join: RunJoin) -> RunSpec:
         return RunSpec.model_validate({**join.spec, "run_id": join.run_id})
     except ValueError as exc:
         raise JoinRefused(f"run {join.run_id!r} has a bad spec: {exc}") from None
-
-
-def linear_widths(model: torch.nn.Module) -> dict[str, int]:
-    """The base's linear layers (as PEFT names its targets) and the rank each can use: a LoRA
-    update of a layer has rank at most min(in_features, out_features)."""
-    widths: dict[str, int] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".lora_" not in name:  # not a joined run's adapter
-            widths[name.removesuffix(".base_layer")] = min(module.in_features, module.out_features)
-    return widths
-
-
-def rank_problem(spec: RunSpec, widths: dict[str, int]) -> str | None:
-    """Why ``spec``'s LoRA rank is too high for the layers it targets, or None. A higher rank adds
-    memory, never expressiveness, and a huge one would exhaust the trainer's memory for every run."""
-    targets = spec.lora.target_modules
-    targeted = {n: w for n, w in widths.items() if any(n == t or n.endswith(f".{t}") for t in targets)}
-    if not targeted:
-        return None  # targets naming no layer are refused by RunTable.join, with the layers' names
-    narrowest = min(targeted, key=targeted.__getitem__)
-    if spec.lora.rank <= targeted[narrowest]:
-        return None
-    return (f"run {spec.run_id!r}: lora.rank {spec.lora.rank} is more than {targeted[narrowest]}, the width of "
-            f"the narrowest targeted layer ({narrowest}): choose a rank of at most {targeted[narrowest]}")  # fmt: skip
 
 
 def shown(value: object) -> str:

@@ -4,7 +4,8 @@
 shared loop polls every run's DEALER in one ``zmq.Poller``, so a run whose orchestrator is gone only
 stops its own steps; its request is resent every ``bus.request_timeout_s`` as ``BatchClient`` does.
 :class:`RunCheckpoints` keeps a run's checkpoints under ``<output_dir>/runs/<run_id>/checkpoints``
-(the newest two) and the token of the run that owns the folder.
+(the newest two) and the token of the run that owns the folder. :func:`rank_problem` checks a
+joining run's LoRA rank against the base's layers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
 import zmq
 from loguru import logger
 
@@ -21,6 +23,7 @@ from rlbus.audit import AuditLog
 from rlbus.bus import Bus
 from rlbus.messages import BatchAck, BatchRequest, Refused, TrainBatch
 from rlbus.pubsub import TelemetryClient
+from rlbus.services.trainer.multi_run import RunSpec
 
 KEEP_CHECKPOINTS = 2
 """Checkpoints kept per run: the newest, and one more in case a kill left the newest unreadable."""
@@ -134,3 +137,27 @@ class RunCheckpoints:
     def claim(self, token: str) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "run_token").write_text(token + "\n")
+
+
+def linear_widths(model: torch.nn.Module) -> dict[str, int]:
+    """The base's linear layers (as PEFT names its targets) and the rank each can use: a LoRA
+    update of a layer has rank at most min(in_features, out_features)."""
+    widths: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".lora_" not in name:  # not a joined run's adapter
+            widths[name.removesuffix(".base_layer")] = min(module.in_features, module.out_features)
+    return widths
+
+
+def rank_problem(spec: RunSpec, widths: dict[str, int]) -> str | None:
+    """Why ``spec``'s LoRA rank is too high for the layers it targets, or None. A higher rank adds
+    memory, never expressiveness, and a huge one would exhaust the trainer's memory for every run."""
+    targets = spec.lora.target_modules
+    targeted = {n: w for n, w in widths.items() if any(n == t or n.endswith(f".{t}") for t in targets)}
+    if not targeted:
+        return None  # targets naming no layer are refused by RunTable.join, with the layers' names
+    narrowest = min(targeted, key=targeted.__getitem__)
+    if spec.lora.rank <= targeted[narrowest]:
+        return None
+    return (f"run {spec.run_id!r}: lora.rank {spec.lora.rank} is more than {targeted[narrowest]}, the width of "
+            f"the narrowest targeted layer ({narrowest}): choose a rank of at most {targeted[narrowest]}")  # fmt: skip

@@ -32,6 +32,7 @@ from rlbus.services.trainer.config import TrainerConfig
 from rlbus.services.trainer.model import load_model
 from rlbus.services.trainer.multi_run import RunTable, StepSettings
 from rlbus.services.trainer.shared_loop import SharedLoop
+from rlbus.services.trainer.shared_loop_runs import RunCheckpoints
 from tests.conftest import free_tcp_port
 from tests.unit.trainer.batches import train_batch
 from tests.unit.trainer.test_lora import SOLO
@@ -295,3 +296,37 @@ def test_a_shared_trainer_refuses_settings_that_belong_to_one_run(overrides, nam
     with pytest.raises(ValueError, match=re.escape(named)):
         TrainerConfig(max_concurrent_runs=2, **overrides)
     TrainerConfig(**overrides)  # each is fine for a single-run trainer
+
+
+def test_a_run_idle_past_the_limit_gives_its_slot_to_a_joining_run(tiny_model_dir, tmp_path):
+    config = trainer_config(tiny_model_dir, tmp_path, run_idle_evict_s=3600)
+    with shared_trainer(config) as loop, Bus(config.bus) as bus:
+        alpha, beta = FakeOrchestrator(bus, loop, "alpha", "a" * 8), FakeOrchestrator(bus, loop, "beta", "b" * 8)
+        alpha.last_step_served = 1
+        alpha.join(spec(1e-2, 4), (beta,))
+        beta.join(spec(1e-2, 1000), (alpha,))  # served all along: never idle
+        drive(loop, (alpha, beta), lambda: len(alpha.acks) == 1 and 2 in alpha.requested)
+        alpha.kill()  # killed for good: it never sends RunLeave
+        gamma = FakeOrchestrator(bus, loop, "gamma", "c" * 8)
+        refused = gamma.join(spec(1e-2, 2), (beta,))  # alpha idle for less than an hour: no slot
+        assert isinstance(refused, Refused) and sorted(loop.channels) == ["alpha", "beta"]
+        loop.config.run_idle_evict_s = 0.3
+        drive(loop, (beta,), lambda: time.monotonic() - loop.channels["alpha"].asked_at > 0.3)
+        joined = gamma.join(spec(1e-2, 2), (beta,))
+        assert isinstance(joined, RunJoined) and joined.step == 0
+        assert sorted(loop.channels) == ["beta", "gamma"]
+        assert RunCheckpoints(tmp_path, "alpha").steps() == [1]  # kept: a re-join resumes from it
+        drive(loop, (beta, gamma), lambda: len(gamma.acks) == 2)
+        assert gamma.acked_steps() == [(1, True), (2, True)]
+        assert all(ok for _, ok in beta.acked_steps())
+
+
+def test_without_an_idle_limit_a_full_trainer_refuses_a_new_run(tiny_model_dir, tmp_path):
+    config = trainer_config(tiny_model_dir, tmp_path, run_idle_evict_s=None)
+    with shared_trainer(config) as loop, Bus(config.bus) as bus:
+        alpha, beta = FakeOrchestrator(bus, loop, "alpha", "a" * 8), FakeOrchestrator(bus, loop, "beta", "b" * 8)
+        alpha.join(spec(1e-2, 4), (beta,))
+        beta.join(spec(1e-2, 4), (alpha,))
+        alpha.kill()
+        refused = FakeOrchestrator(bus, loop, "gamma", "c" * 8).join(spec(1e-2, 2), (beta,))
+        assert isinstance(refused, Refused) and sorted(loop.channels) == ["alpha", "beta"]
