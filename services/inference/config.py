@@ -218,8 +218,8 @@ class InferenceConfig(ServiceConfig):
     trainer's weight group (its ``weight_transport = "collective"``) as ``weight_group_rank`` and take
     the steps it broadcasts, each checked against its manifest; any step the broadcast fails for is
     fetched over the bus. Needs ``tensor_parallel_size`` 1. The group forms once every replica
-    joined, which the worker does at its first weight load: the first step a replica loads comes
-    over the bus."""
+    joined (each as it starts); steps before that come over the bus. ``rlbus rl`` sets these
+    fields from the trainer's."""
     weight_group_address: str | None = None
     """``collective``: the trainer's ``weight_group_address`` (``host:port`` of its rendezvous store)."""
     weight_group_rank: int = Field(1, ge=1)

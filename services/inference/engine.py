@@ -30,10 +30,13 @@ class EngineWeightLoader:
     """Loads steps and base weights into the engine's workers; aborts requests on demand."""
 
     def __init__(self, engine: Any, weights_address: str, replica_id: str, bus_config: BusConfig,
-                 adapters: AdapterLoader | None = None, relay: dict | None = None) -> None:  # fmt: skip
+                 adapters: AdapterLoader | None = None, relay: dict | None = None,
+                 weight_group: bool = False) -> None:  # fmt: skip
         self.engine = engine
         self.relay = relay
         """Fan-out settings for the workers (``InferenceConfig.relay_settings``); None: trainer only."""
+        self.weight_group = weight_group
+        """Whether the workers join the trainer's weight group (their settings come in an environment variable)."""
         self.weights_address = weights_address
         self.replica_id = replica_id
         self.bus_config = bus_config
@@ -55,6 +58,22 @@ class EngineWeightLoader:
         if report.ok or report.kind == "load":
             await self.engine.reset_prefix_cache()
         return report
+
+    async def start_transports(self) -> None:
+        """Start the workers' weight relay and collective receiver now, before any step arrives (each
+        would otherwise start at the first load, and a peer's or the group's first step would go to
+        the trainer); nothing to do on the bus alone."""
+        if not self.relay and not self.weight_group:
+            return
+        args = (self.bus_config.model_dump(mode="json"), self.relay)
+        try:
+            results = await self.engine.collective_rpc("rlbus_start_transports", args=args)
+        except Exception:  # noqa: BLE001 - they start at the first load then; steps still arrive over the bus
+            logger.exception("starting the weight relay and receiver failed; they start at the first load")
+            return
+        for started in results:
+            logger.info("weight transports started: relay {!r}, weight group at {!r}", started["relay"],
+                        started["weight_group"])  # fmt: skip
 
     async def reload_base(self) -> LoadReport:
         report = await self._call("rlbus_reload_base", (), BASE_STEP)
@@ -93,7 +112,8 @@ def merge_reports(reports: list[LoadReport]) -> LoadReport:
     return LoadReport(ok=not failed, step=first.step, num_bytes=first.num_bytes,
                       fetch_s=max(r.fetch_s for r in reports), load_s=max(r.load_s for r in reports),
                       error=first.error, kind=kind, relay_bytes=sum(r.relay_bytes for r in reports),
-                      trainer_bytes=sum(r.trainer_bytes for r in reports))  # fmt: skip
+                      trainer_bytes=sum(r.trainer_bytes for r in reports),
+                      broadcast_bytes=sum(r.broadcast_bytes for r in reports))  # fmt: skip
 
 
 class AdapterLoader:

@@ -57,6 +57,8 @@ class LoadReport:
     """Of the bytes fetched, those peer replicas' relays sent (``inference.weights_upstream``)."""
     trainer_bytes: int = 0
     """Of the bytes fetched, those the trainer sent."""
+    broadcast_bytes: int = 0
+    """Bytes of the step taken from the trainer's broadcast (``weight_transport = "collective"``), not fetched."""
 
     @property
     def seconds(self) -> float:

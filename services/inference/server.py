@@ -136,7 +136,7 @@ async def build_and_serve(engine: Any, args: Namespace, sock: Any, config: Infer
     replica_id = config.resolved_replica_id()
     loader = EngineWeightLoader(engine, config.bus.endpoints.trainer_weights, replica_id, config.bus,
                                 adapter_loader(engine, app, config) if config.enable_lora else None,
-                                config.relay_settings())  # fmt: skip
+                                config.relay_settings(), config.weight_transport == "collective")  # fmt: skip
 
     def on_fatal(exc: BaseException) -> None:
         failures.append(exc)
@@ -152,6 +152,8 @@ async def build_and_serve(engine: Any, args: Namespace, sock: Any, config: Infer
     sync = WeightSync(config, loader, server_started=server_started, on_fatal=on_fatal)
     install(app, sync, config.api_key, config.lora_dir)
     await init_app_state(engine, app.state, args, supported_tasks)
+    # Relay and weight group receiver before the first step, so that one need not come from the trainer.
+    await loader.start_transports()
     # Weights first: a late replica serves the trainer's latest step from its first request on.
     await sync.start()
     logger.info("rlbus inference {} serving {} at http://{}:{}", replica_id, config.model, config.host, config.port)

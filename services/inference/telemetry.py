@@ -69,4 +69,6 @@ def weight_update_metrics(report: LoadReport) -> dict[str, float]:
         # Where the step came from: peer replicas' relays or the trainer (summed over tensor-parallel ranks).
         "inference/weight_relay_mb": report.relay_bytes / 1e6,
         "inference/weight_trainer_mb": report.trainer_bytes / 1e6,
+        # Or from the trainer's broadcast to the weight group (weight_transport = "collective").
+        "inference/weight_broadcast_mb": report.broadcast_bytes / 1e6,
     }

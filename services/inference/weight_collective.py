@@ -1,6 +1,6 @@
 """The replica side of the collective weight transport (``weight_transport = "collective"``).
 
-A :class:`WeightReceiver` thread runs in the vLLM worker (started by the first weight load there):
+A :class:`WeightReceiver` thread runs in the vLLM worker (started with the replica, before any step):
 it connects to the trainer's TCPStore, joins the group the store names (a process group of its
 own, never vLLM's), and takes part in every broadcast the trainer makes, into buffers it reuses
 (on the GPU for NCCL, in host memory for gloo; a second set only while a load reads the first).

@@ -15,7 +15,9 @@ Fan-out (``inference.weights_relay`` / ``weights_upstream``, :mod:`rlbus.weights
 tries its upstream peers' relays before the trainer, checking every tensor against the trainer's
 manifest all the same, and the rank-0 worker of a replica with ``weights_relay`` serves each bucket
 to peers from these buffers as soon as it is verified (and stops before the next fetch rewrites them).
-The report says how many bytes came from relays and from the trainer (``relay_bytes``, ``trainer_bytes``).
+The report says how many bytes came from relays, from the trainer and by broadcast (``relay_bytes``,
+``trainer_bytes``, ``broadcast_bytes``). Relay and collective receiver start with the replica
+(:meth:`RlbusWorkerExtension.rlbus_start_transports`), before its first step.
 
 Loading goes through the worker's ``reload_weights(weights_iterator=...)``: vLLM's
 in-place reload, which calls the model's ``load_weights`` and then re-runs each
@@ -68,6 +70,18 @@ class RlbusWorkerExtension:
     _rlbus_checkpoint: dict[str, list[int]] | None
     _rlbus_transfer: ReplicaTransfer
     _rlbus_relay: WeightRelay | None
+
+    def rlbus_start_transports(self, bus_config: dict, relay: dict | None = None) -> dict:
+        """Start what must run before the first step arrives: the relay peers pull from and the
+        collective receiver (which joins the trainer's weight group), so neither a peer's first step
+        nor the first broadcast falls back to the trainer. Cheap: both run on threads of their own."""
+        relay = relay or {}
+        server = self._rlbus_weight_relay(relay.get("bind", ""), relay.get("wait_s", 30.0), BusConfig(**bus_config))
+        from rlbus.services.inference.weight_collective import process_receiver  # torch: imported late
+
+        receiver = process_receiver()
+        return {"relay": server.address if server is not None else "",
+                "weight_group": receiver.settings.address if receiver is not None else ""}  # fmt: skip
 
     def rlbus_load_step(self, announced: dict, weights_address: str, replica_id: str, bus_config: dict,
                         relay: dict | None = None) -> dict:  # fmt: skip
@@ -129,7 +143,8 @@ class RlbusWorkerExtension:
             return report | {"error": f"{type(exc).__name__}: {exc}", "kind": "load"}
         finally:
             broadcast.release()
-        return report | {"ok": True, "fetch_s": fetched - started, "load_s": time.perf_counter() - fetched}
+        return report | {"ok": True, "fetch_s": fetched - started, "load_s": time.perf_counter() - fetched,
+                         "broadcast_bytes": meta.total_bytes}  # fmt: skip
 
     def rlbus_reload_base(self) -> dict:
         """Reload the weights from the model directory (step 0); returns a LoadReport dict."""

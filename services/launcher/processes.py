@@ -27,6 +27,7 @@ from rlbus.services.run_config.placement import (
     placement_environments,
     weight_relay_args,
 )
+from rlbus.services.run_config.weight_group import weight_group_args
 
 CleanExit = Literal["done", "finished", "failure"]
 """What exit code 0 of a service means: the run is done (orchestrator), this service's part is
@@ -66,7 +67,8 @@ def process_table(config: RlConfig, config_dir: Path, environ: Mapping[str, str]
     """Every process of a local run, in start order: the monitor first, so no early telemetry waits long.
 
     One inference replica per GPU group of ``inference_gpu_ids`` (one without), each on its own port
-    (and in the weight fan-out tree of ``inference.weights_fanout``);
+    (and in the weight fan-out tree of ``inference.weights_fanout``, or the trainer's weight group
+    with ``trainer.weight_transport = "collective"``);
     the trainer is one process that starts its ``trainer.num_ranks`` ranks itself (:mod:`rlbus.ranks`),
     and none with ``[shared_trainer]``: a trainer started by itself trains the run.
     ``environ`` (the launcher's, by default) tells which GPUs the ids name."""
@@ -76,7 +78,7 @@ def process_table(config: RlConfig, config_dir: Path, environ: Mapping[str, str]
     for index in range(num_replicas):
         name = inference_process_name(index, num_replicas)
         args = () if num_replicas == 1 else ("--port", str(config.inference.port + index), "--replica-id", name)
-        args += weight_relay_args(config, index, num_replicas)
+        args += weight_relay_args(config, index, num_replicas) + weight_group_args(config, index)
         specs.append(ProcessSpec(name, "inference", config_dir / "inference.toml", args, env=envs.get(name, {})))
     if config.shared_trainer is None:  # else a trainer started by itself trains this run (and others)
         specs.append(ProcessSpec("trainer", "trainer", config_dir / "trainer.toml", clean_exit="finished",

@@ -30,6 +30,7 @@ from rlbus.services.run_config.placement import placement_problems
 from rlbus.services.run_config.rl import RlConfig
 from rlbus.services.run_config.shared_trainer import shared_trainer_problems
 from rlbus.services.run_config.teacher import teacher_problem
+from rlbus.services.run_config.weight_group import group_listen_address, weight_group_problems
 from rlbus.services.trainer.config import TrainerConfig, TrainingConfig
 from rlbus.services.trainer.sft_config import SftConfig
 
@@ -87,6 +88,7 @@ def rl_problems(config: RlConfig) -> list[Problem]:
         *port_problems(config),
         *bench_folder_problems(config, ""),
         *placement_problems(config, os.environ),
+        *weight_group_problems(config),
     ]
 
 
@@ -283,6 +285,9 @@ def _listening_addresses(config: RlConfig) -> Iterator[tuple[str, Any, str, str]
             yield f"bus.endpoints.{name}", endpoint, host.strip("[]"), port
         elif scheme == "ipc":
             yield f"bus.endpoints.{name}", endpoint, "ipc", rest
+    group = group_listen_address(config)
+    if group is not None:
+        yield "trainer.weight_group_address", config.trainer.weight_group_address, group[0], str(group[1])
     yield "inference.port", config.inference.port, config.inference.host, str(config.inference.port)
     address = dashboard_address(config.monitor.dashboard)
     if address is not None and address[1] != 0:  # None: no dashboard; port 0 picks a free one

@@ -133,6 +133,14 @@ class RlConfig(ServiceConfig):
     short_keys = staticmethod(short_keys)
     expand_short_keys = staticmethod(expand_short_keys)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _local_weight_group(cls, values: Any) -> Any:
+        # Before the trainer's section validates: it refuses the collective transport without an address.
+        from rlbus.services.run_config.weight_group import with_local_address
+
+        return with_local_address(values)
+
     @model_validator(mode="after")
     def _bench_mode(self) -> RlConfig:
         # First of the validators: the ones below propagate max_steps and the run's ckpt settings
@@ -230,6 +238,9 @@ class RlConfig(ServiceConfig):
             from rlbus.services.run_config.placement import trainer_world_size
 
             self.orchestrator.__dict__["trainer_world_size"] = trainer_world_size(self)
+        from rlbus.services.run_config.weight_group import size_the_group
+
+        size_the_group(self)  # the collective transport's group holds every replica started
         return self
 
     @model_validator(mode="after")

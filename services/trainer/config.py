@@ -168,10 +168,11 @@ class TrainerConfig(TrainingConfig):
     (docs/inference.md#collective-weight-transport)."""
     weight_group_address: str | None = None
     """``collective``: ``host:port`` where the trainer binds the group's rendezvous store (a
-    TCPStore, unauthenticated: a trusted network only); replicas set the same address."""
+    TCPStore, unauthenticated: a trusted network only); replicas set the same address. ``rlbus rl``
+    makes it ``127.0.0.1:29650`` when unset and hands it to the replicas it starts."""
     weight_group_replicas: int = Field(1, ge=1)
     """``collective``: how many replicas (ranks 1..N) the group waits for; it forms only once all
-    joined, and until then every step travels over the bus."""
+    joined; until then steps travel over the bus. ``rlbus rl``: every replica it starts."""
     weight_group_backend: Literal["auto", "gloo", "nccl"] = "auto"
     """``collective``: ``nccl`` (GPU buffers, GPUs on one fabric), ``gloo`` (host buffers, TCP),
     ``auto``: nccl where CUDA is available, else gloo. Replicas must use the same."""
