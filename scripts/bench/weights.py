@@ -268,14 +268,14 @@ def fanout_lines(model: list[NamedArray], args: argparse.Namespace) -> list[Line
     """Publish -> every replica loaded, all from the trainer and through a relay tree of ``args.fanout``,
     with the trainer's upload per step (median) in MB and in models."""
     mb = sum(array.nbytes for _, array, _ in model) / 1e6
-    head = (f"fan-out of {mb:.1f} MB, publish -> every replica loaded (best of {args.steps}); relay tree: "
-            f"replica i pulls from replica (i - 1) // {args.fanout}:")  # fmt: skip
+    tree = f"relay tree: replica i pulls from replica (i - 1) // {args.fanout}" if args.fanout else "no relay tree"
+    head = f"fan-out of {mb:.1f} MB, publish -> every replica loaded (best of {args.steps}); {tree}:"
     lines: list[Line] = [head]
     summary = []
     for count in args.replicas:
         for fanout, how in ((0, "from trainer"), (args.fanout, "relay tree")):
-            if fanout and count == 1:
-                continue  # one replica has no peer to relay to: the same as from the trainer
+            if how == "relay tree" and (not fanout or count == 1):
+                continue  # no tree asked for, or one replica: no peer to relay to
             figures = run_steps(model, args, count, fanout=fanout)
             seconds = min(f.publish_to_loaded_s for f in figures)
             upload = statistics.median(f.trainer_bytes for f in figures) / 1e6

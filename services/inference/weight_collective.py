@@ -47,7 +47,9 @@ from rlbus.weights_collective import (
 ENV_VAR = "_RLBUS_WEIGHT_GROUP"
 """Set by the inference server for its vLLM processes; not a config variable (no ``RLBUS_`` prefix)."""
 POLL_S = 0.5
-"""How often a receiver looks for a new group or the next header while none has come."""
+"""How often a receiver looks for a new group while none is formed."""
+HEADER_POLL_S = 0.02
+"""How often a receiver in a group looks for the next step's header (a round trip to the store)."""
 
 
 @dataclass(frozen=True)
@@ -221,15 +223,16 @@ class WeightReceiver:
                     logger.debug("weight group abort: {}", exc)
 
     def _next_header(self, store: dist.TCPStore, name: str, sequence: int) -> BroadcastHeader | None:
-        """Header number ``sequence`` of ``name``, waited for; None once the trainer names another group."""
+        """Header number ``sequence`` of ``name``, waited for; None once the trainer names another group.
+        Polled with ``check``: a ``store.wait`` that times out logs a c10d warning each time, which
+        would fill the replica's log every poll while no step comes."""
         key = header_key(name, sequence)
         while not self._stop.is_set():
-            try:
-                store.wait([key], timedelta(seconds=POLL_S))
+            if store.check([key]):
                 return BroadcastHeader.decode(store.get(key))
-            except dist.DistStoreError:
-                if store.get(GROUP_KEY).decode() != name:
-                    return None
+            if store.get(GROUP_KEY).decode() != name:
+                return None
+            self._stop.wait(HEADER_POLL_S)
         return None
 
     def _receive(self, group: dist.ProcessGroup, name: str, header: BroadcastHeader) -> None:
