@@ -108,8 +108,6 @@ class RlbusWorkerExtension:
             tensors = [(name, to_torch(array, dtype)) for name, array, dtype in fetched_step.tensors]
         except (BusError, ValueError) as exc:
             logger.warning("refused weights of step {}: {}", meta.step, exc)
-            if server is not None:
-                server.fetch_failed()
             # The retry fetches in full: a delta that failed may have had a base the trainer no longer
             # means by that step number (a restarted trainer republishing it).
             transfer.forget()
@@ -119,13 +117,10 @@ class RlbusWorkerExtension:
         logger.info("fetched step {} from {}: {:.1f} MB on the wire for {:.1f} MB of weights, {} tensor(s) as "
                     "deltas", meta.step, fetched_step.source, fetched_step.wire_bytes / 1e6,
                     meta.total_bytes / 1e6, fetched_step.num_delta_tensors)  # fmt: skip
-        try:
-            self.reload_weights(weights_iterator=tensors)  # type: ignore[attr-defined]
-            refresh_tied_head(self.model_runner.get_model())
-        except Exception as exc:  # noqa: BLE001 - reported to the server, which restores the base weights
-            logger.exception("loading step {} failed after verification", meta.step)
+        failure = self._rlbus_reload(meta, tensors)
+        if failure is not None:
             transfer.forget()  # the base weights come back: no step is held any more
-            return report | {"error": f"{type(exc).__name__}: {exc}", "kind": "load"}
+            return report | failure
         transfer.loaded(fetched_step)
         return report | {"ok": True, "fetch_s": fetched - started, "load_s": time.perf_counter() - fetched}
 
@@ -136,15 +131,23 @@ class RlbusWorkerExtension:
         logger.info("received step {} by broadcast ({:.1f} MB)", meta.step, meta.total_bytes / 1e6)
         self._rlbus_replica_transfer().forget()  # no step held for deltas: the next bus fetch goes in full
         try:
-            self.reload_weights(weights_iterator=broadcast.tensors)  # type: ignore[attr-defined]
+            failure = self._rlbus_reload(meta, broadcast.tensors)
+        finally:
+            broadcast.release()
+        if failure is not None:
+            return report | failure
+        return report | {"ok": True, "fetch_s": fetched - started, "load_s": time.perf_counter() - fetched,
+                         "broadcast_bytes": meta.total_bytes}  # fmt: skip
+
+    def _rlbus_reload(self, meta: WeightsAnnounced, tensors: list[tuple[str, torch.Tensor]]) -> dict | None:
+        """Load verified ``tensors`` in place; None when loaded, else the failure for the report."""
+        try:
+            self.reload_weights(weights_iterator=tensors)  # type: ignore[attr-defined]
             refresh_tied_head(self.model_runner.get_model())
         except Exception as exc:  # noqa: BLE001 - reported to the server, which restores the base weights
             logger.exception("loading step {} failed after verification", meta.step)
-            return report | {"error": f"{type(exc).__name__}: {exc}", "kind": "load"}
-        finally:
-            broadcast.release()
-        return report | {"ok": True, "fetch_s": fetched - started, "load_s": time.perf_counter() - fetched,
-                         "broadcast_bytes": meta.total_bytes}  # fmt: skip
+            return {"error": f"{type(exc).__name__}: {exc}", "kind": "load"}
+        return None
 
     def rlbus_reload_base(self) -> dict:
         """Reload the weights from the model directory (step 0); returns a LoadReport dict."""
