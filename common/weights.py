@@ -205,12 +205,8 @@ class WeightStore:
         else:
             encoded = EncodedBucket([name for name, _ in stored.buckets[index]],
                                     [array for _, array in stored.buckets[index]], [])  # fmt: skip
-        pieces = [chunked(array, self.chunk_bytes) for array in encoded.tensors]
-        return WeightsBucket(step=step, bucket=index, names=encoded.names, nonce=nonce,
-                             tensors=[piece for chunks in pieces for piece in chunks],
-                             chunks=[len(chunks) for chunks in pieces] if any(len(c) > 1 for c in pieces) else [],
-                             base_step=base.announced.step if base is not None else None,
-                             encodings=encoded.encodings)  # fmt: skip
+        return chunked_bucket(step, index, nonce, encoded.names, encoded.tensors, self.chunk_bytes,
+                              base.announced.step if base is not None else None, encoded.encodings)  # fmt: skip
 
     def _encoded_bucket(self, stored: StoredStep, base: StoredStep, index: int) -> EncodedBucket:
         adapter = adapter_of(stored.announced)
@@ -231,6 +227,17 @@ class WeightStore:
             if stored.announced.step in steps and base.announced.step in steps:
                 self._encoded[key] = encoded
         return encoded
+
+
+def chunked_bucket(step: int, index: int, nonce: int, names: list[str], arrays: list[np.ndarray], chunk_bytes: int,
+                   base_step: int | None = None, encodings: list[str] | None = None) -> WeightsBucket:  # fmt: skip
+    """Bucket ``index`` of ``step`` holding ``arrays``, each cut into frames of at most ``chunk_bytes``
+    (``chunks`` says how many each took; empty when every array fits one frame)."""
+    pieces = [chunked(array, chunk_bytes) for array in arrays]
+    return WeightsBucket(step=step, bucket=index, names=names, nonce=nonce,
+                         tensors=[piece for chunks in pieces for piece in chunks],
+                         chunks=[len(chunks) for chunks in pieces] if any(len(c) > 1 for c in pieces) else [],
+                         base_step=base_step, encodings=encodings or [])  # fmt: skip
 
 
 def chunked(array: np.ndarray, chunk_bytes: int) -> list[np.ndarray]:

@@ -43,7 +43,7 @@ from rlbus.codec import DecodeError
 from rlbus.config.base import BusConfig
 from rlbus.messages import Refused, WeightsAnnounced, WeightsBucket, WeightsFetch, WeightsQuery
 from rlbus.weight_codec import NamedArray, WeightsCorrupt
-from rlbus.weights import CHUNK_BYTES, chunked
+from rlbus.weights import CHUNK_BYTES, chunked_bucket
 from rlbus.weights_fetch import FULL_WEIGHTS, FetchedStep, HeldStep, Staging, fetch_weights
 
 MAX_PARKED = 1024
@@ -252,11 +252,8 @@ class WeightRelay:
         return refused(f"step {request.step} is not held (holds {holds}, fetching {fetching}, failed {failed})")
 
     def _bucket(self, request: WeightsFetch, tensors: list[tuple[str, np.ndarray]]) -> WeightsBucket:
-        pieces = [chunked(array, self.chunk_bytes) for _, array in tensors]
-        return WeightsBucket(step=request.step, bucket=request.bucket, nonce=request.nonce,
-                             names=[name for name, _ in tensors],
-                             tensors=[piece for chunks in pieces for piece in chunks],
-                             chunks=[len(chunks) for chunks in pieces] if any(len(c) > 1 for c in pieces) else [])  # fmt: skip
+        return chunked_bucket(request.step, request.bucket, request.nonce, [name for name, _ in tensors],
+                              [array for _, array in tensors], self.chunk_bytes)  # fmt: skip
 
     def _send(self, router: zmq.Socket, identity: bytes, reply: WeightsAnnounced | WeightsBucket | Refused) -> None:
         try:
