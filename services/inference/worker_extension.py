@@ -76,7 +76,7 @@ class RlbusWorkerExtension:
         collective receiver (which joins the trainer's weight group), so neither a peer's first step
         nor the first broadcast falls back to the trainer. Cheap: both run on threads of their own."""
         relay = relay or {}
-        server = self._rlbus_weight_relay(relay.get("bind", ""), relay.get("wait_s", 30.0), BusConfig(**bus_config))
+        server = self._rlbus_weight_relay(relay, bus_config)
         from rlbus.services.inference.weight_collective import process_receiver  # torch: imported late
 
         receiver = process_receiver()
@@ -92,7 +92,7 @@ class RlbusWorkerExtension:
         started = time.perf_counter()
         transfer = self._rlbus_replica_transfer()
         relay = relay or {}
-        server = self._rlbus_weight_relay(relay.get("bind", ""), relay.get("wait_s", 30.0), BusConfig(**bus_config))
+        server = self._rlbus_weight_relay(relay, bus_config)
         sources = WeightSources(weights_address, tuple(relay.get("upstream", ())),
                                 relay.get("answer_timeout_s", 2.0), relay.get("wait_s", 30.0))  # fmt: skip
         try:
@@ -166,15 +166,18 @@ class RlbusWorkerExtension:
             self._rlbus_transfer = ReplicaTransfer()
         return self._rlbus_transfer
 
-    def _rlbus_weight_relay(self, bind: str, wait_s: float, bus_config: BusConfig) -> WeightRelay | None:
-        """The relay serving this worker's verified steps to peers, started on first use; None when
-        ``bind`` is "", on tensor-parallel ranks but the first (one copy serves), or when it could not
+    def _rlbus_weight_relay(self, relay: dict, bus_config: dict) -> WeightRelay | None:
+        """The relay serving this worker's verified steps to peers (``relay``: the server's
+        ``InferenceConfig.relay_settings()``), started on first use; None when its ``bind`` is "", on tensor-parallel ranks but the first (one copy serves), or when it could not
         bind (logged: peers then fall back to the trainer, and this replica still loads its steps)."""
         if not hasattr(self, "_rlbus_relay"):
             self._rlbus_relay = None
+            bind = relay.get("bind", "")
             if bind and getattr(self, "rank", 0) == 0:
                 try:
-                    self._rlbus_relay = WeightRelay(Bus(bus_config), bind, wait_s).start()
+                    self._rlbus_relay = WeightRelay(
+                        Bus(BusConfig(**bus_config)), bind, relay.get("wait_s", 30.0)
+                    ).start()
                     logger.info("serving loaded weights to peer replicas at {}", self._rlbus_relay.address)
                 except BusError as exc:
                     logger.error("weights_relay off: {}", exc)
