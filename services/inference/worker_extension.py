@@ -168,8 +168,9 @@ class RlbusWorkerExtension:
 
     def _rlbus_weight_relay(self, relay: dict, bus_config: dict) -> WeightRelay | None:
         """The relay serving this worker's verified steps to peers (``relay``: the server's
-        ``InferenceConfig.relay_settings()``), started on first use; None when its ``bind`` is "", on tensor-parallel ranks but the first (one copy serves), or when it could not
-        bind (logged: peers then fall back to the trainer, and this replica still loads its steps)."""
+        ``InferenceConfig.relay_settings()``), started on first use; None when its ``bind`` is "",
+        on tensor-parallel ranks but the first (one copy serves), or when it could not bind (logged:
+        peers then fall back to the trainer, and this replica still loads its steps)."""
         if not hasattr(self, "_rlbus_relay"):
             self._rlbus_relay = None
             bind = relay.get("bind", "")
