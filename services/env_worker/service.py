@@ -110,12 +110,14 @@ class EnvWorker:
         try:
             await self.wait_for_inference()
             while not self.stopping.is_set():
+                # Housekeeping first: the first pass sends the credit the orchestrator waits for at
+                # once, not a tick after inference became ready (start-up time of the whole run).
+                await self.housekeeping()
                 message = await self.bus.recv_before(
                     self.tasks_out, time.monotonic() + TICK_S, (RolloutTask, ResultAck)
                 )
                 if message is not None:
                     await self.handle(message)
-                await self.housekeeping()
         finally:
             for task in self.running.values():
                 task.cancel()
