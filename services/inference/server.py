@@ -25,6 +25,7 @@ from rlbus.services.inference.executor import (
     skip_broken_aot_cache,
 )
 from rlbus.services.inference.idle_spin import export_for_workers
+from rlbus.services.inference.isa_probe import IsaProbe, start_isa_probe
 from rlbus.services.inference.worker_extension import WORKER_EXTENSION
 
 
@@ -83,33 +84,40 @@ def vllm_args(config: InferenceConfig) -> Namespace:
 def run_inference(config: InferenceConfig) -> int:
     """Serve until SIGINT/SIGTERM; exit code 1 if the replica broke."""
     import uvloop
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    from vllm.platforms import current_platform
+    from vllm.platforms import current_platform  # vLLM's environment fixes, then torch and inductor
 
-    if skip_broken_aot_cache(current_platform.is_cpu()):
+    on_cpu = current_platform.is_cpu()
+    if place_worker(config.worker_in_engine_process, config.tensor_parallel_size):
+        logger.debug("vLLM's model worker runs in its engine-core process (inference.worker_in_engine_process)")
+    forked = config.fork_engine_core and on_cpu and fork_engine_core(type(current_platform))
+    if forked:
+        logger.debug("vLLM's engine-core process is forked from the server (inference.fork_engine_core)")
+    # Inductor's ISA probe on a thread while vLLM's other imports run (~5 s): the engine core forked
+    # below then inherits the answers instead of waiting ~1.4 s on them in its warm-up.
+    probe = start_isa_probe(forked, compiled=not config.enforce_eager)
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+
+    if skip_broken_aot_cache(on_cpu):
         logger.debug("vLLM's AOT compile artifacts are off on CPU: they fail to load (VLLM_USE_AOT_COMPILE=0)")
     export_for_workers(config.worker_idle_spin_s)
     from rlbus.services.inference.weight_collective import export_for_workers as export_weight_group
 
     export_weight_group(config.weight_group_settings())  # weight_transport = "collective": the worker joins
-    if place_worker(config.worker_in_engine_process, config.tensor_parallel_size):
-        logger.debug("vLLM's model worker runs in its engine-core process (inference.worker_in_engine_process)")
-    forkable = config.fork_engine_core and current_platform.is_cpu()
-    if forkable and fork_engine_core(type(current_platform)):
-        logger.debug("vLLM's engine-core process is forked from the server (inference.fork_engine_core)")
     cli_env_setup()  # vLLM's CLI default: spawn processes (unless set above or by the user)
     if config.api_key is None and os.environ.get("VLLM_API_KEY"):
         logger.warning("VLLM_API_KEY is ignored; set api_key (or RLBUS_INFERENCE__API_KEY) instead")
-    return uvloop.run(serve(config))
+    return uvloop.run(serve(config, probe))
 
 
-async def serve(config: InferenceConfig) -> int:
+async def serve(config: InferenceConfig, probe: IsaProbe | None = None) -> int:
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
     from vllm.entrypoints.launchers.launcher import setup_server
 
     args = vllm_args(config)
     _, sock = setup_server(args, reuse_port=False)
     failures: list[BaseException] = []
+    if probe is not None:
+        probe.join()  # before the engine core forks: it inherits the answers, never a half-done probe
     try:
         async with build_async_engine_client(args) as engine:
             shutdown = await build_and_serve(engine, args, sock, config, failures)
