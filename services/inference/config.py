@@ -108,8 +108,10 @@ class InferenceConfig(ServiceConfig):
     and its ``OMP_NUM_THREADS`` are set before the server imports torch, whose OpenMP team a forked
     engine keeps (set after, the team was sized for every core and generated 2x slower beside a
     trainer). At ``max_async_level = 1``: first rollouts 25.1 s after launch spawned, 16.0-17.6 s
-    forked, steps as fast. False keeps spawn (services/inference/executor.py); so does
-    ``VLLM_WORKER_MULTIPROC_METHOD`` set by you."""
+    forked, steps as fast. A compiled replica's server also runs torch inductor's CPU ISA probe while
+    it imports vLLM, and the forked engine core inherits the answers instead of probing in its warm-up
+    (engine init 4.3-4.9 -> 3.0-3.7 s; services/inference/isa_probe.py). False keeps spawn
+    (services/inference/executor.py); so does ``VLLM_WORKER_MULTIPROC_METHOD`` set by you."""
     enable_lora: bool = False
     """Allow LoRA adapters (``POST /rlbus/load_lora``); costs some speed, so off unless needed."""
     max_lora_rank: int = Field(16, ge=1)
