@@ -128,6 +128,14 @@ class TrainingConfig(ServiceConfig):
     per core). Set it when the trainer shares the cores with a replica that generates at the same
     time (``max_async_level`` >= 1 on one machine): both sides spinning on every core made steps
     up to 10x slower on 2 cores; 1 here with ``inference.cpu_threads_bind = "0"`` keeps them apart."""
+    compile: bool = False
+    """Run the model's decoder layers torch.compile'd (``dynamic=True``: one graph for every batch
+    shape): inductor fuses the elementwise kernels (norms, rotary embeddings, activations) that took a
+    quarter of a CPU step. Measured on 2 cores with the quickstart's model: forward/backward on one
+    thread 0.93 -> 0.81-0.84 s a step (scripts/bench/trainer.py's batches); in ``rlbus rl``,
+    0.63-0.66 -> 0.58-0.60 s on both cores. Costs a compile at start (~18 s the first time, ~5 s
+    from inductor's cache, which is per thread count), run on a low-priority thread while the trainer
+    waits for its first batch (services/trainer/compile.py). One rank only, for now."""
     peak_flops: float | None = Field(None, gt=0)
     """Peak FLOP/s per rank for MFU; None measures matmul throughput at start."""
     num_ranks: int = Field(1, ge=1)
@@ -223,4 +231,7 @@ class TrainerConfig(TrainingConfig):
         if self.num_ranks > 1:
             raise ValueError(f"max_concurrent_runs with num_ranks = {self.num_ranks} is not supported yet: a "
                              "shared trainer runs on one rank")  # fmt: skip
+        if self.compile:
+            raise ValueError("max_concurrent_runs with compile is not supported yet (the runs' adapters come "
+                             "and go): set compile = false")  # fmt: skip
         return self

@@ -12,6 +12,7 @@ import torch
 from loguru import logger
 
 from rlbus.services.trainer.checkpoint import CheckpointManager
+from rlbus.services.trainer.compile import CompileWarmup, compile_model
 from rlbus.services.trainer.config import LossConfig, TrainingConfig
 from rlbus.services.trainer.distributed import DistContext, init_distributed, shard_model
 from rlbus.services.trainer.lora import with_lora
@@ -67,17 +68,28 @@ def build_runtime(config: TrainingConfig, loss: LossConfig | None, total_steps: 
         logger.info("loaded {} ({:,} parameters, {}) on {} rank(s); peak {:.1f} GFLOP/s per rank{}",
                     config.model, sum(p.numel() for p in model.parameters()), config.dtype, ctx.world_size,
                     peak_flops / 1e9, "" if config.peak_flops else " (measured)")  # fmt: skip
-    trainer = TrainStep(
-        model, optimizer, schedule, ctx, config.optimizer.max_grad_norm, loss, peak_flops, config.padded_rows(),
-        config.memory.micro_batch_size,
-    )
     ckpt = CheckpointManager(config.output_dir, config.ckpt, ctx)
     ckpt.lora = config.lora
     if ctx.is_main:
         ckpt.remove_partials()
-    runtime = Runtime(ctx=ctx, model=model, tokenizer=tokenizer, optimizer=optimizer, trainer=trainer, ckpt=ckpt)
     resume = ckpt.resume_step()
-    if resume is not None:
-        runtime.progress = ckpt.load(resume, model, optimizer)
-        runtime.start_step = resume
-    return runtime
+    progress = ckpt.load(resume, model, optimizer) if resume is not None else {}
+    # After resuming: the warm-up's forward must not overlap a load into the same parameters.
+    warmup = start_compile(model, config, ctx)
+    trainer = TrainStep(
+        model, optimizer, schedule, ctx, config.optimizer.max_grad_norm, loss, peak_flops, config.padded_rows(),
+        config.memory.micro_batch_size, warmup,
+    )
+    return Runtime(ctx=ctx, model=model, tokenizer=tokenizer, optimizer=optimizer, trainer=trainer, ckpt=ckpt,
+                   start_step=resume or 0, progress=progress)  # fmt: skip
+
+
+def start_compile(model: torch.nn.Module, config: TrainingConfig, ctx: DistContext) -> CompileWarmup | None:
+    """``trainer.compile``: compile ``model`` and start its warm-up (services/trainer/compile.py)."""
+    if not config.compile:
+        return None
+    if ctx.world_size > 1:
+        raise ValueError(f"trainer.compile runs one rank only for now, and this trainer has {ctx.world_size}: "
+                         "set trainer.compile = false")  # fmt: skip
+    compile_model(model)
+    return CompileWarmup(model, config.padded_rows(), ctx.device).start()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from rlbus.services.trainer.compile import CompileWarmup
 from rlbus.services.trainer.config import LossConfig, OptimizerConfig
 from rlbus.services.trainer.distributed import DistContext
 from rlbus.services.trainer.logprobs import RowTensors, concat_rows, row_logprobs, sample_ids, sample_lengths
@@ -49,7 +50,8 @@ class TrainStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: LRSchedule,
                  ctx: DistContext, max_grad_norm: float, loss: LossConfig | None,
-                 peak_flops: float, padded_rows: bool = False, micro_batch_size: int = 1) -> None:  # fmt: skip
+                 peak_flops: float, padded_rows: bool = False, micro_batch_size: int = 1,
+                 warmup: CompileWarmup | None = None) -> None:  # fmt: skip
         self.model = model
         self.optimizer = optimizer
         self.schedule = schedule
@@ -62,6 +64,14 @@ class TrainStep:
         """Run each row as a padded batch of its samples (TrainingConfig.row_layout)."""
         self.micro_batch_size = micro_batch_size
         """Rows per forward/backward (``memory.micro_batch_size``); gradients accumulate over them."""
+        self._warmup = warmup
+        """The compile warm-up (``trainer.compile``) still running on its thread, if any."""
+
+    def _await_warmup(self) -> None:
+        # The warm-up runs the model too: never beside a real step.
+        if self._warmup is not None:
+            self._warmup.wait()
+            self._warmup = None
 
     def loss_share(self, inputs: LossInputs, num_loss_tokens: int, sft: bool = False) -> LossOutput:
         if sft or self.loss_config is None:
@@ -71,6 +81,7 @@ class TrainStep:
     def run(self, step: int, rows: list[RowTensors], num_loss_tokens: int, sft: bool = False) -> dict[str, float]:
         """Train one step on this rank's ``rows``; returns the step's metrics (same on every rank).
         ``sft``: the negative log-likelihood, whatever ``loss`` (a batch of SFT from a teacher)."""
+        self._await_warmup()
         started = time.perf_counter()
         sft = sft or self.loss_config is None
         lr = self.schedule.lr(step)
@@ -162,6 +173,7 @@ class TrainStep:
     @torch.no_grad()
     def evaluate(self, rows: list[RowTensors], num_loss_tokens: int) -> float:
         """Mean loss over ``rows`` of every rank without training (SFT validation)."""
+        self._await_warmup()
         total = torch.zeros(1, dtype=torch.float64, device=self.ctx.device)
         for row in rows:
             logprobs, _ = row_logprobs(self.model, row, self.padded_rows)
