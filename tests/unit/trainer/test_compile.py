@@ -83,3 +83,17 @@ def test_compile_is_refused_with_several_ranks_and_with_a_shared_trainer(tiny_mo
         start_compile(torch.nn.Linear(2, 2), config(tiny_model_dir, tmp_path, compile=True), two_ranks)
     with pytest.raises(ValidationError, match="max_concurrent_runs with compile is not supported yet"):
         TrainerConfig(model=str(tiny_model_dir), output_dir=tmp_path, compile=True, max_concurrent_runs=2)
+
+
+def test_a_compiled_lora_step_matches_eager(tiny_model_dir, tmp_path):
+    lora = {"rank": 8, "alpha": 16}
+    eager = build_runtime(config(tiny_model_dir, tmp_path / "eager", lora=lora), LossConfig(), total_steps=3)
+    compiled = build_runtime(config(tiny_model_dir, tmp_path / "compiled", lora=lora, compile=True), LossConfig(),
+                             total_steps=3)  # fmt: skip
+    for step in (1, 2):
+        batch = train_batch(step)
+        ours = eager.trainer.run(step, rows_of(batch), batch.num_loss_tokens)
+        theirs = compiled.trainer.run(step, rows_of(batch), batch.num_loss_tokens)
+        for key in ("loss/mean", "entropy/mean", "optim/grad_norm"):
+            assert theirs[key] == pytest.approx(ours[key], rel=1e-4, abs=1e-6), key
+    assert [n for n, _ in compiled.model.named_parameters()] == [n for n, _ in eager.model.named_parameters()]
