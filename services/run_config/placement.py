@@ -201,6 +201,9 @@ def _rank_problems(config: RlConfig) -> list[Problem]:
         problems.append(Problem("orchestrator.trainer_world_size", world_size, f"the trainer runs {expected} "
                                 "rank(s) (trainer.num_ranks, times slurm.trainer_nodes under --slurm) and the "
                                 "orchestrator must pack each batch for that many; leave it unset"))  # fmt: skip
+    if config.trainer.compile and expected > 1:
+        problems.append(Problem("trainer.compile", True, f"the trainer runs {expected} rank(s) and compiles on one "
+                                "only, for now; set --no-trainer.compile"))  # fmt: skip
     if _has_ids(config) and config.slurm.enabled:
         key = "inference_gpu_ids" if config.inference_gpu_ids else "trainer_gpu_ids"
         problems.append(Problem(key, _value(config, key), "GPU ids place local processes; under --slurm each "

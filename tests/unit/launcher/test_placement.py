@@ -113,6 +113,8 @@ BAD_LAYOUTS = [
      "names 2 GPU(s)"),
     ("world-size", {"trainer": {"num_ranks": 2}, "orchestrator": {"trainer_world_size": 1}}, {},
      "orchestrator.trainer_world_size", "runs 2 rank(s)"),
+    ("compile-on-ranks", {"trainer": {"num_ranks": 2, "compile": True}}, {}, "trainer.compile",
+     "runs 2 rank(s) and compiles on one only"),
     ("empty", {"trainer_gpu_ids": []}, FOUR_GPUS, "trainer_gpu_ids", "an empty list places nothing"),
     ("slurm", {"trainer_gpu_ids": [0], "slurm": {"enabled": True}}, FOUR_GPUS, "trainer_gpu_ids",
      "slurm.<service>.gpus"),
